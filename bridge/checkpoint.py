@@ -1,0 +1,367 @@
+"""Bridge checkpoints: one `.safetensors` file, projector weights + JSON metadata in the header.
+
+Header metadata (all strings, JSON where structured):
+    format="cross-space-bridge", format_version="1", student_space, teacher_space (full LatentSpace dicts,
+    so custom spaces round-trip), k, projector (ProjectorConfig dict), decoder_fingerprint, training_summary.
+Tensors: "projector.<name>" for every entry of the projector's state dict. Nothing is ever unpickled.
+
+Also home of `save_safetensors_atomic`, the one atomic writer every checkpoint in the project uses, and of
+the student-decoder fingerprint (which VAE decoder a Bridge was trained behind).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import warnings
+import zlib
+from typing import TYPE_CHECKING
+
+import torch
+
+from .projector import Projector, ProjectorConfig
+from .spaces import LatentSpace
+
+if TYPE_CHECKING:
+    from .model import Bridge
+
+FORMAT = "cross-space-bridge"
+FORMAT_VERSION = 1
+PREFIX = "projector."
+_PICKLE_EXTS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+
+
+class BridgeCheckpointError(ValueError):
+    """A file that cannot be loaded as a Bridge; the message names the problem and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+def save_safetensors_atomic(path, tensors: dict, metadata: dict) -> None:
+    """Write a safetensors file so that `path` is either the old file or the complete new one, never half.
+
+    Temp file in the same directory (same filesystem, so os.replace is atomic) + fsync + os.replace."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"safetensors metadata keys and values must be strings; not: {bad}. JSON-encode them.")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # some filesystems (and Windows) cannot fsync a directory; the file itself is synced
+
+
+def save_bridge(path, bridge: "Bridge", training_summary: dict | None = None,
+                decoder_fingerprint: str | None = None) -> None:
+    """Save a Bridge's projector and everything needed to rebuild it. The student VAE is not saved;
+    its fingerprint is (computed from `bridge.student_vae` when not given)."""
+    path = os.fspath(path)
+    if not path.lower().endswith(".safetensors"):
+        raise ValueError(f"Bridge checkpoints are .safetensors files; got {path!r}. Use a name ending in "
+                         "'.safetensors'.")
+    if decoder_fingerprint is None and bridge.student_vae is not None:
+        decoder_fingerprint = _decoder_fingerprint(bridge.student_vae)
+    try:
+        summary = json.dumps(training_summary or {}, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"training_summary must be JSON-serialisable (numbers, strings, lists, dicts): {e}") from None
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "student_space": json.dumps(bridge.student_space.to_dict()),
+        "teacher_space": json.dumps(bridge.teacher_space.to_dict()),
+        "k": str(bridge.k),
+        "projector": json.dumps(bridge.projector.config.to_dict()),
+        "decoder_fingerprint": decoder_fingerprint or "",
+        "training_summary": summary,
+    }
+    tensors = {PREFIX + k: v for k, v in bridge.projector.state_dict().items()}
+    save_safetensors_atomic(path, tensors, metadata)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+def _check_file(path: str) -> None:
+    """Refuse what is not a safetensors file before any parser sees it. Pickles are never opened."""
+    if not os.path.exists(path):
+        raise BridgeCheckpointError(f"Bridge file not found: {path!r}. Check the path (ComfyUI: models/bridges/).")
+    if os.path.isdir(path):
+        raise BridgeCheckpointError(f"{path!r} is a folder; a Bridge is a single .safetensors file.")
+    name = os.path.basename(path)
+    pickle_msg = (f"{name!r} is a PyTorch pickle/zip checkpoint. Bridge checkpoints are .safetensors files, and "
+                  "pickles are never loaded here because unpickling can run arbitrary code. Use a Bridge "
+                  ".safetensors file (as written by Bridge training).")
+    if name.lower().endswith(_PICKLE_EXTS):
+        raise BridgeCheckpointError(pickle_msg)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # Pickle protocol 2-5 starts with 0x80 <protocol>, a torch.save zip with PK\x03\x04. A safetensors file
+    # starts with its 8-byte header length and then '{', which tells it apart when the length's low bytes
+    # happen to look like one of those.
+    looks_pickle = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    if (looks_pickle or head[:4] == b"PK\x03\x04") and head[8:9] != b"{":
+        raise BridgeCheckpointError(pickle_msg + " (detected from its content despite the file name)")
+
+
+def _what_is_it(keys: list[str]) -> str:
+    """A best guess at what a non-Bridge safetensors file holds, for the error message."""
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return "a full model checkpoint"
+    if any(k.split(".")[0] in ("decoder", "encoder") or ".decoder." in k for k in keys):
+        return "a VAE"
+    if any("lora" in k.lower() for k in keys):
+        return "a LoRA"
+    return "some other model"
+
+
+def _open(path) -> tuple[dict, dict[str, list[int]]]:
+    """Validated header: (parsed metadata, tensor name -> shape)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    _check_file(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = f.metadata() or {}
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BridgeCheckpointError(f"{os.path.basename(path)!r} is not a readable safetensors file (truncated or "
+                                    f"corrupt: {e}). Copy or download it again.") from None
+    if raw.get("format") != FORMAT:
+        raise BridgeCheckpointError(
+            f"{os.path.basename(path)!r} is a safetensors file but not a Cross-Space Bridge (its header has no "
+            f"'format: {FORMAT}'; it looks like {_what_is_it(list(shapes))}). Pick a Bridge file "
+            "(ComfyUI: models/bridges/).")
+    try:
+        version = int(raw.get("format_version", ""))
+    except ValueError:
+        raise BridgeCheckpointError(f"{os.path.basename(path)!r}: format_version {raw.get('format_version')!r} is not "
+                                    "a number; the file is corrupt.") from None
+    if version != FORMAT_VERSION:
+        newer = " It was written by a newer version: update the node pack." if version > FORMAT_VERSION else ""
+        raise BridgeCheckpointError(f"{os.path.basename(path)!r} has Bridge format version {version}; this version "
+                                    f"reads version {FORMAT_VERSION}.{newer}")
+    meta = {"format": FORMAT, "format_version": version}
+    try:
+        for key in ("student_space", "teacher_space", "projector", "training_summary"):
+            meta[key] = json.loads(raw[key])
+        LatentSpace.from_dict(meta["student_space"])
+        LatentSpace.from_dict(meta["teacher_space"])
+        ProjectorConfig.from_dict(meta["projector"])
+        meta["k"] = int(raw["k"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise BridgeCheckpointError(f"{os.path.basename(path)!r} has a damaged Bridge header ({type(e).__name__}: "
+                                    f"{e}); the file is corrupt or was edited. Re-export it.") from None
+    meta["decoder_fingerprint"] = raw.get("decoder_fingerprint") or None
+    return meta, shapes
+
+
+def read_bridge_metadata(path) -> dict:
+    """format, format_version, student_space / teacher_space (dicts), k, projector (config dict),
+    decoder_fingerprint (str or None), training_summary (dict). Validates the header, loads no weights."""
+    return _open(path)[0]
+
+
+def load_bridge(path, student_vae=None, device="cpu", dtype=torch.float32) -> "Bridge":
+    """Rebuild a Bridge from its checkpoint. Only the projector is moved to device/dtype; the student VAE
+    stays where the caller put it. Warns (does not fail) when the VAE is not the one it was trained with."""
+    from safetensors.torch import load_file
+
+    from .model import Bridge
+
+    path = os.fspath(path)
+    meta, shapes = _open(path)
+    name = os.path.basename(path)
+    try:
+        projector = Projector(ProjectorConfig.from_dict(meta["projector"]))
+        bridge = Bridge(projector, LatentSpace.from_dict(meta["student_space"]),
+                        LatentSpace.from_dict(meta["teacher_space"]), meta["k"], student_vae=None)
+    except ValueError as e:
+        raise BridgeCheckpointError(f"{name!r}: its header describes an impossible Bridge ({e}).") from None
+    expected = {PREFIX + k: list(v.shape) for k, v in projector.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [f"{k}: file {shapes[k]}, expected {expected[k]}" for k in sorted(set(expected) & set(shapes))
+             if shapes[k] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s) (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s) (e.g. {', '.join(unexpected[:3])})")
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) with the wrong shape ({'; '.join(wrong[:3])})")
+    if problems:
+        raise BridgeCheckpointError(f"{name!r} does not match the projector its header describes: "
+                                    + "; ".join(problems) + ". The file is damaged or was edited; re-export it.")
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # data section unreadable although the header was fine
+        raise BridgeCheckpointError(f"{name!r}: could not read the weights ({e}); the file is corrupt.") from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise BridgeCheckpointError(f"{name!r} holds NaN/inf weights ({', '.join(bad[:3])}); the file is corrupt "
+                                    "or came from a diverged training run.")
+    projector.load_state_dict({k[len(PREFIX):]: v for k, v in tensors.items()}, strict=True)
+    projector.to(device=device, dtype=dtype)
+    if student_vae is not None:
+        bridge = Bridge(projector, bridge.student_space, bridge.teacher_space, bridge.k, student_vae=student_vae)
+        warning = check_decoder_fingerprint(meta, decoder_fingerprint(student_vae))
+        if warning:
+            warnings.warn(warning, stacklevel=2)
+    return bridge.eval()
+
+
+# ---------------------------------------------------------------------------------------------- fingerprint
+#
+# Which student decoder a Bridge was trained behind. The same weights are stored under different names
+# (diffusers `decoder.up_blocks.0...` vs original `first_stage_model.decoder.up.3...`), in different order,
+# with attention weights as Linear [C,C] or 1x1 conv [C,C,1,1], and in fp32/fp16/bf16. So the fingerprint
+# ignores names, order and trailing unit dimensions: per tensor it keeps numel, RMS and four projections
+# onto fixed pseudo-random vectors (first-order sensitive to any change of the weights), and it groups
+# them by numel with each statistic sorted. Half-precision casts move these numbers by ~1e-3 relative, a
+# fine-tune by far more, so fingerprints are compared with a tolerance (`fingerprints_match`). The same
+# weights in the same precision give the identical string.
+
+_FP_PREFIX = "csd-dec1:"
+_N_PROJ = 4
+_P = 2**31 - 1  # prime modulus of the index hash
+_RMS_RTOL = 1e-2
+_PROJ_ATOL = 2e-2
+
+
+def _decoder_tensors(state_dict_or_module) -> list[torch.Tensor]:
+    if isinstance(state_dict_or_module, torch.nn.Module):
+        sd = state_dict_or_module.state_dict()
+    elif isinstance(state_dict_or_module, dict):
+        sd = state_dict_or_module
+    else:
+        raise ValueError("decoder_fingerprint takes a VAE module or a state dict; got "
+                         f"{type(state_dict_or_module).__name__}.")
+    out = []
+    for k, v in sd.items():
+        parts = str(k).split(".")
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and ("decoder" in parts or "post_quant_conv" in parts):
+            out.append(v)
+    if not out:
+        raise ValueError("No VAE decoder weights found (expected keys containing 'decoder.' or 'post_quant_conv.'); "
+                         "pass the student VAE or its full state dict.")
+    return out
+
+
+def _hash_vectors(n: int) -> torch.Tensor:
+    """Fixed pseudo-random vectors in [-1,1), [_N_PROJ, n], from integer arithmetic (the same on every
+    machine). A tensor of numel m uses the first m entries."""
+    i = torch.arange(n, dtype=torch.int64)
+    rows = []
+    for j in range(_N_PROJ):
+        h = (i * 1103515245 + 12345 + 2654435 * (j + 1)) % _P
+        h = (h * h + 40503 * (j + 1)) % _P  # < 2^62: no overflow
+        rows.append(h.double() * (2.0 / _P) - 1.0)
+    return torch.stack(rows)
+
+
+def _tensor_stats(t: torch.Tensor, vectors: torch.Tensor) -> list[float]:
+    v = t.detach().reshape(-1).to("cpu", torch.float64)
+    rms = v.square().mean().sqrt().item()
+    r = vectors[:, : v.numel()]
+    proj = (r @ v) / (r.norm(dim=1) * max(rms, 1e-3))  # ~N(0,1) for random weights
+    return [rms, *proj.tolist()]
+
+
+def decoder_fingerprint(state_dict_or_module) -> str:
+    """Fingerprint of a VAE decoder (+ post_quant_conv): a module, or a state dict in diffusers or
+    original/ComfyUI layout. Compare two with `fingerprints_match` / `check_decoder_fingerprint`."""
+    tensors = _decoder_tensors(state_dict_or_module)
+    vectors = _hash_vectors(max(t.numel() for t in tensors))
+    groups: dict[int, list[list[float]]] = {}
+    for t in tensors:
+        groups.setdefault(t.numel(), []).append(_tensor_stats(t, vectors))
+    header, values = [], []
+    for n in sorted(groups):
+        rows = groups[n]
+        header.append([n, len(rows)])
+        for col in range(1 + _N_PROJ):
+            values.extend(sorted(r[col] for r in rows))
+    blob = json.dumps(header, separators=(",", ":")).encode() + b"\n" + struct.pack(f"<{len(values)}f", *values)
+    return _FP_PREFIX + base64.urlsafe_b64encode(zlib.compress(blob, 9)).decode()
+
+
+_decoder_fingerprint = decoder_fingerprint  # for save_bridge, whose argument has the same name
+
+
+def _parse_fingerprint(fp: str):
+    if not isinstance(fp, str) or not fp.startswith(_FP_PREFIX):
+        raise ValueError("not a decoder fingerprint")
+    blob = zlib.decompress(base64.urlsafe_b64decode(fp[len(_FP_PREFIX):].encode()))
+    head, _, data = blob.partition(b"\n")
+    header = json.loads(head)
+    values = struct.unpack(f"<{len(data) // 4}f", data)
+    if len(values) != sum(c for _, c in header) * (1 + _N_PROJ):
+        raise ValueError("truncated decoder fingerprint")
+    return header, values
+
+
+def fingerprints_match(a: str, b: str) -> bool:
+    """Same decoder weights (up to layout and half-precision casting)?"""
+    ha, va = _parse_fingerprint(a)
+    hb, vb = _parse_fingerprint(b)
+    if ha != hb:
+        return False
+    i = 0
+    for _, count in ha:
+        for col in range(1 + _N_PROJ):
+            for x, y in zip(va[i:i + count], vb[i:i + count]):
+                tol = _RMS_RTOL * max(abs(x), abs(y)) + 1e-6 if col == 0 else _PROJ_ATOL
+                if abs(x - y) > tol:
+                    return False
+            i += count
+    return True
+
+
+def fingerprint_digest(fp: str) -> str:
+    """A short label for messages (equal digests mean equal strings, not the converse)."""
+    return hashlib.sha256(fp.encode()).hexdigest()[:12]
+
+
+def check_decoder_fingerprint(meta, fingerprint: str | None) -> str | None:
+    """Warning message when the student VAE differs from the one the Bridge was trained with, else None.
+
+    `meta` is read_bridge_metadata()'s dict (or the stored fingerprint string). A mismatch is not an error:
+    fine-tuned SD1.5 VAEs exist and usually still work, only less exactly."""
+    stored = meta.get("decoder_fingerprint") if isinstance(meta, dict) else meta
+    if not stored or not fingerprint:
+        return None  # nothing recorded or nothing to compare: no claim either way
+    try:
+        same = fingerprints_match(stored, fingerprint)
+    except (ValueError, zlib.error, struct.error, TypeError):
+        return ("Could not compare the student VAE with the one this Bridge was trained with (unreadable decoder "
+                "fingerprint); results may be off if it is a different VAE.")
+    if same:
+        return None
+    return (f"This Bridge was trained with a different student VAE decoder (fingerprint {fingerprint_digest(stored)}, "
+            f"this VAE {fingerprint_digest(fingerprint)}). It still runs, but results may be off: use the VAE it was "
+            "trained with, or retrain the Bridge for this VAE.")
