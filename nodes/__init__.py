@@ -1,0 +1,17 @@
+"""ComfyUI nodes of the Cross-Space Distillation pack (V3 node API). Thin adapters over bridge/ and training/;
+schemas live as plain data in specs.py."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .bridge_nodes import BridgeProject, LoadBridge
+from .sampler_nodes import OneStepSampler
+from .score_nodes import SelectBest, TeacherScore
+
+NODES = [LoadBridge, BridgeProject, OneStepSampler, TeacherScore, SelectBest]
+
+
+class CrossSpaceExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

@@ -1,0 +1,58 @@
+"""Turns the plain-data node specs (specs.py) into ComfyUI V3 schemas."""
+
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import io
+
+from .specs import In, NodeSpec, Out
+
+_BUILTIN = {
+    "MODEL": io.Model,
+    "CONDITIONING": io.Conditioning,
+    "LATENT": io.Latent,
+    "VAE": io.Vae,
+    "CLIP": io.Clip,
+    "IMAGE": io.Image,
+    "INT": io.Int,
+    "FLOAT": io.Float,
+    "STRING": io.String,
+    "BOOLEAN": io.Boolean,
+    "COMBO": io.Combo,
+}
+_CUSTOM: dict[str, type] = {}
+
+
+def io_type(name: str):
+    if name in _BUILTIN:
+        return _BUILTIN[name]
+    if name not in _CUSTOM:  # one class per custom type name
+        _CUSTOM[name] = io.Custom(name)
+    return _CUSTOM[name]
+
+
+def _input(spec: In):
+    t = io_type(spec.type)
+    common = dict(display_name=spec.display_name, tooltip=spec.tooltip)
+    if spec.type in ("INT", "FLOAT"):
+        extra = {"control_after_generate": True} if spec.control_after_generate else {}
+        return t.Input(spec.id, default=spec.default, min=spec.min, max=spec.max, step=spec.step, **extra, **common)
+    if spec.type == "STRING":
+        return t.Input(spec.id, default=spec.default, multiline=spec.multiline, **common)
+    if spec.type == "BOOLEAN":
+        return t.Input(spec.id, default=spec.default, **common)
+    if spec.type == "COMBO":
+        # Folder combos are listed when the schema is built, so /object_info shows new files after a refresh.
+        options = list(spec.options) if spec.options else folder_paths.get_filename_list(spec.folder)
+        return t.Input(spec.id, options=options, default=spec.default, **common)
+    return t.Input(spec.id, **common)
+
+
+def _output(spec: Out):
+    return io_type(spec.type).Output(spec.id, display_name=spec.display_name, tooltip=spec.tooltip)
+
+
+def build_schema(spec: NodeSpec, **extra) -> io.Schema:
+    return io.Schema(node_id=spec.node_id, display_name=spec.display_name, category=spec.category,
+                     description=spec.description, inputs=[_input(i) for i in spec.inputs],
+                     outputs=[_output(o) for o in spec.outputs], **extra)
