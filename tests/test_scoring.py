@@ -139,7 +139,7 @@ def test_ranking_and_selection():
 def test_format_lists_every_sample_with_its_rank():
     text = _scores([3.0, 1.0], [0.1, 0.2]).format("denoise_error")
     lines = text.splitlines()
-    assert "rank by denoise_error" in lines[0]
+    assert "rank by denoise_error" in lines[0] and "levels 0.5; sigmas 0.5; seeds 0;" in lines[0]
     assert len(lines) == 4
     assert lines[2].split() == ["0", "3", "+0.1", "2"]
     assert lines[3].split() == ["1", "1", "+0.2", "1"]

@@ -107,6 +107,7 @@ class TeacherScores:
         for r, i in enumerate(self.order(by)):
             rank[i] = r + 1
         head = (f"Teacher scores: noise levels {', '.join(f'{v:g}' for v in self.levels)}; "
+                f"sigmas {', '.join(f'{v:g}' for v in self.sigmas)}; "
                 f"seeds {', '.join(str(s) for s in self.seeds)}; rank by {by}\n"
                 f"{'sample':>6}  {'denoise_error':>13}  {'text_alignment':>14}  {'rank':>4}")
         rows = [f"{i:>6}  {self.denoise_error[i].item():>13.6g}  {self.text_alignment[i].item():>+14.6g}  {rank[i]:>4}"

@@ -1,0 +1,633 @@
+"""The pack inside a real, headless ComfyUI (opt-in: set COMFYUI_PATH to a ComfyUI checkout).
+
+ComfyUI runs as its own process (`main.py --cpu` on 127.0.0.1, a temporary --base-directory), with the pack
+linked in as `custom_nodes/cross-space-distillation` (a folder name with hyphens, as users get it from git).
+Prompts go through POST /prompt like the web UI's; results come back through SaveLatent files and /history.
+Expected values are computed here with diffusers on the same tiny random-init weights.
+
+Tiny models: ComfyUI detects model families by their real sizes. A tiny SD3.5 transformer with 64-wide
+attention heads is detected by ComfyUI itself and loaded by the core "Load Diffusion Model" node. Tiny SD1.5
+UNets/VAEs and a tiny Flux are not (ComfyUI hard-codes their widths), so a small test-only node pack, written
+into the temporary custom_nodes folder, builds them with ComfyUI's own classes: the SD15 / Flux model configs
+of comfy.supported_models, ComfyUI's key conversions and detection, strict weight loading, comfy.sd.VAE with a
+tiny config. The same pack turns saved tensors into CONDITIONING, since tiny text encoders would need the same
+treatment and the nodes under test only see CONDITIONING.
+
+COMFYUI_PYTHON picks the interpreter that runs ComfyUI (default: this one); see docs/comfyui.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFYUI = os.environ.get("COMFYUI_PATH", "")
+PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+PACK = "cross-space-distillation"
+
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout to run the ComfyUI integration "
+                                           "tests (see docs/comfyui.md)"),
+]
+
+FIXTURE_PACK = r'''
+"""Test-only nodes: tiny models built with ComfyUI's own classes, and CONDITIONING from saved tensors."""
+import json
+import torch
+import comfy.model_detection, comfy.model_management as mm, comfy.model_patcher, comfy.sd, comfy.supported_models
+import comfy.utils
+import folder_paths
+from safetensors.torch import load_file
+
+
+def _patcher(model_config, state_dict):
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model(state_dict, "")
+    model.diffusion_model.load_state_dict(state_dict, strict=True)  # every weight, exact names and shapes
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def _vae(path, config):
+    return comfy.sd.VAE(sd=load_file(path), config={"params": json.loads(config)})
+
+
+class TinySD15:
+    """Stands in for CheckpointLoaderSimple with an SD1.5 file; the CLIP slot stays empty (its text encodes are
+    replaced by saved conditioning)."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"unet_path": ("STRING", {}), "vae_path": ("STRING", {}), "vae_config": ("STRING", {})}}
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "csd_tests"
+
+    def load(self, unet_path, vae_path, vae_config):
+        diffusers_sd = load_file(unet_path)
+        # ComfyUI's own diffusers->LDM key map for this layout, then ComfyUI's own detection of the result.
+        layout = {"num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 0],
+                  "transformer_depth_output": [1, 1, 0, 0], "transformer_depth_middle": 1}
+        keymap = comfy.utils.unet_to_diffusers(layout)
+        sd = {keymap[k]: v for k, v in diffusers_sd.items()}
+        config = comfy.supported_models.SD15(comfy.model_detection.detect_unet_config(sd, ""))
+        return (_patcher(config, sd), None, _vae(vae_path, vae_config))
+
+
+class TinyTeacherCheckpoint:
+    """Stands in for CheckpointLoaderSimple with an SD3.5 file: the model through ComfyUI's own diffusion-model
+    loader (what Load Diffusion Model runs), a tiny VAE, an empty CLIP slot."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"unet_name": ("STRING", {}), "vae_path": ("STRING", {}), "vae_config": ("STRING", {})}}
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "csd_tests"
+
+    def load(self, unet_name, vae_path, vae_config):
+        model = comfy.sd.load_diffusion_model(folder_paths.get_full_path_or_raise("diffusion_models", unet_name))
+        return (model, None, _vae(vae_path, vae_config))
+
+
+class TinyVAE:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae_path": ("STRING", {}), "vae_config": ("STRING", {})}}
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load"
+    CATEGORY = "csd_tests"
+
+    def load(self, vae_path, vae_config):
+        return (_vae(vae_path, vae_config),)
+
+
+class TinyFlux:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"path": ("STRING", {}), "axes_dim": ("STRING", {})}}
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "csd_tests"
+
+    def load(self, path, axes_dim):
+        sd = comfy.model_detection.convert_diffusers_mmdit(load_file(path), "")
+        unet_config = comfy.model_detection.detect_unet_config(sd, "")
+        # ComfyUI's Flux detection assumes the real widths; read the tiny ones from the weights.
+        hidden = sd["img_in.weight"].shape[0]
+        head = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+        unet_config.update(hidden_size=hidden, num_heads=hidden // head, context_in_dim=sd["txt_in.weight"].shape[1],
+                           axes_dim=json.loads(axes_dim))
+        return (_patcher(comfy.supported_models.Flux(unet_config), sd),)
+
+
+class Conditioning:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"path": ("STRING", {})}}
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "load"
+    CATEGORY = "csd_tests"
+
+    def load(self, path):
+        t = load_file(path)
+        extra = {"pooled_output": t["pooled"]} if "pooled" in t else {}
+        if "guidance" in t:
+            extra["guidance"] = float(t["guidance"])
+        return ([[t["cond"], extra]],)
+
+
+NODE_CLASS_MAPPINGS = {"CSDTest_TinySD15": TinySD15, "CSDTest_TinyTeacherCheckpoint": TinyTeacherCheckpoint,
+                       "CSDTest_TinyVAE": TinyVAE, "CSDTest_TinyFlux": TinyFlux, "CSDTest_Conditioning": Conditioning}
+'''
+
+# comfy.sd.VAE config for the tiny 4-channel test VAE (ComfyUI's GroupNorm has 32 groups: widths of 32).
+VAE_CONFIG = {"embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3,
+                                           "out_ch": 3, "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1,
+                                           "attn_resolutions": [], "dropout": 0.0}}
+VAE16_CONFIG = {"embed_dim": 16, "ddconfig": dict(VAE_CONFIG["ddconfig"], z_channels=16)}
+FLUX_AXES = [4, 6, 6]
+
+
+def _load_specs():
+    """nodes/specs.py by path (importing the `nodes` package itself needs ComfyUI)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("csd_node_specs_it", ROOT / "nodes" / "specs.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _save(path: Path, tensors: dict) -> str:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path))
+    return str(path)
+
+
+def _save_latent(path: Path, samples: torch.Tensor) -> None:
+    # The format of ComfyUI's SaveLatent / LoadLatent.
+    _save(path, {"latent_tensor": samples, "latent_format_version_0": torch.tensor([])})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Comfy:
+    def __init__(self, url: str, base: Path, log: Path):
+        self.url, self.base, self.log = url, base, log
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def run(self, prompt: dict, timeout: float = 240) -> dict:
+        """Queue an API-format prompt and wait for it; returns the /history entry."""
+        req = urllib.request.Request(self.url + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                prompt_id = json.loads(r.read())["prompt_id"]
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"prompt refused: {e.read().decode()}") from None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry["status"].get("completed") is not None and (
+                    entry["status"]["completed"] or entry["status"]["status_str"] == "error"):
+                return entry
+            time.sleep(0.2)
+        raise AssertionError(f"prompt {prompt_id} did not finish; log tail:\n{self.log_tail()}")
+
+    def run_ok(self, prompt: dict) -> dict:
+        entry = self.run(prompt)
+        assert entry["status"]["status_str"] == "success", f"{_errors(entry)}\n{self.log_tail()}"
+        return entry
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def output_latent(self, prefix: str) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        files = sorted((self.base / "output").glob(f"{prefix}*.latent"))
+        assert files, f"no {prefix}*.latent in the output folder"
+        return load_file(str(files[-1]))["latent_tensor"]
+
+
+def _errors(entry: dict) -> str:
+    return "; ".join(f"{d.get('node_type')}: {d.get('exception_message')}" for ev, d in entry["status"]["messages"]
+                     if ev == "execution_error") or str(entry["status"])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny random-init models of the real classes, saved where ComfyUI (and the fixture pack) read them."""
+    from bridge import Bridge, save_bridge
+    from training.tiny import tiny_flux_transformer, tiny_sd3_transformer, tiny_unet, tiny_vae
+
+    base = tmp_path_factory.mktemp("comfy_base")
+    files = base / "tiny"
+    torch.manual_seed(0)
+    unet = tiny_unet(norm_num_groups=32).eval()
+    vae = tiny_vae(4, block_out_channels=(32, 32, 32, 32), norm_num_groups=32).eval()
+    other_vae = tiny_vae(4, block_out_channels=(32, 32, 32, 32), norm_num_groups=32).eval()
+    # 64-wide heads, hidden = 64 * layers: the shape rule ComfyUI's SD3 detection relies on.
+    sd35 = tiny_sd3_transformer("sd35", attention_head_dim=64, num_attention_heads=2, caption_projection_dim=128).eval()
+    flux = tiny_flux_transformer(axes_dims_rope=tuple(FLUX_AXES)).eval()
+    # ComfyUI's VAE class always has quant convs: the tiny teacher VAE keeps them.
+    vae16 = tiny_vae(16, block_out_channels=(32, 32, 32, 32), norm_num_groups=32, use_quant_conv=True,
+                     use_post_quant_conv=True)
+    bridges = base / "models" / "bridges"
+    # Named like the Bridges the reference workflows pick.
+    bridge = Bridge.create("sd15", "sd3", k=2, student_vae=vae, width=16, depth=1).eval()
+    with torch.no_grad():  # a random but not-tiny projector output, so the comparison means something
+        for p in bridge.projector.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_bridge(bridges / "sd15_to_sd35.safetensors", bridge)
+    save_bridge(bridges / "sd15_to_flux.safetensors", Bridge.create("sd15", "flux", k=2, student_vae=vae, width=16,
+                                                                    depth=1))
+    save_bridge(bridges / "tiny_other_vae.safetensors",
+                Bridge.create("sd15", "sd3", k=2, student_vae=other_vae, width=16, depth=1))
+    paths = {
+        "unet": _save(files / "unet.safetensors", unet.state_dict()),
+        "vae": _save(files / "vae.safetensors", vae.state_dict()),
+        "vae16": _save(files / "vae16.safetensors", vae16.state_dict()),
+        "flux": _save(files / "flux.safetensors", flux.state_dict()),
+    }
+    _save(base / "models" / "diffusion_models" / "tiny_sd35.safetensors", sd35.state_dict())
+    g = torch.Generator().manual_seed(1)
+    conds = {
+        "sd15": {"cond": torch.randn(1, 7, 32, generator=g)},
+        "sd3_pos": {"cond": torch.randn(1, 9, 64, generator=g), "pooled": torch.randn(1, 64, generator=g)},
+        "sd3_neg": {"cond": torch.randn(1, 9, 64, generator=g), "pooled": torch.randn(1, 64, generator=g)},
+        "flux_pos": {"cond": torch.randn(1, 9, 64, generator=g), "pooled": torch.randn(1, 32, generator=g),
+                     "guidance": torch.tensor(3.5)},
+        "flux_neg": {"cond": torch.randn(1, 9, 64, generator=g), "pooled": torch.randn(1, 32, generator=g),
+                     "guidance": torch.tensor(3.5)},
+    }
+    for name, tensors in conds.items():
+        paths[name] = _save(files / f"{name}.safetensors", tensors)
+    teacher_latent = torch.randn(4, 16, 8, 8, generator=g) * 0.8 + 0.1  # raw teacher-space latents
+    _save_latent(base / "input" / "teacher.latent", teacher_latent)
+    return dict(base=base, paths=paths, conds=conds, unet=unet, vae=vae, sd35=sd35, flux=flux, bridge=bridge,
+                teacher_latent=teacher_latent)
+
+
+def _prepare_base(base: Path) -> None:
+    nodes_dir = base / "custom_nodes"
+    nodes_dir.mkdir(exist_ok=True)
+    link = nodes_dir / PACK
+    if not link.exists():
+        link.symlink_to(ROOT, target_is_directory=True)
+    (nodes_dir / "csd_it_fixtures").mkdir(exist_ok=True)
+    (nodes_dir / "csd_it_fixtures" / "__init__.py").write_text(FIXTURE_PACK)
+    for d in ("input", "output", "user", "temp"):
+        (base / d).mkdir(exist_ok=True)
+
+
+def _comfy_cmd(base: Path, *extra: str) -> list[str]:
+    return [PYTHON, "main.py", "--cpu", "--base-directory", str(base), "--disable-auto-launch", *extra]
+
+
+def _env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.pop("PYTHONPATH", None)  # the pack must load from custom_nodes alone
+    return env
+
+
+@pytest.fixture(scope="module")
+def comfy(tiny):
+    base = tiny["base"]
+    _prepare_base(base)
+    port = _free_port()
+    log = base / "comfyui.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_comfy_cmd(base, "--listen", "127.0.0.1", "--port", str(port)), cwd=COMFYUI,
+                                stdout=out, stderr=subprocess.STDOUT, env=_env())
+    server = Comfy(f"http://127.0.0.1:{port}", base, log)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"ComfyUI exited with {proc.returncode}:\n{server.log_tail()}")
+            try:
+                server.get("/object_info/CSD_LoadBridge")
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"ComfyUI did not start:\n{server.log_tail()}") from None
+                time.sleep(0.5)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _lines_about_us(text: str) -> list[str]:
+    return [line for line in text.splitlines() if PACK in line or "csd_it_fixtures" in line]
+
+
+def test_pack_loads_cleanly_in_quick_test(tiny):
+    """`main.py --cpu --quick-test-for-ci`: the pack imports; nothing of ours is an error or a warning."""
+    base = tiny["base"]
+    _prepare_base(base)
+    res = subprocess.run(_comfy_cmd(base, "--quick-test-for-ci"), cwd=COMFYUI, capture_output=True, text=True,
+                         env=_env(), timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    ours = _lines_about_us(out)
+    import_lines = [line for line in ours if "seconds" in line and line.rstrip().endswith(PACK)]
+    assert import_lines and "IMPORT FAILED" not in import_lines[0], out[-3000:]
+    # Any traceback or warning from our files would name the pack folder; only the import-time line may.
+    assert all(line in import_lines or "csd_it_fixtures" in line for line in ours), ours
+
+
+def test_object_info_schemas(comfy):
+    specs = _load_specs()
+    info = comfy.get("/object_info")
+    for spec in specs.ALL:
+        node = info[spec.node_id]
+        assert node["display_name"] == spec.display_name and node["category"] == spec.category
+        assert node["description"] == spec.description
+        assert node["input_order"]["required"] == [i.id for i in spec.inputs]
+        for name, (typ, opts) in node["input"]["required"].items():
+            assert opts.get("tooltip"), f"{spec.node_id}.{name} has no tooltip"
+        assert node["output"] == [o.type for o in spec.outputs]
+        assert all(node["output_tooltips"]), f"{spec.node_id}: an output without tooltip"
+    bridges = info["CSD_LoadBridge"]["input"]["required"]["bridge_name"][1]["options"]
+    assert bridges == ["sd15_to_flux.safetensors", "sd15_to_sd35.safetensors", "tiny_other_vae.safetensors"]
+    templates = comfy.get("/workflow_templates")
+    assert {p.stem for p in (ROOT / "workflows").glob("*.json")} <= set(templates[PACK])
+
+
+def _tiny_student(p: dict) -> dict:
+    return {"class_type": "CSDTest_TinySD15",
+            "inputs": {"unet_path": p["unet"], "vae_path": p["vae"], "vae_config": json.dumps(VAE_CONFIG)}}
+
+
+def test_one_step_student_and_bridge_project(comfy, tiny):
+    p = tiny["paths"]
+    prompt = {
+        "1": _tiny_student(p),
+        "2": {"class_type": "CSDTest_Conditioning", "inputs": {"path": p["sd15"]}},
+        "3": {"class_type": "CSD_OneStepSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "seed": 7,
+                                                              "width": 64, "height": 48, "batch_size": 3}},
+        "4": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": "it/student"}},
+        "5": {"class_type": "CSD_LoadBridge", "inputs": {"bridge_name": "sd15_to_sd35.safetensors"}},
+        "6": {"class_type": "CSD_BridgeProject", "inputs": {"bridge": ["5", 0], "vae": ["1", 2], "latent": ["3", 0],
+                                                             "chunk_size": 2}},
+        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "it/bridged"}},
+    }
+    comfy.run_ok(prompt)
+    z = comfy.output_latent("it/student")
+    assert z.shape == (3, 4, 6, 8)
+
+    # Expected: x0 from pure noise at t = 999 (the student convention), noise as ComfyUI's KSampler makes it.
+    noise = torch.randn((3, 4, 6, 8), generator=torch.manual_seed(7))
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    a = torch.cumprod(1 - betas, 0)[999].float()
+    with torch.no_grad():
+        eps = tiny["unet"](noise, 999, encoder_hidden_states=tiny["conds"]["sd15"]["cond"].expand(3, -1, -1)).sample
+    x0 = (noise - (1 - a).sqrt() * eps) / a.sqrt()
+    torch.testing.assert_close(z, x0 / 0.18215, rtol=1e-3, atol=1e-3)
+
+    bridged = comfy.output_latent("it/bridged")
+    assert bridged.shape == (3, 16, 12, 16)  # k = 2 times the student latent
+    with torch.no_grad():
+        expected = tiny["bridge"](z)  # diffusers decode + projector, in this process
+    torch.testing.assert_close(bridged, expected, rtol=1e-3, atol=1e-3)
+    assert "different student VAE" not in comfy.log_tail(200)
+
+    # Another Bridge, trained behind another decoder: still runs, with a warning in the log.
+    prompt["5"]["inputs"]["bridge_name"] = "tiny_other_vae.safetensors"
+    prompt["7"]["inputs"]["filename_prefix"] = "it/other"
+    comfy.run_ok(prompt)
+    assert "different student VAE" in comfy.log_tail(200)
+
+
+def test_bridge_project_refuses_teacher_latents(comfy, tiny):
+    p = tiny["paths"]
+    prompt = {
+        "1": _tiny_student(p),
+        "2": {"class_type": "LoadLatent", "inputs": {"latent": "teacher.latent"}},
+        "3": {"class_type": "CSD_LoadBridge", "inputs": {"bridge_name": "sd15_to_sd35.safetensors"}},
+        "4": {"class_type": "CSD_BridgeProject", "inputs": {"bridge": ["3", 0], "vae": ["1", 2], "latent": ["2", 0],
+                                                             "chunk_size": 4}},
+        "5": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": "it/never"}},
+    }
+    entry = comfy.run(prompt)
+    assert entry["status"]["status_str"] == "error"
+    assert "16 channels" in _errors(entry) and "teacher latent" in _errors(entry)
+
+
+def _parse_scores(text: str):
+    """(sigmas, denoise_error[B], text_alignment[B]) from Teacher Score's table."""
+    head, _, *rows = text.splitlines()
+    sigmas = [float(s) for s in head.split("sigmas ")[1].split(";")[0].split(", ")]
+    err = torch.tensor([float(r.split()[1]) for r in rows])
+    align = torch.tensor([float(r.split()[2]) for r in rows])
+    return sigmas, err, align
+
+
+def _score_prompt(model_node: dict, pos: str, neg: str, levels: str, rank_by: str, prefix: str) -> dict:
+    return {
+        "1": model_node,
+        "2": {"class_type": "CSDTest_Conditioning", "inputs": {"path": pos}},
+        "3": {"class_type": "CSDTest_Conditioning", "inputs": {"path": neg}},
+        "4": {"class_type": "LoadLatent", "inputs": {"latent": "teacher.latent"}},
+        "5": {"class_type": "CSD_TeacherScore", "inputs": {"model": ["1", 0], "positive": ["2", 0],
+                                                            "negative": ["3", 0], "latent": ["4", 0],
+                                                            "noise_levels": levels, "num_seeds": 2,
+                                                            "eval_seed": 5}},
+        "6": {"class_type": "CSD_SelectBest", "inputs": {"latent": ["4", 0], "scores": ["5", 0], "count": 2,
+                                                          "rank_by": rank_by}},
+        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": prefix}},
+        "8": {"class_type": "PreviewAny", "inputs": {"source": ["5", 1]}},
+    }
+
+
+def _check_scores(comfy, entry, prefix, x0_model, velocity, conds, rank_by):
+    """Recompute the scores with diffusers at the sigmas ComfyUI used; check the table and the selection."""
+    from training.scoring import teacher_scores
+
+    text = entry["outputs"]["8"]["text"][0]
+    sigmas, err, align = _parse_scores(text)
+
+    def denoise(x, sigma, which):
+        with torch.no_grad():
+            return x - sigma.view(-1, 1, 1, 1) * velocity(x, sigma, conds[which])
+
+    expected = teacher_scores(x0_model, denoise, sigmas, [5, 6])
+    torch.testing.assert_close(err, expected.denoise_error, rtol=2e-3, atol=1e-5)
+    torch.testing.assert_close(align, expected.text_alignment, rtol=2e-3, atol=1e-4)
+    return sigmas, comfy.output_latent(prefix), expected.select(2, rank_by)
+
+
+def test_teacher_score_sd35_loaded_by_core_loader(comfy, tiny):
+    p = tiny["paths"]
+    loader = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd35.safetensors", "weight_dtype": "default"}}
+    entry = comfy.run_ok(_score_prompt(loader, p["sd3_pos"], p["sd3_neg"], "0.3, 0.6", "denoise_error", "it/sd35"))
+    raw = tiny["teacher_latent"]
+    x0 = (raw - 0.0609) * 1.5305  # SD3 model space
+    c = tiny["conds"]
+    conds = {w: c[f"sd3_{k}"] for w, k in (("positive", "pos"), ("negative", "neg"))}
+
+    def velocity(x, sigma, cond):
+        b = x.shape[0]
+        return tiny["sd35"](hidden_states=x, encoder_hidden_states=cond["cond"].expand(b, -1, -1),
+                            pooled_projections=cond["pooled"].expand(b, -1), timestep=sigma * 1000).sample
+
+    sigmas, best, order = _check_scores(comfy, entry, "it/sd35", x0, velocity, conds, "denoise_error")
+    # The teacher's own schedule: SD3's timestep shift of 3.
+    assert sigmas == pytest.approx([3 * t / (1 + 2 * t) for t in (0.3, 0.6)], rel=1e-5)
+    torch.testing.assert_close(best, raw[order])
+
+
+def test_teacher_score_flux_with_guidance(comfy, tiny):
+    from diffusers import FluxPipeline
+
+    p = tiny["paths"]
+    loader = {"class_type": "CSDTest_TinyFlux", "inputs": {"path": p["flux"], "axes_dim": json.dumps(FLUX_AXES)}}
+    entry = comfy.run_ok(_score_prompt(loader, p["flux_pos"], p["flux_neg"], "0.4, 0.8", "text_alignment",
+                                       "it/flux"))
+    raw = tiny["teacher_latent"]
+    x0 = (raw - 0.1159) * 0.3611  # Flux model space
+    c = tiny["conds"]
+    conds = {w: c[f"flux_{k}"] for w, k in (("positive", "pos"), ("negative", "neg"))}
+
+    def velocity(x, sigma, cond):
+        # diffusers' own Flux packing helpers: 2x2 patches as tokens, image ids (0, row, col).
+        b, ch, h, w = x.shape
+        packed = FluxPipeline._pack_latents(x, b, ch, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+        out = tiny["flux"](hidden_states=packed, timestep=sigma, guidance=torch.full((b,), float(cond["guidance"])),
+                           pooled_projections=cond["pooled"].expand(b, -1),
+                           encoder_hidden_states=cond["cond"].expand(b, -1, -1),
+                           txt_ids=torch.zeros(cond["cond"].shape[1], 3), img_ids=img_ids).sample
+        return FluxPipeline._unpack_latents(out, h * 8, w * 8, 8)
+
+    sigmas, best, order = _check_scores(comfy, entry, "it/flux", x0, velocity, conds, "text_alignment")
+    assert all(0 < s < 1 for s in sigmas)
+    torch.testing.assert_close(best, raw[order])
+
+
+# ---------------------------------------------------------------------------------------------- workflows
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """What the web UI does on "Queue": UI-format workflow -> API-format prompt (widgets in schema order, a seed's
+    extra "control after generate" value skipped, links as [source id, slot], frontend-only notes dropped)."""
+    links = {l[0]: l for l in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] not in object_info or node.get("mode", 0) != 0:
+            continue  # MarkdownNote and friends live only in the frontend
+        info = object_info[node["type"]]
+        specs_ = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        order = info["input_order"].get("required", []) + info["input_order"].get("optional", [])
+        inputs = {}
+        for i in node.get("inputs", []):
+            if i.get("link") is not None:
+                _, src, slot, *_ = links[i["link"]]
+                inputs[i["name"]] = [str(src), slot]
+        values = list(node.get("widgets_values", []))
+        for name in order:
+            typ, opts = specs_[name][0], (specs_[name][1] if len(specs_[name]) > 1 else {})
+            if name in inputs or not (isinstance(typ, list) or typ in WIDGET_TYPES):
+                continue
+            inputs[name] = values.pop(0)
+            if opts.get("control_after_generate") or name in ("seed", "noise_seed"):
+                values.pop(0)
+        assert not values, f"{node['type']}: {len(values)} widget values left over"
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def tinyfy(prompt: dict, p: dict) -> dict:
+    """Swap the real model files for the tiny ones: loaders -> test loaders, text encodes -> saved conditioning
+    of the right family, 64 px student images (CPU time). Everything else runs as the workflow says."""
+    family = {}
+    for nid, node in list(prompt.items()):
+        ct, inp = node["class_type"], node["inputs"]
+        if ct == "CheckpointLoaderSimple" and inp["ckpt_name"].startswith("v1-5"):
+            prompt[nid] = _tiny_student(p)
+            family[nid] = "sd15"
+        elif ct == "CheckpointLoaderSimple" and inp["ckpt_name"].startswith("sd3.5"):
+            prompt[nid] = {"class_type": "CSDTest_TinyTeacherCheckpoint",
+                           "inputs": {"unet_name": "tiny_sd35.safetensors", "vae_path": p["vae16"],
+                                      "vae_config": json.dumps(VAE16_CONFIG)}}
+            family[nid] = "sd3"
+        elif ct == "UNETLoader" and inp["unet_name"].startswith("flux"):
+            prompt[nid] = {"class_type": "CSDTest_TinyFlux", "inputs": {"path": p["flux"],
+                                                                         "axes_dim": json.dumps(FLUX_AXES)}}
+        elif ct == "VAELoader":
+            prompt[nid] = {"class_type": "CSDTest_TinyVAE", "inputs": {"vae_path": p["vae16"],
+                                                                        "vae_config": json.dumps(VAE16_CONFIG)}}
+        elif ct in ("TripleCLIPLoader", "DualCLIPLoader"):
+            family[nid] = "sd3" if ct == "TripleCLIPLoader" else "flux"
+            del prompt[nid]
+        elif ct == "CSD_OneStepSampler":
+            inp.update(width=64, height=64)
+    for nid, node in prompt.items():
+        if node["class_type"] == "CLIPTextEncode":
+            fam = family[node["inputs"]["clip"][0]]
+            name = {"sd15": "sd15", "flux": "flux_pos"}.get(fam) or ("sd3_neg" if not node["inputs"]["text"] else
+                                                                      "sd3_pos")
+            prompt[nid] = {"class_type": "CSDTest_Conditioning", "inputs": {"path": p[name]}}
+    return prompt
+
+
+def _images(comfy, entry: dict, node_id: str) -> list:
+    from PIL import Image
+
+    out = []
+    for im in entry["outputs"][node_id]["images"]:
+        folder = comfy.base / im["type"] / im["subfolder"]
+        with Image.open(folder / im["filename"]) as f:
+            out.append(f.size)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "workflows").glob("*.json")))
+def test_reference_workflow_runs_on_tiny_models(comfy, tiny, name):
+    workflow = json.loads((ROOT / "workflows" / name).read_text())
+    info = comfy.get("/object_info")
+    ui = {str(n["id"]): n for n in workflow["nodes"]}
+    entry = comfy.run_ok(tinyfy(ui_to_api(workflow, info), tiny["paths"]))
+    outputs = entry["outputs"]
+    image_nodes = [i for i, n in ui.items() if n["type"] in ("SaveImage", "PreviewImage")]
+    assert image_nodes and set(image_nodes) <= set(outputs)
+    for i in image_nodes:
+        sizes = _images(comfy, entry, i)
+        # Student images are 64 px; everything decoded by a teacher VAE comes from a Bridge (k = 2): 128 px.
+        teacher = ui[i].get("title", "").startswith("Bridge") or ui[i]["type"] == "SaveImage" and "handoff" in name
+        assert sizes and all(s == ((128, 128) if teacher else (64, 64)) for s in sizes), (ui[i], sizes)
+    if name.startswith("1_"):
+        assert len(_images(comfy, entry, image_nodes[0])) == 4  # the batch
+    if name.startswith("3_"):
+        save = next(i for i in image_nodes if ui[i]["type"] == "SaveImage")
+        assert len(_images(comfy, entry, save)) == 2  # best 2 of 8
+        table = next(o["text"][0] for o in outputs.values() if "text" in o)
+        assert len(table.splitlines()) == 2 + 8
