@@ -181,3 +181,13 @@ def test_benchmark_produces_a_table_at_tiny_size(tmp_path):
     table = bench_bridge.format_table(rows)
     assert "round trip / bridge" in table and "4x4 -> 8x8" in table
     assert "forward+backward" in bench_bridge.summary(rows)[0]
+
+
+def test_benchmark_cli_refuses_bad_arguments(capsys):
+    from training import bench_bridge
+
+    for argv in (["--sizes", "32,x"], ["--sizes", "0"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit) as e:
+            bench_bridge.main(argv)
+        assert e.value.code == 2
+    assert "--sizes must be comma-separated integers" in capsys.readouterr().err

@@ -10,7 +10,10 @@ student decoder. Measured per path: forward time (no grad, as in the ComfyUI nod
 with the gradient taken w.r.t. the input latent only (as in distillation, where the Bridge is frozen), peak
 memory above the loaded weights for both, parameters and FLOPs (torch FlopCounterMode, counted on the meta
 device so counting costs nothing). CPU peak memory is the process's peak RSS over the pass (Linux); CUDA
-uses torch.cuda.max_memory_allocated. The 64 x 64 case takes several minutes on a 2-core CPU.
+uses torch.cuda.max_memory_allocated. The 64 x 64 case takes about 12 minutes and 18 GB on a 2-core CPU.
+
+Measured (2 shared CPU cores, fp32, torch 2.13): 64 -> 128: Bridge forward+backward 101 s vs 533 s for the
+round trip (5.3x), peak memory 6.6 GB vs 18.1 GB (0.37x), FLOPs 5.3 vs 15.4 TFLOP; 32 -> 64: 4.9x, 0.35x.
 """
 
 from __future__ import annotations
@@ -289,7 +292,7 @@ def _load_note() -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.bench_bridge", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m training.bench_bridge", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="32,64",
                    help="student latent sizes, comma-separated (teacher = 2x); default 32,64 (64 = SD1.5 at 512 px)")
@@ -318,6 +321,8 @@ def main(argv=None) -> int:
             p.error("--device cuda, but no CUDA device is available; use --device cpu")
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if args.batch < 1:
+        p.error("--batch must be >= 1")
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     rows = run_benchmark(sizes, devices, args.repeats, args.dtype, args.batch, upsample=args.upsample,
