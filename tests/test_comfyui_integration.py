@@ -286,6 +286,7 @@ def tiny(tmp_path_factory):
         paths[name] = _save(files / f"{name}.safetensors", tensors)
     teacher_latent = torch.randn(4, 16, 8, 8, generator=g) * 0.8 + 0.1  # raw teacher-space latents
     _save_latent(base / "input" / "teacher.latent", teacher_latent)
+    _save_latent(base / "input" / "student.latent", torch.randn(3, 4, 8, 8, generator=g))
     return dict(base=base, paths=paths, conds=conds, unet=unet, vae=vae, sd35=sd35, flux=flux, bridge=bridge,
                 teacher_latent=teacher_latent)
 
@@ -425,9 +426,10 @@ def test_one_step_student_and_bridge_project(comfy, tiny):
     assert "different student VAE" in comfy.log_tail(200)
 
 
-def test_bridge_project_refuses_teacher_latents(comfy, tiny):
+def test_clear_errors_reach_the_user(comfy, tiny):
+    """Wrong-space inputs stop the prompt with our message (not a shape error deep inside a model)."""
     p = tiny["paths"]
-    prompt = {
+    bridge_wrong_space = {
         "1": _tiny_student(p),
         "2": {"class_type": "LoadLatent", "inputs": {"latent": "teacher.latent"}},
         "3": {"class_type": "CSD_LoadBridge", "inputs": {"bridge_name": "sd15_to_sd35.safetensors"}},
@@ -435,9 +437,23 @@ def test_bridge_project_refuses_teacher_latents(comfy, tiny):
                                                              "chunk_size": 4}},
         "5": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": "it/never"}},
     }
-    entry = comfy.run(prompt)
+    entry = comfy.run(bridge_wrong_space)
     assert entry["status"]["status_str"] == "error"
     assert "16 channels" in _errors(entry) and "teacher latent" in _errors(entry)
+
+    loader = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd35.safetensors", "weight_dtype": "default"}}
+    score_student = _score_prompt(loader, p["sd3_pos"], p["sd3_neg"], "0.5", "combined", "it/never")
+    score_student["4"]["inputs"]["latent"] = "student.latent"
+    entry = comfy.run(score_student)
+    assert entry["status"]["status_str"] == "error"
+    assert "CSD_TeacherScore" in _errors(entry) and "not student" in _errors(entry)
+
+    select_other_batch = _score_prompt(loader, p["sd3_pos"], p["sd3_neg"], "0.5", "combined", "it/never")
+    select_other_batch["9"] = {"class_type": "LoadLatent", "inputs": {"latent": "student.latent"}}
+    select_other_batch["6"]["inputs"]["latent"] = ["9", 0]
+    entry = comfy.run(select_other_batch)
+    assert entry["status"]["status_str"] == "error"
+    assert "scores are for 4 samples but the latent batch has 3" in _errors(entry)
 
 
 def _parse_scores(text: str):
