@@ -61,7 +61,11 @@ def _patcher(model_config, state_dict):
 
 
 def _vae(path, config):
-    return comfy.sd.VAE(sd=load_file(path), config={"params": json.loads(config)})
+    params = json.loads(config)
+    vae = comfy.sd.VAE(sd=load_file(path), config={"params": params})
+    # ComfyUI reads this from the weights when it detects a VAE itself; its config path keeps the default 4.
+    vae.latent_channels = params["ddconfig"]["z_channels"]
+    return vae
 
 
 class TinySD15:
@@ -440,6 +444,16 @@ def test_clear_errors_reach_the_user(comfy, tiny):
     entry = comfy.run(bridge_wrong_space)
     assert entry["status"]["status_str"] == "error"
     assert "16 channels" in _errors(entry) and "teacher latent" in _errors(entry)
+
+    teacher_vae = dict(bridge_wrong_space, **{
+        "2": {"class_type": "LoadLatent", "inputs": {"latent": "student.latent"}},
+        "6": {"class_type": "CSDTest_TinyVAE", "inputs": {"vae_path": p["vae16"],
+                                                          "vae_config": json.dumps(VAE16_CONFIG)}}})
+    teacher_vae["4"] = {"class_type": "CSD_BridgeProject", "inputs": {"bridge": ["3", 0], "vae": ["6", 0],
+                                                                       "latent": ["2", 0], "chunk_size": 4}}
+    entry = comfy.run(teacher_vae)
+    assert entry["status"]["status_str"] == "error"
+    assert "Connect the student's VAE" in _errors(entry)
 
     loader = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd35.safetensors", "weight_dtype": "default"}}
     score_student = _score_prompt(loader, p["sd3_pos"], p["sd3_neg"], "0.5", "combined", "it/never")
