@@ -1,0 +1,80 @@
+"""Shapes world: the rebuild command end to end (quick schedule), loading a world, determinism, the shipped judge."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from training.shapes import models
+from training.shapes.evaluate import eval_prompts
+from training.shapes.judge import load_judge, prompt_accuracy
+from training.shapes.pretrain import main as pretrain_main
+from training.shapes.render import make_split
+
+
+@pytest.fixture(scope="module")
+def quick_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    assert pretrain_main(["--out", str(out), "--quick"]) == 0
+    return out
+
+
+def test_quick_pretrain_writes_a_loadable_world(quick_world):
+    for name in models.COMPONENTS:
+        folder = quick_world / name
+        assert (folder / "config.json").is_file(), name
+        assert any(f.endswith(".safetensors") for f in os.listdir(folder)), name
+        assert not any(f.endswith((".bin", ".pt", ".ckpt", ".pkl")) for f in os.listdir(folder)), name
+    report = json.loads((quick_world / "report.json").read_text())
+    assert report["quick"] is True
+    for stage in ("text_encoders", "judge", "student_vae", "teacher_vae", "latents", "teacher", "student_base",
+                  "evaluation"):
+        assert report["timings_s"][stage] >= 0
+    for row in ("teacher", "student_base", "student_base_one_step"):
+        assert 0 <= report["evaluation"][row]["accuracy"] <= 1
+        assert report["evaluation"][row]["fd"] >= 0
+
+    world = models.load_shapes_world(str(quick_world), register=False)
+    assert world.student_space.name == "shapes_student" and world.student_space.channels == 4
+    assert world.teacher_space.name == "shapes_teacher" and world.teacher_space.channels == 16
+    assert world.k == 2
+    assert world.teacher_transformer.config.dual_attention_layers and world.teacher_transformer.config.qk_norm
+    assert world.student_unet.config.cross_attention_dim == 32
+    prompts = eval_prompts(2)
+    g = torch.Generator().manual_seed(0)
+    zt = world.sample_teacher(prompts, generator=g, steps=2)
+    zs = world.sample_student(prompts, generator=g, steps=1, cfg=1.0)
+    assert zt.shape == (2, 16, 16, 16) and zs.shape == (2, 4, 8, 8)
+    assert world.decode_teacher(zt).shape == (2, 3, 128, 128)
+    assert world.decode_student(zs).shape == (2, 3, 64, 64)
+    # The latent-space numbers were measured: model-space latents of real images have about unit std.
+    images, _, _ = make_split("validation", 16, 64)
+    from training.shapes.trainers import encode_latents
+    z = world.student_space.to_model(encode_latents(world.student_vae, images))
+    assert torch.isfinite(z).all()
+
+
+def test_load_shapes_world_names_a_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pretrain"):
+        models.load_shapes_world(str(tmp_path))
+
+
+def test_training_stages_are_deterministic():
+    from training.shapes.trainers import train_vae
+
+    def run():
+        torch.manual_seed(0)
+        return train_vae(models.build_student_vae(), 64, steps=2, batch_size=2, seed=5, log=None)
+
+    a, b = run(), run()
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(models.DEFAULT_DIR, "judge")), reason="no shipped world")
+def test_shipped_judge_reads_held_out_renders():
+    judge = load_judge(os.path.join(models.DEFAULT_DIR, "judge"))
+    for res in (64, 128):
+        images, captions, _ = make_split("test", 200, res, seed=123)
+        assert prompt_accuracy(judge, images, captions)["accuracy"] >= 0.98
