@@ -16,7 +16,7 @@ from training.shapes.render import make_split
 @pytest.fixture(scope="module")
 def quick_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    assert pretrain_main(["--out", str(out), "--quick"]) == 0
+    assert pretrain_main(["--out", str(out), "--quick", "--jobs", "1"]) == 0
     return out
 
 

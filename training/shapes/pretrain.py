@@ -11,7 +11,6 @@ weights (reloaded, so the numbers are those of what ships). Same seed + same thr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -34,15 +33,6 @@ QUICK = dict(DEFAULTS, judge_steps=2, judge_batch=16, vae_steps=2, vae_batch=4, 
              eval_samples=8)
 
 
-@contextlib.contextmanager
-def _stage(report: dict, name: str, log):
-    log(f"== {name}")
-    t0 = time.perf_counter()
-    yield
-    report["timings_s"][name] = round(time.perf_counter() - t0, 2)
-    log(f"== {name} done in {report['timings_s'][name]:.1f}s")
-
-
 def _write_json(path: str, data: dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -55,102 +45,185 @@ def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def pretrain(out: str, quick: bool = False, seed: int = 0, threads: int = 1, log=print, **overrides) -> dict:
-    """Build every component into `out`, evaluate the saved world, write world.json and report.json."""
+def _log(name: str):
+    return lambda msg: print(f"[{name}] {msg}", flush=True)
+
+
+# ---- stages: top-level functions, so they can run in worker processes; each saves what it trains ----
+
+def _setup(threads: int, seed: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+
+
+def stage_judge(out: str, cfg: dict, seed: int, threads: int) -> dict:
+    from . import models
+    from .judge import prompt_accuracy, train_judge
+    from .render import render, sample_scenes
+
+    _setup(threads, seed)
+    t0 = time.perf_counter()
+    judge = train_judge(steps=cfg["judge_steps"], batch_size=cfg["judge_batch"], seed=seed, log=_log("judge"))
+    models.save_component(out, "judge", judge)
+    held_out = sample_scenes(cfg["eval_samples"], "test", seed)
+    result = {f"accuracy_{r}px": prompt_accuracy(judge, render(held_out, r), held_out.captions())["accuracy"]
+              for r in (64, 128)}
+    return dict(result, parameters=_count(judge), seconds=time.perf_counter() - t0)
+
+
+def stage_vae(out: str, who: str, cfg: dict, seed: int, threads: int) -> dict:
+    from . import models
+    from .trainers import train_vae
+
+    _setup(threads, seed)
+    t0 = time.perf_counter()
+    if who == "student":
+        vae, res, crop = models.build_student_vae(), models.STUDENT_RESOLUTION, None
+    else:  # the 128 px VAE learns from 64 px crops of 128 px renders (a quarter of the cost)
+        vae, res, crop = models.build_teacher_vae(), models.TEACHER_RESOLUTION, 64
+    vae = train_vae(vae, res, cfg["vae_steps"], batch_size=cfg["vae_batch"], kl_weight=cfg["kl_weight"], crop=crop,
+                    seed=seed, log=_log(f"{who}_vae"))
+    models.save_component(out, f"{who}_vae", vae)
+    return {"parameters": _count(vae), "seconds": time.perf_counter() - t0}
+
+
+def stage_teacher(out: str, data_path: str, cfg: dict, seed: int, threads: int) -> dict:
+    from safetensors.torch import load_file
+
+    from . import models
+    from .trainers import train_teacher
+
+    _setup(threads, seed)
+    t0 = time.perf_counter()
+    d = load_file(data_path)
+    transformer = train_teacher(models.build_teacher_transformer(), d["teacher_latents"], d["caption_index"],
+                                d["teacher_embeds"], d["teacher_pooled"], d["teacher_empty_embeds"],
+                                d["teacher_empty_pooled"], cfg["teacher_steps"], batch_size=cfg["teacher_batch"],
+                                lr=cfg["teacher_lr"], seed=seed, log=_log("teacher"))
+    models.save_component(out, "teacher_transformer", transformer)
+    return {"parameters": _count(transformer), "seconds": time.perf_counter() - t0}
+
+
+def stage_student(out: str, data_path: str, cfg: dict, seed: int, threads: int) -> dict:
+    from safetensors.torch import load_file
+
+    from . import models
+    from .trainers import train_student
+
+    _setup(threads, seed)
+    t0 = time.perf_counter()
+    d = load_file(data_path)
+    unet = train_student(models.build_student_unet(), d["student_latents"], d["caption_index"], d["student_hidden"],
+                         d["student_empty_hidden"], models.STUDENT_SCHEDULE, cfg["student_steps"],
+                         batch_size=cfg["student_batch"], lr=cfg["student_lr"], seed=seed, log=_log("student_base"))
+    models.save_component(out, "student_unet", unet)
+    return {"parameters": _count(unet), "seconds": time.perf_counter() - t0}
+
+
+def _run_group(report: dict, group: str, jobs: int, tasks: dict) -> dict:
+    """Run {name: (fn, args)} with up to `jobs` worker processes (1: in this process); record timings."""
+    t0 = time.perf_counter()
+    if jobs <= 1:
+        results = {name: fn(*args) for name, (fn, args) in tasks.items()}
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {name: pool.submit(fn, *args) for name, (fn, args) in tasks.items()}
+            results = {name: f.result() for name, f in futures.items()}
+    for name, r in results.items():
+        report["timings_s"][name] = round(r.pop("seconds"), 1)
+    report["wall_s"][group] = round(time.perf_counter() - t0, 1)
+    return results
+
+
+def pretrain(out: str, quick: bool = False, seed: int = 0, threads: int = 1, jobs: int = 2, log=print,
+             **overrides) -> dict:
+    """Build every component into `out`, evaluate the saved world, write world.json and report.json.
+
+    Every stage runs with `threads` torch threads and its own seed, in up to `jobs` processes at once; the
+    weights depend on (seed, threads) only, not on `jobs`."""
+    import tempfile
+
     import diffusers
     import torch
     import transformers
+    from safetensors.torch import save_file
 
     from .. import _bridge
     from . import models, text
     from .evaluate import evaluate_world
-    from .judge import prompt_accuracy, train_judge
     from .render import render, sample_scenes
-    from .trainers import (decode_latents, encode_latents, latent_statistics, psnr, train_student, train_teacher,
-                           train_vae)
+    from .trainers import decode_latents, encode_latents, latent_statistics, psnr
 
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"Unknown pretrain settings {sorted(unknown)}; known: {', '.join(DEFAULTS)}.")
+    if threads < 1 or jobs < 1:
+        raise ValueError(f"threads and jobs must be >= 1; got threads={threads}, jobs={jobs}.")
     cfg = dict(QUICK if quick else DEFAULTS, **overrides)
-    torch.set_num_threads(threads)
+    _setup(threads, seed)
     os.makedirs(out, exist_ok=True)
-    report = {"quick": quick, "seed": seed, "threads": threads, "settings": cfg, "timings_s": {},
-              "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                           "diffusers": diffusers.__version__, "transformers": transformers.__version__}}
+    report = {"quick": quick, "seed": seed, "threads": threads, "jobs": jobs, "settings": cfg, "timings_s": {},
+              "wall_s": {}, "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                                         "diffusers": diffusers.__version__, "transformers": transformers.__version__}}
     t_start = time.perf_counter()
-    n_eval_check = 16 if quick else 500
 
-    with _stage(report, "text_encoders", log):
-        tokenizer = text.build_tokenizer()
-        teacher_text, student_text = text.build_text_encoder("teacher"), text.build_text_encoder("student")
-        models.save_component(out, "teacher_text_encoder", teacher_text)
-        models.save_component(out, "student_text_encoder", student_text)
+    log("== text encoders (frozen, seeded random init)")
+    tokenizer = text.build_tokenizer()
+    teacher_text, student_text = text.build_text_encoder("teacher"), text.build_text_encoder("student")
+    models.save_component(out, "teacher_text_encoder", teacher_text)
+    models.save_component(out, "student_text_encoder", student_text)
 
-    with _stage(report, "judge", log):
-        judge = train_judge(steps=cfg["judge_steps"], batch_size=cfg["judge_batch"], seed=seed, log=log)
-        models.save_component(out, "judge", judge)
-        held_out = sample_scenes(n_eval_check, "test", seed)
-        report["judge"] = {
-            f"accuracy_{r}px": prompt_accuracy(judge, render(held_out, r), held_out.captions())["accuracy"]
-            for r in (64, 128)
-        }
-        report["judge"]["parameters"] = _count(judge)
+    log("== judge, student VAE, teacher VAE")
+    res = _run_group(report, "judge_and_vaes", jobs, {
+        "teacher_vae": (stage_vae, (out, "teacher", cfg, seed + 1, threads)),
+        "student_vae": (stage_vae, (out, "student", cfg, seed, threads)),
+        "judge": (stage_judge, (out, cfg, seed, threads)),
+    })
+    report["judge"] = res["judge"]
 
+    log("== latent datasets and latent-space numbers")
+    t0 = time.perf_counter()
+    from diffusers import AutoencoderKL
+
+    scenes = sample_scenes(cfg["n_train"], "train", seed=seed + 7)
+    captions = scenes.captions()
+    unique = sorted(set(captions))  # each distinct caption is encoded once
+    lookup = {c: i for i, c in enumerate(unique)}
+    data = {"caption_index": torch.tensor([lookup[c] for c in captions])}
     spaces = {}
-    vaes = {}
-    for who, build, res, crop in (("student", models.build_student_vae, models.STUDENT_RESOLUTION, None),
-                                  ("teacher", models.build_teacher_vae, models.TEACHER_RESOLUTION, 64)):
-        with _stage(report, f"{who}_vae", log):
-            torch.manual_seed(seed)
-            vae = train_vae(build(), res, cfg["vae_steps"], batch_size=cfg["vae_batch"], kl_weight=cfg["kl_weight"],
-                            crop=crop, seed=seed + (0 if who == "student" else 1), log=log)
-            vaes[who] = vae
+    held_out = sample_scenes(cfg["eval_samples"], "test", seed)
+    for who, res_px in (("student", models.STUDENT_RESOLUTION), ("teacher", models.TEACHER_RESOLUTION)):
+        vae = AutoencoderKL.from_pretrained(os.path.join(out, f"{who}_vae"), torch_dtype=torch.float32).eval()
+        raw = torch.cat([encode_latents(vae, render(scenes[i : i + 500], res_px))
+                         for i in range(0, len(scenes), 500)])
+        scale, shift = latent_statistics(raw)
+        space = _bridge.spaces.LatentSpace(f"shapes_{who}", vae.config.latent_channels, 8, round(scale, 5),
+                                           round(shift, 5), res_px)
+        spaces[who] = space
+        data[f"{who}_latents"] = space.to_model(raw)
+        images = render(held_out, res_px)
+        report[f"{who}_vae"] = dict(res[f"{who}_vae"], space=space.to_dict(),
+                                    psnr_db=round(psnr(decode_latents(vae, encode_latents(vae, images)), images), 2))
+    data["teacher_embeds"], data["teacher_pooled"] = text.encode_teacher(unique, tokenizer, teacher_text)
+    data["teacher_empty_embeds"], data["teacher_empty_pooled"] = text.encode_teacher([""], tokenizer, teacher_text)
+    data["student_hidden"] = text.encode_student(unique, tokenizer, student_text)
+    data["student_empty_hidden"] = text.encode_student([""], tokenizer, student_text)
+    report["timings_s"]["latents"] = round(time.perf_counter() - t0, 1)
 
-    with _stage(report, "latents", log):
-        scenes = sample_scenes(cfg["n_train"], "train", seed=seed + 7)
-        captions = scenes.captions()
-        unique = sorted(set(captions))  # each distinct caption is encoded once
-        lookup = {c: i for i, c in enumerate(unique)}
-        caption_index = torch.tensor([lookup[c] for c in captions])
-        latents = {}
-        held_out = sample_scenes(n_eval_check, "test", seed)
-        for who, res in (("student", models.STUDENT_RESOLUTION), ("teacher", models.TEACHER_RESOLUTION)):
-            vae = vaes[who]
-            # Saving rounds the weights to the shipped precision; everything below uses the saved weights.
-            models.save_component(out, f"{who}_vae", vae)
-            raw = torch.cat([encode_latents(vae, render(scenes[i : i + 1000], res))
-                             for i in range(0, len(scenes), 1000)])
-            scale, shift = latent_statistics(raw)
-            space = _bridge.spaces.LatentSpace(f"shapes_{who}", vae.config.latent_channels, 8, round(scale, 5),
-                                               round(shift, 5), res)
-            spaces[who] = space
-            latents[who] = space.to_model(raw)
-            images = render(held_out, res)
-            report[f"{who}_vae"] = {
-                "psnr_db": round(psnr(decode_latents(vae, encode_latents(vae, images)), images), 2),
-                "parameters": _count(vae), "space": space.to_dict(),
-            }
-        teacher_embeds, teacher_pooled = text.encode_teacher(unique, tokenizer, teacher_text)
-        empty_t, empty_tp = text.encode_teacher([""], tokenizer, teacher_text)
-        student_hidden = text.encode_student(unique, tokenizer, student_text)
-        empty_s = text.encode_student([""], tokenizer, student_text)
-
-    with _stage(report, "teacher", log):
-        torch.manual_seed(seed)
-        transformer = train_teacher(models.build_teacher_transformer(), latents["teacher"], caption_index,
-                                    teacher_embeds, teacher_pooled, empty_t, empty_tp, cfg["teacher_steps"],
-                                    batch_size=cfg["teacher_batch"], lr=cfg["teacher_lr"], seed=seed + 2, log=log)
-        models.save_component(out, "teacher_transformer", transformer)
-        report["teacher"] = {"parameters": _count(transformer)}
-
-    with _stage(report, "student_base", log):
-        torch.manual_seed(seed)
-        unet = train_student(models.build_student_unet(), latents["student"], caption_index, student_hidden,
-                             empty_s, models.STUDENT_SCHEDULE, cfg["student_steps"], batch_size=cfg["student_batch"],
-                             lr=cfg["student_lr"], seed=seed + 3, log=log)
-        models.save_component(out, "student_unet", unet)
-        report["student_base"] = {"parameters": _count(unet)}
+    log("== teacher (rectified flow) and student base (SD1.5 schedule)")
+    with tempfile.TemporaryDirectory() as tmp:
+        data_path = os.path.join(tmp, "data.safetensors")
+        save_file({k: v.contiguous() for k, v in data.items()}, data_path)
+        res = _run_group(report, "diffusion_models", jobs, {
+            "teacher": (stage_teacher, (out, data_path, cfg, seed + 2, threads)),
+            "student_base": (stage_student, (out, data_path, cfg, seed + 3, threads)),
+        })
+    report["teacher"], report["student_base"] = res["teacher"], res["student_base"]
 
     world_config = {
         "format": "shapes-world",
@@ -167,16 +240,20 @@ def pretrain(out: str, quick: bool = False, seed: int = 0, threads: int = 1, log
         "student_schedule": dict(models.STUDENT_SCHEDULE),
         "student_sampling": {"sampler": "ddim_trailing", "steps": cfg["student_sampling_steps"],
                              "cfg": cfg["student_cfg"]},
-        "text": {"max_length": text.MAX_LENGTH, "teacher": "CLIPTextModelWithProjection last_hidden_state + text_embeds",
-                 "student": "CLIPTextModel last_hidden_state", "empty_prompt": ""},
+        "text": {"max_length": text.MAX_LENGTH,
+                 "teacher": "CLIPTextModelWithProjection: last_hidden_state + text_embeds (pooled)",
+                 "student": "CLIPTextModel: last_hidden_state", "empty_prompt": ""},
         "quick": quick,
         "seed": seed,
     }
     _write_json(os.path.join(out, "world.json"), world_config)
 
-    with _stage(report, "evaluation", log):
-        world = models.load_shapes_world(out, register=False)
-        report["evaluation"] = evaluate_world(world, n=cfg["eval_samples"], seed=seed)
+    log("== evaluation of the saved world")
+    t0 = time.perf_counter()
+    torch.set_num_threads(max(threads, jobs))  # nothing else runs now
+    world = models.load_shapes_world(out, register=False)
+    report["evaluation"] = evaluate_world(world, n=cfg["eval_samples"], seed=seed)
+    report["timings_s"]["evaluation"] = round(time.perf_counter() - t0, 1)
     report["total_s"] = round(time.perf_counter() - t_start, 1)
     _write_json(os.path.join(out, "report.json"), report)
     log(_summary(report))
@@ -193,7 +270,8 @@ def _summary(report: dict) -> str:
         r = ev[name]
         lines.append(f"  {name}: prompt accuracy {r['accuracy']:.3f}, FD {r.get('fd', float('nan')):.2f}, "
                      f"{r['seconds_per_image'] * 1000:.1f} ms/image")
-    lines.append("  timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items())
+    lines.append("  stage timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()))
+    lines.append("  wall (s): " + ", ".join(f"{k} {v}" for k, v in report["wall_s"].items())
                  + f"; total {report['total_s']}")
     return "\n".join(lines)
 
@@ -205,13 +283,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke test, not a world")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1; results are reproducible for a fixed thread count)")
+                        help="torch CPU threads per stage (default 1; weights are reproducible for a fixed count)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="stages run at once in worker processes (default 2, one per core); 1: all in-process")
     for key, value in DEFAULTS.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None,
                             help=f"override {key} (default {value}, quick {QUICK[key]})")
     args = parser.parse_args(argv)
     overrides = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
-    pretrain(args.out, quick=args.quick, seed=args.seed, threads=args.threads, **overrides)
+    pretrain(args.out, quick=args.quick, seed=args.seed, threads=args.threads, jobs=args.jobs, **overrides)
     return 0
 
 
