@@ -31,6 +31,7 @@ def test_quick_pretrain_writes_a_loadable_world(quick_world):
     for stage in ("text_encoders", "judge", "student_vae", "teacher_vae", "latents", "teacher", "student_base",
                   "evaluation"):
         assert report["timings_s"][stage] >= 0
+    assert report["total_s"] >= max(report["wall_s"].values())
     for row in ("teacher", "student_base", "student_base_one_step"):
         assert 0 <= report["evaluation"][row]["accuracy"] <= 1
         assert report["evaluation"][row]["fd"] >= 0

@@ -173,10 +173,12 @@ def pretrain(out: str, quick: bool = False, seed: int = 0, threads: int = 1, job
     t_start = time.perf_counter()
 
     log("== text encoders (frozen, seeded random init)")
+    t0 = time.perf_counter()
     tokenizer = text.build_tokenizer()
     teacher_text, student_text = text.build_text_encoder("teacher"), text.build_text_encoder("student")
     models.save_component(out, "teacher_text_encoder", teacher_text)
     models.save_component(out, "student_text_encoder", student_text)
+    report["timings_s"]["text_encoders"] = round(time.perf_counter() - t0, 1)
 
     log("== judge, student VAE, teacher VAE")
     res = _run_group(report, "judge_and_vaes", jobs, {
