@@ -1,0 +1,100 @@
+"""`python -m training.run sample`: one-step images from a student, written as PNGs.
+
+The student is either an SD1.5 checkpoint exported after distillation (single file or diffusers folder; its
+own VAE and CLIP-L are used), or the trainer's student checkpoint (student_unet.safetensors) together with
+--base, the SD1.5 model whose VAE and CLIP-L it was trained with. Noise for a batch comes from one CPU
+generator seeded with --seed, as ComfyUI makes it, so the same seed gives the same images there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+import torch
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--student", required=True,
+                   help="exported SD1.5 student (.safetensors single file or diffusers folder), or a student "
+                        "checkpoint (student_unet.safetensors) with --base")
+    p.add_argument("--base", help="SD1.5 checkpoint or folder whose VAE and CLIP-L to use with a student checkpoint")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt (repeat the option for several prompts; each gets --batch images)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the first batch (default 0)")
+    p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--resolution", type=int, default=512, help="image size, a multiple of 8 (default 512)")
+    p.add_argument("--out", default="samples", help="output folder (default ./samples)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+
+
+def sample_images(student, vae, text_encoder, tokenizer, prompt: str, seed: int = 0, batch: int = 1,
+                  resolution: int = 512) -> list:
+    """One-step images (PIL) for one prompt: noise from torch.Generator().manual_seed(seed) for the batch."""
+    from PIL import Image
+
+    from ._bridge import model as bridge_model
+    from .distill import encode_sd15
+
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1; got {batch}.")
+    size = student.latent_size(resolution)
+    device = next(student.parameters()).device
+    emb = encode_sd15([prompt], text_encoder, tokenizer).prompt_embeds.expand(batch, -1, -1).to(device)
+    noise = student.make_noise(batch, size, generator=torch.Generator().manual_seed(seed), device="cpu")
+    with torch.no_grad():
+        z = student(noise.to(device), emb)
+        images = bridge_model.decode_to_image01(vae, z)
+    arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arrays]
+
+
+def load_student_for_sampling(student_path: str, base: str | None, device, dtype=torch.float32):
+    """(OneStepStudent, vae, text_encoder, tokenizer) from an exported SD1.5 model or a student checkpoint."""
+    from .export import STUDENT_FORMAT, load_student_unet
+    from .student import OneStepStudent
+
+    if not os.path.exists(student_path):
+        raise ValueError(f"Student not found: {student_path!r}.")
+    is_ckpt = False
+    if os.path.isfile(student_path) and student_path.lower().endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(student_path, framework="pt") as f:
+            is_ckpt = (f.metadata() or {}).get("format") == STUDENT_FORMAT
+    if is_ckpt and not base:
+        raise ValueError(f"{os.path.basename(student_path)!r} is a student checkpoint (UNet only): give --base, "
+                         "the SD1.5 model whose VAE and CLIP-L it was distilled with.")
+    from . import loading
+
+    if is_ckpt:
+        student = load_student_unet(student_path, device=device, dtype=dtype)
+        parts = loading.load_sd15(base, components=("vae", "text_encoder", "tokenizer"), dtype=dtype, device=device)
+    else:
+        parts = loading.load_sd15(student_path, components=("unet", "vae", "text_encoder", "tokenizer"), dtype=dtype,
+                                  device=device)
+        student = OneStepStudent(parts.unet.eval())
+    return student.eval(), parts.vae.eval(), parts.text_encoder.eval(), parts.tokenizer
+
+
+def _slug(text: str, n: int = 40) -> str:
+    return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:n] or "prompt"
+
+
+def run(args) -> int:
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    student, vae, text_encoder, tokenizer = load_student_for_sampling(args.student, args.base, device)
+    os.makedirs(args.out, exist_ok=True)
+    written = []
+    for i, prompt in enumerate(args.prompt):
+        seed = args.seed + i
+        for j, image in enumerate(sample_images(student, vae, text_encoder, tokenizer, prompt, seed=seed,
+                                                batch=args.batch, resolution=args.resolution)):
+            path = os.path.join(args.out, f"{i:03d}_{_slug(prompt)}_seed{seed}_{j}.png")
+            image.save(path)
+            written.append(path)
+    print("\n".join(written))
+    return 0
