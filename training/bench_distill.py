@@ -16,7 +16,8 @@ memory do not depend on the weights) with a timer around its parts:
     fake_update       fake-score flow-matching forward + backward + optimizer step (N per student step)
 
 and prints seconds per step, the share of each part, and peak memory (CUDA: max_memory_allocated; CPU:
-the process's peak RSS). Target (issue 3): everything except the teacher forwards and the fake update is at
+the process's peak RSS). Without CUDA the real size is broken down in FLOPs instead, counted on the meta
+device (`--flops`). Target (issue 3): everything except the teacher forwards and the fake update is at
 most 20% of a step at real sizes (SD1.5 512 px student, SD3.5 Medium at 1024 px).
 
 Sizes: tiny (the test configs, 64 px student), mid (narrow SD1.5/SD3.5-shaped models, 128 px student), real
@@ -154,6 +155,76 @@ def bench(size: str, batch: int, fake_updates: int, steps: int, warmup: int, che
                 "peak_memory_gb": peak_memory_gb(d.device), "gradient_checkpointing": checkpointing}
 
 
+def count_flops(size: str, batch: int, fake_updates: int) -> dict:
+    """FLOPs of each part of a step, counted on the meta device (no compute, no memory), so the real size can be
+    broken down on a CPU. Same parts as the timed step; the teacher is the bare SD3.5 transformer (the fake
+    LoRA's own FLOPs are negligible), the fake update is its forward + backward to the input."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from . import tiny
+    from ._bridge import model as bridge_model
+    from .bench_bridge import SD15_VAE_CONFIG
+
+    spec = SIZES[size]
+    with torch.device("meta"):
+        if size == "tiny":
+            unet, vae, transformer = tiny.tiny_unet(), tiny.tiny_vae(4), tiny.tiny_sd3_transformer("sd35")
+        else:
+            unet = UNet2DConditionModel(**spec["unet"])
+            vae = AutoencoderKL(**dict(SD15_VAE_CONFIG, **spec["vae"]))
+            transformer = SD3Transformer2DModel(**spec["transformer"])
+        bridge = bridge_model.Bridge.create("sd15", "sd3", k=2, student_vae=vae, **spec["projector"])
+        transformer.requires_grad_(False)
+        h = spec["resolution"] // 8
+        noise = torch.zeros(batch, 4, h, h)
+        emb = torch.zeros(batch, *spec["student_text"])
+        t_emb, pooled = torch.zeros(batch, *spec["teacher_text"]), torch.zeros(batch, spec["pooled"])
+        x_t = torch.zeros(batch, 16, 2 * h, 2 * h)
+        t = torch.full((batch,), 999)
+
+    def flops(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    def student_bridge_train():
+        out = bridge.forward_model(unet(noise, t, encoder_hidden_states=emb).sample)
+        out.backward(torch.ones_like(out))
+
+    def teacher_fwd(x=x_t):
+        return transformer(hidden_states=x, encoder_hidden_states=t_emb, pooled_projections=pooled, timestep=t).sample
+
+    def teacher_train():
+        x = x_t.detach().requires_grad_(True)
+        out = teacher_fwd(x)
+        out.backward(torch.ones_like(out))
+
+    with torch.no_grad():
+        f_student = flops(lambda: unet(noise, t, encoder_hidden_states=emb))
+        f_bridge = flops(lambda: bridge.forward_model(noise))
+        f_teacher = flops(teacher_fwd)
+    f_train = flops(student_bridge_train)
+    f_fake = flops(teacher_train)
+    parts = {"student_forward": f_student, "decode_project": f_bridge, "real_teacher": 2 * f_teacher,
+             "fake_teacher": f_teacher, "backward": f_train - f_student - f_bridge,
+             "fake_samples": (fake_updates - 1) * (f_student + f_bridge), "fake_update": fake_updates * f_fake}
+    total = sum(parts.values())
+    ours = total - sum(parts[k] for k in TEACHER_PARTS)
+    return {"size": size, "batch": batch, "fake_updates": fake_updates, "step_tflop": total / 1e12,
+            "parts_tflop": {k: v / 1e12 for k, v in parts.items()}, "non_teacher_share": ours / total}
+
+
+def format_flops(r: dict) -> str:
+    lines = [f"== {r['size']}, counted FLOPs: batch {r['batch']}, {r['fake_updates']} fake updates/step, "
+             f"{r['step_tflop']:.4g} TFLOP/step", f"{'part':<18}{'TFLOP':>10}{'share':>9}"]
+    for k in PARTS:
+        v = r["parts_tflop"][k]
+        lines.append(f"{k:<18}{v:>10.4g}{100 * v / r['step_tflop']:>8.1f}%")
+    lines.append(f"everything but teacher forwards and fake update: {100 * r['non_teacher_share']:.1f}% of the FLOPs")
+    return "\n".join(lines)
+
+
 def format_table(r: dict) -> str:
     lines = [f"== {r['size']} on {r['device']}: batch {r['batch']}, {r['fake_updates']} fake updates/step, "
              f"{r['step_s']:.3f} s/step, peak memory {r['peak_memory_gb']:.2f} GB",
@@ -178,6 +249,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps (after --warmup untimed ones)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--flops", default="auto",
+                   help="comma-separated sizes whose step is broken down in counted FLOPs (meta device, no compute); "
+                        "default: real on CPU, none on CUDA; 'none' to skip")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -198,6 +272,13 @@ def main(argv=None) -> int:
         r = bench(size, args.batch, args.fake_updates, args.steps, args.warmup, args.gradient_checkpointing)
         results.append(r)
         print(format_table(r), flush=True)
+    flop_sizes = ("real" if args.device == "cpu" else "none") if args.flops == "auto" else args.flops
+    for size in [f for f in flop_sizes.split(",") if f and f != "none"]:
+        if size not in SIZES:
+            raise SystemExit(f"Unknown size {size!r} for --flops; choose from {', '.join(SIZES)}.")
+        r = count_flops(size, args.batch, args.fake_updates)
+        results.append(r)
+        print(format_flops(r), flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)

@@ -333,7 +333,9 @@ class Distiller:
             with self._phase("fake_teacher"), teacher.fake():
                 x0_fake = teacher.predict_x0(x_s, s, t_cond).float()
         loss, grad = dmd.distribution_matching_loss(c.loss, x, x0_real, x0_fake, s)
-        if not self._all_finite(loss):
+        # The gradient's nan_to_num would hide a diverged teacher (e.g. a bf16 overflow) as a zero gradient:
+        # non-finite teacher outputs make the step a NaN step too.
+        if not self._all_finite(loss + 0 * (x0_real.sum() + x0_fake.sum())):
             self.opt_student.zero_grad(set_to_none=True)
             return None
         with self._phase("backward"):
@@ -355,8 +357,10 @@ class Distiller:
                 with self._phase("fake_samples"), torch.no_grad(), self.accel.autocast():
                     x_f = self._generate(noise_k, s_emb_k)
             s_f, n_f, x_s_f = self._noise(x_f, g)
-            with self._phase("fake_update"):
-                with self.accel.autocast(), teacher.fake():
+            # Forward and backward inside the adapter's state: toggling adapters may change requires_grad of the
+            # LoRA weights, and under gradient checkpointing the backward re-runs the forward.
+            with self._phase("fake_update"), teacher.fake():
+                with self.accel.autocast():
                     v = teacher.velocity(x_s_f, s_f, cond_f)
                 loss_f = dmd.flow_matching_loss(v, x_f, n_f)
                 if not self._all_finite(loss_f):
@@ -526,8 +530,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--steps", type=int, help="student steps (default 2000; 60 with --demo)")
     t.add_argument("--batch-size", type=int, help="default 4 (2 with --demo)")
     t.add_argument("--loss", default="dmd", choices=dmd.LOSSES, help="DMD2-normalised gradient (default) or VSD")
-    t.add_argument("--guidance", default="4.5",
-                   help="real-score guidance: a number, or LOW,HIGH for a per-sample uniform draw (e.g. 2,8)")
+    t.add_argument("--guidance",
+                   help="real-score guidance: a number, or LOW,HIGH for a per-sample uniform draw (e.g. 2,8); "
+                        "default 4.5 for SD3.5 (true CFG), 3.5 for Flux (guidance embedding)")
     t.add_argument("--timesteps", default="uniform", choices=dmd.TIMESTEP_DISTS,
                    help="noise-level distribution, mapped into [--s-min, --s-max]")
     t.add_argument("--s-min", type=float, default=dmd.S_MIN)
@@ -570,7 +575,8 @@ def config_from_args(args, prompts: list[str]) -> DistillConfig:
         val_prompts=read_prompts(args.val_prompts) if args.val_prompts else None,
         val_seeds=[int(s) for s in args.val_seeds.split(",") if s.strip()],
         steps=args.steps or (60 if demo else 2000), batch_size=args.batch_size or (2 if demo else 4),
-        resolution=args.resolution or (64 if demo else 512), loss=args.loss, guidance=_parse_guidance(args.guidance),
+        resolution=args.resolution or (64 if demo else 512), loss=args.loss,
+        guidance=_parse_guidance(args.guidance or ("3.5" if (args.teacher_family or "").startswith("flux") else "4.5")),
         timesteps=args.timesteps, s_min=args.s_min, s_max=args.s_max, student_lr=args.student_lr,
         student_lora_rank=args.student_lora_rank, ema_decay=args.ema_decay, fake_lr=args.fake_lr,
         fake_rank=args.fake_rank, fake_alpha=args.fake_alpha, fake_updates=args.fake_updates,
