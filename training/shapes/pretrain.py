@@ -19,7 +19,7 @@ import time
 
 DEFAULTS = dict(
     judge_steps=300, judge_batch=128,
-    vae_steps=800, vae_batch=16, kl_weight=1e-5,
+    student_vae_steps=4000, teacher_vae_steps=2000, vae_batch=8, kl_weight=1e-5,
     n_train=12000,
     teacher_steps=2500, teacher_batch=128, teacher_lr=1e-3,
     student_steps=1500, student_batch=128, student_lr=1e-3,
@@ -28,7 +28,7 @@ DEFAULTS = dict(
     eval_samples=500,
 )
 # Same models, a handful of steps: checks the pipeline end to end, not quality.
-QUICK = dict(DEFAULTS, judge_steps=2, judge_batch=16, vae_steps=2, vae_batch=4, n_train=32, teacher_steps=2,
+QUICK = dict(DEFAULTS, judge_steps=2, judge_batch=16, student_vae_steps=2, teacher_vae_steps=2, vae_batch=4, n_train=32, teacher_steps=2,
              teacher_batch=8, student_steps=2, student_batch=8, teacher_sampling_steps=2, student_sampling_steps=2,
              eval_samples=8)
 
@@ -83,7 +83,7 @@ def stage_vae(out: str, who: str, cfg: dict, seed: int, threads: int) -> dict:
         vae, res, crop = models.build_student_vae(), models.STUDENT_RESOLUTION, None
     else:  # the 128 px VAE learns from 64 px crops of 128 px renders (a quarter of the cost)
         vae, res, crop = models.build_teacher_vae(), models.TEACHER_RESOLUTION, 64
-    vae = train_vae(vae, res, cfg["vae_steps"], batch_size=cfg["vae_batch"], kl_weight=cfg["kl_weight"], crop=crop,
+    vae = train_vae(vae, res, cfg[f"{who}_vae_steps"], batch_size=cfg["vae_batch"], kl_weight=cfg["kl_weight"], crop=crop,
                     seed=seed, log=_log(f"{who}_vae"))
     models.save_component(out, f"{who}_vae", vae)
     return {"parameters": _count(vae), "seconds": time.perf_counter() - t0}

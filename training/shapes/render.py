@@ -39,8 +39,8 @@ POSITION_NAMES = tuple(POSITIONS)
 # Every attribute a caption states, with its possible values (the judge predicts each one).
 ATTRIBUTES = {"shape": SHAPES, "colour": COLOUR_NAMES, "background": COLOUR_NAMES, "position": POSITION_NAMES}
 
-SIZE_RANGE = (0.14, 0.19)  # shape "radius" in image units
-OFFSET = 0.04  # max jitter of the centre, image units
+SIZE_RANGE = (0.16, 0.2)  # shape "radius" in image units
+OFFSET = 0.03  # max jitter of the centre, image units
 SPLITS = ("train", "validation", "test")
 
 _CAPTION_RE = re.compile(
@@ -173,7 +173,7 @@ def _triangle(px, py, r):
 _DISTANCES = (
     lambda px, py, r: torch.sqrt(px**2 + py**2) - r,  # circle
     lambda px, py, r: _box(px, py, 0.85 * r, 0.85 * r),  # square of about the circle's area
-    lambda px, py, r: _triangle(px, py + 0.1 * r, 1.2 * r),  # triangle, nudged down so it looks centred
+    lambda px, py, r: _triangle(px, py + 0.1 * r, 1.1 * r),  # triangle, nudged down so it looks centred
     lambda px, py, r: torch.minimum(_box(px, py, r, 0.36 * r), _box(px, py, 0.36 * r, r)),  # cross
 )
 
