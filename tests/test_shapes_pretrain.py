@@ -49,6 +49,9 @@ def test_quick_pretrain_writes_a_loadable_world(quick_world):
     assert zt.shape == (2, 16, 16, 16) and zs.shape == (2, 4, 8, 8)
     assert world.decode_teacher(zt).shape == (2, 3, 128, 128)
     assert world.decode_student(zs).shape == (2, 3, 64, 64)
+    s = world.sample_teacher_s(4000, generator=torch.Generator().manual_seed(0))
+    assert 0 < s.min() and s.max() < 1
+    assert s.median() == pytest.approx(0.75, abs=0.03)  # logit-normal median 0.5, shifted by 3 -> 0.75
     # The latent-space numbers were measured: model-space latents of real images have about unit std.
     images, _, _ = make_split("validation", 16, 64)
     from training.shapes.trainers import encode_latents

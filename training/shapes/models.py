@@ -143,6 +143,13 @@ class ShapesWorld:
                                 else self.encode_student_prompts([""]))
         return self._empty[who]
 
+    def sample_teacher_s(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n noise levels s in (0, 1) from the teacher's own training distribution (world.json teacher_training)."""
+        from .trainers import shifted_logit_normal
+
+        t = self.config["teacher_training"]
+        return shifted_logit_normal(n, t["logit_mean"], t["logit_std"], t.get("shift", 1.0), generator=generator)
+
     # ---- sampling (MODEL-space latents in and out) ----
     def _noise(self, n, channels, size, generator, noise):
         if noise is not None:

@@ -21,8 +21,8 @@ DEFAULTS = dict(
     judge_steps=300, judge_batch=128,
     student_vae_steps=4000, teacher_vae_steps=2000, vae_batch=8, kl_weight=1e-5,
     n_train=12000,
-    teacher_steps=2500, teacher_batch=128, teacher_lr=1e-3,
-    student_steps=1500, student_batch=128, student_lr=1e-3,
+    teacher_steps=3000, teacher_batch=128, teacher_lr=1e-3, teacher_train_shift=3.0,
+    student_steps=3000, student_batch=128, student_lr=1e-3,
     teacher_cfg=4.0, teacher_shift=1.0, teacher_sampling_steps=20,
     student_cfg=4.0, student_sampling_steps=25,
     eval_samples=500,
@@ -101,7 +101,7 @@ def stage_teacher(out: str, data_path: str, cfg: dict, seed: int, threads: int) 
     transformer = train_teacher(models.build_teacher_transformer(), d["teacher_latents"], d["caption_index"],
                                 d["teacher_embeds"], d["teacher_pooled"], d["teacher_empty_embeds"],
                                 d["teacher_empty_pooled"], cfg["teacher_steps"], batch_size=cfg["teacher_batch"],
-                                lr=cfg["teacher_lr"], seed=seed, log=_log("teacher"))
+                                lr=cfg["teacher_lr"], shift=cfg["teacher_train_shift"], seed=seed, log=_log("teacher"))
     models.save_component(out, "teacher_transformer", transformer)
     return {"parameters": _count(transformer), "seconds": time.perf_counter() - t0}
 
@@ -236,7 +236,8 @@ def pretrain(out: str, quick: bool = False, seed: int = 0, threads: int = 1, job
         "student_resolution": models.STUDENT_RESOLUTION,
         "teacher_resolution": models.TEACHER_RESOLUTION,
         "teacher_training": {"objective": "rectified_flow", "timesteps": "logit_normal", "logit_mean": 0.0,
-                             "logit_std": 1.0, "timestep_scale": 1000, "caption_dropout": 0.1},
+                             "logit_std": 1.0, "shift": cfg["teacher_train_shift"], "timestep_scale": 1000,
+                             "caption_dropout": 0.1},
         "teacher_sampling": {"sampler": "euler", "steps": cfg["teacher_sampling_steps"], "cfg": cfg["teacher_cfg"],
                              "shift": cfg["teacher_shift"]},
         "student_schedule": dict(models.STUDENT_SCHEDULE),

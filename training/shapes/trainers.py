@@ -97,6 +97,13 @@ def latent_statistics(raw: torch.Tensor) -> tuple[float, float]:
     return scale, shift
 
 
+def shifted_logit_normal(n: int, mean: float = 0.0, std: float = 1.0, shift: float = 1.0,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """SD3's training timesteps: s = sigmoid(N(mean, std)), then s <- shift s / (1 + (shift - 1) s)."""
+    s = torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+    return shift * s / (1 + (shift - 1) * s)
+
+
 def _ema(params, steps: int):
     """EMA of the weights (diffusers EMAModel, decay warming up from 0); sampled models use the EMA."""
     from diffusers.training_utils import EMAModel
@@ -113,9 +120,11 @@ def _drop_captions(cond: torch.Tensor, empty: torch.Tensor, p: float, g: torch.G
 def train_teacher(transformer, latents: torch.Tensor, caption_index: torch.Tensor, prompt_embeds: torch.Tensor,
                   pooled: torch.Tensor, empty_embeds: torch.Tensor, empty_pooled: torch.Tensor, steps: int,
                   batch_size: int = 128, lr: float = 1e-3, caption_dropout: float = 0.1, logit_mean: float = 0.0,
-                  logit_std: float = 1.0, seed: int = 0, log: Log = print):
-    """Rectified flow in the teacher's MODEL space: x_s = (1-s) x0 + s n, target v = n - x0, s logit-normal
-    (SD3's training distribution), timestep = s * 1000, 10% of captions dropped to the empty prompt for CFG.
+                  logit_std: float = 1.0, shift: float = 1.0, seed: int = 0, log: Log = print):
+    """Rectified flow in the teacher's MODEL space: x_s = (1-s) x0 + s n, target v = n - x0, timestep = s * 1000,
+    10% of captions dropped to the empty prompt for CFG. s is SD3's training distribution: logit-normal, then
+    shifted towards noise, s <- shift s / (1 + (shift - 1) s) (SD3 shifts by 3 at 1024 px: a latent whose
+    global content is visible through the noise until s is close to 1 needs that extra noise to learn it).
 
     latents [N,16,h,w] (model space); caption_index [N] indexes the per-caption tables prompt_embeds [P,L,D]
     and pooled [P,Dp] (each distinct caption encoded once). Returns the transformer with EMA weights."""
@@ -131,7 +140,7 @@ def train_teacher(transformer, latents: torch.Tensor, caption_index: torch.Tenso
         idx = torch.randint(0, latents.shape[0], (batch_size,), generator=g)
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=g)
-        s = torch.sigmoid(logit_mean + logit_std * torch.randn(batch_size, generator=g))
+        s = shifted_logit_normal(batch_size, logit_mean, logit_std, shift, generator=g)
         x_s = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * noise
         enc = _drop_captions(prompt_embeds[caption_index[idx]], empty_embeds, caption_dropout, g)
         pool = _drop_captions(pooled[caption_index[idx]], empty_pooled, caption_dropout, g)
