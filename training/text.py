@@ -1,0 +1,193 @@
+"""Prompt encoding per model family, and `TextCond`, the text conditioning every teacher and trainer passes around.
+
+The encoders repeat what the diffusers pipelines do (`StableDiffusion3Pipeline.encode_prompt`,
+`FluxPipeline.encode_prompt`, `StableDiffusionPipeline.encode_prompt`), without needing a pipeline object:
+
+- SD3/SD3.5: CLIP-L and CLIP-G penultimate hidden states (77 tokens) concatenated on the feature axis, zero-padded
+  to the T5 width, then concatenated with the T5 hidden states on the sequence axis; pooled = [CLIP-L | CLIP-G]
+  pooled (the projected `text_embeds` of a CLIPTextModelWithProjection, the `pooler_output` of a plain
+  CLIPTextModel).
+- Flux: T5 hidden states; pooled = CLIP-L `pooler_output`.
+- SD1.5 (the student): CLIP-L last hidden state, 77 tokens.
+
+Encoders run under no_grad and return float32 CPU tensors: embeddings are computed once and cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+SD3_T5_LEN = 256  # StableDiffusion3Pipeline default max_sequence_length
+FLUX_T5_LEN = {"flux_dev": 512, "flux_schnell": 256}  # FluxPipeline default / schnell's trained length
+
+
+@dataclass
+class TextCond:
+    """Text conditioning for a batch: `prompt_embeds` [B, L, D] and optional `pooled` [B, P]."""
+
+    prompt_embeds: Tensor
+    pooled: Tensor | None = None
+
+    def __post_init__(self):
+        if self.prompt_embeds.ndim != 3:
+            raise ValueError(f"TextCond.prompt_embeds must be [batch, tokens, width]; got shape "
+                             f"{tuple(self.prompt_embeds.shape)}.")
+        if self.pooled is not None and (self.pooled.ndim != 2 or self.pooled.shape[0] != self.prompt_embeds.shape[0]):
+            raise ValueError(f"TextCond.pooled must be [batch, width] with the batch of prompt_embeds "
+                             f"({self.prompt_embeds.shape[0]}); got shape {tuple(self.pooled.shape)}.")
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def _map(self, fn) -> "TextCond":
+        return TextCond(fn(self.prompt_embeds), None if self.pooled is None else fn(self.pooled))
+
+    def to(self, device=None, dtype=None) -> "TextCond":
+        return self._map(lambda t: t.to(device=device, dtype=dtype))
+
+    def index(self, idx) -> "TextCond":
+        """Rows `idx` (list or tensor of indices) as a new TextCond."""
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.prompt_embeds.device)
+        return self._map(lambda t: t[idx])
+
+    def repeat(self, n: int) -> "TextCond":
+        """A batch-1 cond (e.g. the negative prompt) tiled to n rows."""
+        if len(self) != 1:
+            raise ValueError(f"TextCond.repeat tiles a single prompt; this cond has {len(self)}. Use .index() "
+                             f"to pick rows.")
+        return self._map(lambda t: t.expand(n, *t.shape[1:]).contiguous())
+
+    @staticmethod
+    def cat(conds: list["TextCond"]) -> "TextCond":
+        """Concatenate along the batch (e.g. [negative, positive] for one CFG forward)."""
+        if len({c.pooled is None for c in conds}) > 1:
+            raise ValueError("Cannot concatenate TextConds with and without pooled embeddings.")
+        pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])
+        return TextCond(torch.cat([c.prompt_embeds for c in conds]), pooled)
+
+    def to_tensors(self, prefix: str = "") -> dict[str, Tensor]:
+        out = {prefix + "prompt_embeds": self.prompt_embeds}
+        if self.pooled is not None:
+            out[prefix + "pooled"] = self.pooled
+        return out
+
+    @classmethod
+    def from_tensors(cls, d: dict, prefix: str = "") -> "TextCond":
+        key = prefix + "prompt_embeds"
+        if key not in d:
+            raise ValueError(f"No {key!r} in the given tensors (keys: {sorted(d)[:8]}); was it written by "
+                             f"TextCond.to_tensors(prefix={prefix!r})?")
+        return cls(d[key], d.get(prefix + "pooled"))
+
+    def save(self, path) -> None:
+        """Atomic safetensors file (never pickle)."""
+        from ._bridge import checkpoint
+
+        checkpoint.save_safetensors_atomic(path, self.to_tensors(), {"format": "text_cond"})
+
+    @classmethod
+    def load(cls, path, device="cpu") -> "TextCond":
+        import os
+
+        from safetensors.torch import load_file
+
+        if not os.path.isfile(path):
+            raise ValueError(f"Text embedding file not found: {path!r}.")
+        return cls.from_tensors(load_file(path, device=str(device)))
+
+
+# ---------------------------------------------------------------------------------------------- encoders
+
+def _device(module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _clip(prompts: list[str], encoder, tokenizer, hidden: str) -> tuple[Tensor, Tensor]:
+    """(hidden states, pooled) of one CLIP encoder on 77-token padded prompts.
+
+    hidden: "penultimate" (SD3) or "last" (SD1.5 / unused). Pooled is the projected `text_embeds` when the encoder
+    has a projection (CLIPTextModelWithProjection, what the SD3 pipeline reads as output[0]), else `pooler_output`."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    out = encoder(ids.to(_device(encoder)), output_hidden_states=(hidden == "penultimate"))
+    h = out.hidden_states[-2] if hidden == "penultimate" else out.last_hidden_state
+    pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
+    return h, pooled
+
+
+def _t5(prompts: list[str], encoder, tokenizer, max_len: int) -> Tensor:
+    ids = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True, add_special_tokens=True,
+                    return_tensors="pt").input_ids
+    return encoder(ids.to(_device(encoder)))[0]
+
+
+def _check_prompts(prompts) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("Prompts must be a non-empty list of strings.")
+    return prompts
+
+
+def _out(embeds: Tensor, pooled: Tensor | None) -> TextCond:
+    return TextCond(embeds.float().cpu(), None if pooled is None else pooled.float().cpu())
+
+
+@torch.no_grad()
+def encode_sd3(prompts, clip_l, clip_g, t5, tok_l, tok_g, tok_t5, max_t5_len: int = SD3_T5_LEN) -> TextCond:
+    """SD3 / SD3.5 conditioning, as StableDiffusion3Pipeline.encode_prompt (clip_skip None)."""
+    prompts = _check_prompts(prompts)
+    h_l, p_l = _clip(prompts, clip_l, tok_l, "penultimate")
+    h_g, p_g = _clip(prompts, clip_g, tok_g, "penultimate")
+    t5_h = _t5(prompts, t5, tok_t5, max_t5_len)
+    clip_h = torch.cat([h_l, h_g.to(h_l.device)], dim=-1)
+    if clip_h.shape[-1] > t5_h.shape[-1]:
+        raise ValueError(f"CLIP-L + CLIP-G width {clip_h.shape[-1]} exceeds the T5 width {t5_h.shape[-1]}: these "
+                         f"encoders do not belong to one SD3 model.")
+    clip_h = torch.nn.functional.pad(clip_h.float(), (0, t5_h.shape[-1] - clip_h.shape[-1]))
+    embeds = torch.cat([clip_h, t5_h.float().to(clip_h.device)], dim=-2)
+    return _out(embeds, torch.cat([p_l.float(), p_g.float().to(p_l.device)], dim=-1))
+
+
+@torch.no_grad()
+def encode_flux(prompts, clip_l, t5, tok_l, tok_t5, max_t5_len: int = FLUX_T5_LEN["flux_dev"]) -> TextCond:
+    """Flux conditioning, as FluxPipeline.encode_prompt: T5 hidden states, CLIP-L pooler output."""
+    prompts = _check_prompts(prompts)
+    ids = tok_l(prompts, padding="max_length", max_length=tok_l.model_max_length, truncation=True,
+                return_tensors="pt").input_ids
+    pooled = clip_l(ids.to(_device(clip_l)), output_hidden_states=False).pooler_output
+    return _out(_t5(prompts, t5, tok_t5, max_t5_len), pooled)
+
+
+@torch.no_grad()
+def encode_sd15(prompts, clip_l, tok) -> TextCond:
+    """SD1.5 (student) conditioning: CLIP-L last hidden state of the 77-token padded prompt; no pooled."""
+    prompts = _check_prompts(prompts)
+    h, _ = _clip(prompts, clip_l, tok, "last")
+    return _out(h, None)
+
+
+def encode_for_family(family: str, prompts, text_encoders: dict, tokenizers: dict,
+                      max_t5_len: int | None = None) -> TextCond:
+    """Teacher conditioning for `family` from dicts keyed "clip_l", "clip_g", "t5" (encoders and tokenizers)."""
+    need = ("clip_l", "clip_g", "t5") if family.startswith("sd3") else ("clip_l", "t5")
+    if not family.startswith(("sd3", "flux")):
+        raise ValueError(f"Unknown teacher family {family!r}; expected sd3, sd35_medium, sd35_large, flux_dev or "
+                         f"flux_schnell.")
+    missing = [k for k in need if text_encoders.get(k) is None or tokenizers.get(k) is None]
+    if missing:
+        raise ValueError(f"The {family} teacher needs text encoders and tokenizers {', '.join(need)}; missing: "
+                         f"{', '.join(missing)} (already freed, or not loaded).")
+    e, t = text_encoders, tokenizers
+    if family.startswith("sd3"):
+        return encode_sd3(prompts, e["clip_l"], e["clip_g"], e["t5"], t["clip_l"], t["clip_g"], t["t5"],
+                          max_t5_len or SD3_T5_LEN)
+    return encode_flux(prompts, e["clip_l"], e["t5"], t["clip_l"], t["t5"],
+                       max_t5_len or FLUX_T5_LEN.get(family, FLUX_T5_LEN["flux_dev"]))
