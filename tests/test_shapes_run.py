@@ -1,0 +1,163 @@
+"""Shapes world: the benchmark's adapters (eps UNet as a flow teacher, identity and round-trip bridges) against
+the UNet's own DDPM/DDIM math, and the default run end to end on a quick world."""
+
+import pytest
+import torch
+
+from training.shapes import models
+from training.shapes.adapters import EpsFlowTeacher, IdentityBridge, RoundTripBridge
+from training.text import TextCond
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def space():
+    from bridge.spaces import LatentSpace
+
+    return LatentSpace("test_shapes_eps", 4, 8, 1.7, 0.1, 64)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return models.build_student_unet().eval().requires_grad_(False)
+
+
+def _scheduler(cls):
+    return cls(**models.STUDENT_SCHEDULE)
+
+
+def test_reparametrisation_is_the_ddpm_noising_rescaled(unet, space):
+    from diffusers import DDPMScheduler
+
+    teacher = EpsFlowTeacher(unet, space, models.STUDENT_SCHEDULE)
+    ddpm = _scheduler(DDPMScheduler)
+    t = torch.tensor([0, 17, 250, 500, 998, 999])
+    s = teacher.s_of_t(t)
+    assert torch.all(s[1:] > s[:-1]) and 0 < s[0] < 0.05 and abs(teacher.s_max - float(s[-1])) < 1e-7
+    assert torch.allclose(teacher.timestep(s), t.float(), atol=1e-3)  # s -> t inverts t -> s on the schedule
+    a, b = teacher.coefficients(s)
+    assert torch.allclose(a.square().float(), ddpm.alphas_cumprod[t], rtol=1e-5)
+    x0, n = torch.randn(6, 4, 8, 8), torch.randn(6, 4, 8, 8)
+    x_t = ddpm.add_noise(x0, n, t)
+    x_s = teacher.add_noise(x0, n, s)
+    assert torch.allclose(x_t, (a + b).float().view(-1, 1, 1, 1) * x_s, atol=1e-5)
+    # Levels between the schedule's points land between their timesteps.
+    mid = (s[2] + s[3]) / 2
+    assert 250 < float(teacher.timestep(mid.view(1))) < 500
+
+
+def test_x0_and_velocity_match_the_unets_own_prediction(unet, space):
+    from diffusers import DDPMScheduler
+
+    teacher = EpsFlowTeacher(unet, space, models.STUDENT_SCHEDULE)
+    ddpm = _scheduler(DDPMScheduler)
+    t = torch.tensor([5, 300, 700, 999])
+    s = teacher.s_of_t(t)
+    x0, n = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    hidden = torch.randn(4, 16, 32)
+    x_t = ddpm.add_noise(x0, n, t)
+    with torch.no_grad():
+        eps = unet(x_t, t, encoder_hidden_states=hidden).sample
+        ab = ddpm.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x0_ddpm = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+        x_s = teacher.add_noise(x0, n, s)
+        x0_hat = teacher.predict_x0(x_s, s, TextCond(hidden))
+        v = teacher.velocity(x_s, s, TextCond(hidden))
+    assert torch.allclose(x0_hat, x0_ddpm, atol=2e-4 * float(x0_ddpm.abs().max()))
+    assert torch.allclose(v, eps - x0_ddpm, atol=2e-4 * float(x0_ddpm.abs().max()))
+    # And the flow identity x0 = x_s - s v holds for the teacher's own outputs.
+    assert torch.allclose(x_s - s.view(-1, 1, 1, 1) * v, x0_hat, atol=1e-3)
+
+
+def test_euler_in_flow_coordinates_is_ddim_and_cfg_matches_the_student_sampler(unet, space):
+    """A deterministic DDIM step of the UNet is exactly an Euler step of the flow teacher; CFG on x0 is CFG on eps."""
+    from training.shapes.sampling import sample_student, student_scheduler
+
+    teacher = EpsFlowTeacher(unet, space, models.STUDENT_SCHEDULE)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 4, 8, 8, generator=g)
+    hidden, neg = torch.randn(3, 16, 32, generator=g), torch.randn(1, 16, 32, generator=g)
+    ddim = sample_student(unet, hidden, neg, z, models.STUDENT_SCHEDULE, steps=4, cfg=1.0)
+
+    sched = student_scheduler(models.STUDENT_SCHEDULE)
+    sched.set_timesteps(4)
+    levels = [teacher.s_of_t(t.view(1)) for t in sched.timesteps] + [torch.zeros(1)]
+    a, b = teacher.coefficients(levels[0])
+    x = z / (a + b).float()  # the DDIM start x_999 in flow coordinates
+    with torch.no_grad():
+        for s, s_next in zip(levels[:-1], levels[1:]):
+            x = x + (s_next - s) * teacher.velocity(x, s.expand(3), TextCond(hidden))
+    assert torch.allclose(x, ddim, atol=1e-3 * float(ddim.abs().max()))
+
+    one_step = sample_student(unet, hidden, neg, z, models.STUDENT_SCHEDULE, steps=1, cfg=4.0)
+    with torch.no_grad():
+        x0 = teacher.predict_x0(z / (a + b).float(), levels[0].expand(3), TextCond(hidden), TextCond(neg),
+                                guidance=4.0)
+        per_sample = teacher.predict_x0(z / (a + b).float(), levels[0].expand(3), TextCond(hidden), TextCond(neg),
+                                        guidance=torch.tensor([4.0, 4.0, 1.0]))
+        plain = teacher.predict_x0(z / (a + b).float(), levels[0].expand(3), TextCond(hidden))
+    assert torch.allclose(x0, one_step, atol=1e-3 * float(one_step.abs().max()))
+    assert torch.allclose(per_sample[:2], x0[:2], atol=1e-4) and torch.allclose(per_sample[2], plain[2], atol=1e-3)
+
+
+def test_fake_adapter_is_a_lora_that_starts_at_the_teacher_and_trains_alone(space):
+    import copy
+
+    torch.manual_seed(1)
+    teacher = EpsFlowTeacher(copy.deepcopy(models.build_student_unet()), space, models.STUDENT_SCHEDULE)
+    x_s, s, cond = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.7]), TextCond(torch.randn(2, 16, 32))
+    with torch.no_grad():
+        base = teacher.velocity(x_s, s, cond)
+    teacher.add_fake_adapter(rank=4)
+    params = teacher.fake_parameters()
+    assert params and not any(p.requires_grad for n, p in teacher.model.named_parameters() if "lora_" not in n)
+    with torch.no_grad(), teacher.fake():
+        assert torch.allclose(teacher.velocity(x_s, s, cond), base, atol=1e-6)  # zero-initialised LoRA
+    with teacher.fake():
+        loss = teacher.velocity(x_s, s, cond).square().mean()
+        loss.backward()
+    assert all(p.grad is not None for p in params)
+    assert all(p.grad is None for n, p in teacher.model.named_parameters() if "lora_" not in n)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+        with teacher.fake():
+            fake = teacher.velocity(x_s, s, cond)
+        real = teacher.velocity(x_s, s, cond)
+    assert not torch.allclose(fake, base, atol=1e-3)
+    assert torch.allclose(real, base, atol=1e-6)
+    with pytest.raises(ValueError, match="already has a fake adapter"):
+        teacher.add_fake_adapter(rank=4)
+
+
+def test_identity_and_round_trip_bridges():
+    from bridge.model import exact_round_trip
+    from bridge.spaces import LatentSpace
+
+    torch.manual_seed(2)
+    s_vae, t_vae = models.build_student_vae().eval(), models.build_teacher_vae().eval()
+    s_space = LatentSpace("test_rt_s", 4, 8, 2.0, 0.5, 64)
+    t_space = LatentSpace("test_rt_t", 16, 8, 3.0, -0.1, 128)
+    z = torch.randn(2, 4, 8, 8, requires_grad=True)
+
+    ident = IdentityBridge(s_space, s_vae)
+    assert ident.k == 1 and ident.teacher_space is ident.student_space
+    assert torch.allclose(ident.forward_model(z), (z - 0.5) * 2.0)
+
+    rt = RoundTripBridge(s_vae, t_vae, s_space, t_space, k=2)
+    out = rt.forward_model(z)
+    assert out.shape == (2, 16, 16, 16)
+    with torch.no_grad():
+        ref = t_space.to_model(exact_round_trip(z, s_vae, t_vae, 2))
+    assert torch.allclose(out, ref, atol=1e-5)
+    out.square().mean().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert all(p.grad is None for p in list(s_vae.parameters()) + list(t_vae.parameters()))
