@@ -118,7 +118,8 @@ def export_single_file(path, unet: "UNet2DConditionModel", vae, text_encoder, dt
     tensors.update(convert.sd15_vae_to_original(vae.state_dict()))
     tensors.update(convert.sd15_clip_to_original(text_encoder.state_dict()))
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in tensors.items()}
-    bridge_checkpoint.save_safetensors_atomic(path, tensors, {"format": "pt", "exported_by": "cross-space-distillation"})
+    metadata = {"format": "pt", "exported_by": "cross-space-distillation"}
+    bridge_checkpoint.save_safetensors_atomic(path, tensors, metadata)
     return path
 
 
