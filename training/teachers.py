@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, ContextManager, Iterator, Protocol
 
 import torch
 
@@ -116,6 +116,23 @@ def flux_image_ids(h2: int, w2: int, device=None, dtype=None) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------- teachers
 
+class Teacher(Protocol):
+    """What the trainers use (for type hints; SD3Teacher, FluxTeacher and ClosedFormTeacher implement it)."""
+
+    space: object  # bridge.spaces.LatentSpace the teacher's latents live in (MODEL space = space.to_model(raw))
+    family: str
+    model: object
+
+    def sample_s(self, n: int, generator=None, device=None, resolution: int | None = None) -> Tensor: ...
+    def add_noise(self, x0: Tensor, noise: Tensor, s) -> Tensor: ...
+    def velocity(self, x_s: Tensor, s, cond: TextCond) -> Tensor: ...
+    def predict_x0(self, x_s: Tensor, s, cond: TextCond, neg_cond: TextCond | None = None, guidance=None) -> Tensor: ...
+    def add_fake_adapter(self, rank: int, alpha: float | None = None, target_modules=None) -> None: ...
+    def fake(self) -> ContextManager[None]: ...
+    def fake_parameters(self) -> list[torch.nn.Parameter]: ...
+    def enable_gradient_checkpointing(self) -> None: ...
+
+
 class _DiffusersTeacher:
     """Shared part: fake LoRA adapter, attention capture, checkpointing. Subclasses define `_v` (one forward)."""
 
@@ -205,7 +222,9 @@ class _DiffusersTeacher:
     def capture_attention(self, blocks: list[str] | None = None, n_queries: int | None = 64,
                           generator: torch.Generator | None = None, per_head: bool = False):
         """Context manager yielding a dict filled by each forward: block name -> [B, n_queries, n_keys] attention rows
-        of sampled image queries (see training/attention.py). blocks None: `default_attention_blocks()`."""
+        of sampled image queries (see training/attention.py). blocks None: `default_attention_blocks()`.
+        Not part of the `Teacher` protocol: only Bridge training (attention fidelity) needs it. Under SD3 true CFG
+        the recorded batch is [negative, positive] (one batched forward)."""
         from .attention import capture_attention
 
         return capture_attention(self.model, blocks or self.default_attention_blocks(), n_queries, generator,
@@ -243,7 +262,8 @@ class SD3Teacher(_DiffusersTeacher):
 
     def _v(self, x_s: Tensor, s, cond: TextCond, guidance=None) -> Tensor:
         x, c = self._model_inputs(x_s, cond)
-        t = torch.as_tensor(s, device=x.device, dtype=x.dtype).expand(x.shape[0]) * 1000
+        # float32 like the pipeline's scheduler timesteps (1000 s in bf16 would round to steps of 4)
+        t = torch.as_tensor(s, device=x.device, dtype=torch.float32).expand(x.shape[0]) * 1000
         return self.model(hidden_states=x, timestep=t, encoder_hidden_states=c.prompt_embeds,
                           pooled_projections=c.pooled, return_dict=False)[0]
 
@@ -300,7 +320,7 @@ class FluxTeacher(_DiffusersTeacher):
     def _v(self, x_s: Tensor, s, cond: TextCond, guidance=None) -> Tensor:
         x, c = self._model_inputs(x_s, cond)
         b, _, h, w = x.shape
-        t = torch.as_tensor(s, device=x.device, dtype=x.dtype).expand(b)
+        t = torch.as_tensor(s, device=x.device, dtype=x.dtype).expand(b)  # as FluxPipeline (the model scales by 1000)
         g = None
         if self.model.config.guidance_embeds:
             g = torch.as_tensor(self.guidance if guidance is None else guidance, device=x.device,
