@@ -34,6 +34,7 @@ from torch import nn
 from . import dmd, loop
 from .state import load_training_state, save_training_state
 from .student import OneStepStudent
+from .text import encode_sd15
 
 if TYPE_CHECKING:
     from .text import TextCond
@@ -138,17 +139,6 @@ def read_prompts(path: str) -> list[str]:
     if not prompts:
         raise ValueError(f"{path!r} has no prompts (one per line; '#' lines are comments).")
     return prompts
-
-
-def encode_sd15(prompts: list[str], text_encoder, tokenizer) -> "TextCond":
-    """SD1.5 conditioning: CLIP-L last hidden state of the 77-token padded prompt (what the UNet was trained on)."""
-    from .text import TextCond
-
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(text_encoder.device)
-    with torch.no_grad():
-        hidden = text_encoder(ids).last_hidden_state
-    return TextCond(prompt_embeds=hidden.float().cpu(), pooled=None)
 
 
 class _Params(nn.Module):

@@ -35,7 +35,7 @@ def sample_images(student, vae, text_encoder, tokenizer, prompt: str, seed: int 
     from PIL import Image
 
     from ._bridge import model as bridge_model
-    from .distill import encode_sd15
+    from .text import encode_sd15
 
     if batch < 1:
         raise ValueError(f"--batch must be >= 1; got {batch}.")

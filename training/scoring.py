@@ -32,9 +32,10 @@ DEFAULT_LEVELS = "0.3, 0.5, 0.7"
 
 
 def flow_add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Rectified flow (SD3/Flux): x_s = (1 - s) x0 + s n, with s = sigma per sample."""
-    s = sigma.reshape(-1, *([1] * (x0.ndim - 1))).to(x0)
-    return (1 - s) * x0 + s * noise
+    """Rectified flow (SD3/Flux): x_s = (1 - s) x0 + s n, with s = sigma per sample (the teachers' formula)."""
+    from .teachers import add_noise
+
+    return add_noise(x0, noise, sigma)
 
 
 def parse_levels(text: str) -> list[float]:
