@@ -49,19 +49,19 @@ def timed_samples(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
     return images, time.perf_counter() - t0
 
 
-def evaluate_world(world: "ShapesWorld", n: int = 500, seed: int = 0, batch_size: int = 100) -> dict:
-    """Teacher (its default sampling), student base at its default steps, and the one-step student base
-    (t = 999, cfg 1), on n held-out prompts with evaluation seed `seed`. Adds seconds per image."""
+def evaluate_generators(world: "ShapesWorld", runs: dict[str, Callable[[list[str], torch.Generator], torch.Tensor]],
+                        n: int = 500, seed: int = 0, batch_size: int = 100, progress: bool = False) -> dict:
+    """Score each generator `run(prompts, generator) -> images01` on the same n held-out prompts, evaluation noise
+    seed `seed` and Fréchet reference; adds seconds per image (wall time of generation at `batch_size`)."""
     prompts = eval_prompts(n, seed)
     reference = reference_images(prompts, seed)
     results = {"prompts": n, "seed": seed}
-    runs = {
-        "teacher": lambda p, g: world.decode_teacher(world.sample_teacher(p, generator=g)),
-        "student_base": lambda p, g: world.decode_student(world.sample_student(p, generator=g)),
-        "student_base_one_step": lambda p, g: world.decode_student(world.sample_student(p, generator=g, steps=1,
-                                                                                        cfg=1.0)),
-    }
-    for name, run in runs.items():
+    items = runs.items()
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc="evaluate", total=len(runs))
+    for name, run in items:
         g = eval_generator(seed)
 
         def generate():
@@ -71,3 +71,20 @@ def evaluate_world(world: "ShapesWorld", n: int = 500, seed: int = 0, batch_size
         results[name] = score_images(world.judge, images, prompts, reference)
         results[name]["seconds_per_image"] = seconds / n
     return results
+
+
+def base_generators(world: "ShapesWorld") -> dict:
+    """The world's own rows: teacher (its default sampling), student base at its default steps, and the
+    one-step student base (t = 999, cfg 1)."""
+    return {
+        "teacher": lambda p, g: world.decode_teacher(world.sample_teacher(p, generator=g)),
+        "student_base": lambda p, g: world.decode_student(world.sample_student(p, generator=g)),
+        "student_base_one_step": lambda p, g: world.decode_student(world.sample_student(p, generator=g, steps=1,
+                                                                                        cfg=1.0)),
+    }
+
+
+def evaluate_world(world: "ShapesWorld", n: int = 500, seed: int = 0, batch_size: int = 100) -> dict:
+    """Teacher, student base and one-step student base (`base_generators`) on n held-out prompts with evaluation
+    seed `seed`. Adds seconds per image."""
+    return evaluate_generators(world, base_generators(world), n, seed, batch_size)

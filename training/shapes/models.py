@@ -172,14 +172,15 @@ class ShapesWorld:
 
     def sample_student(self, prompts: list[str], generator: torch.Generator | None = None,
                        noise: torch.Tensor | None = None, steps: int | None = None,
-                       cfg: float | None = None) -> torch.Tensor:
-        """Student-base samples [B,4,8,8] in the student's MODEL space (DDIM; steps=1, cfg=1: one-step)."""
+                       cfg: float | None = None, unet: "UNet2DConditionModel | None" = None) -> torch.Tensor:
+        """Student-base samples [B,4,8,8] in the student's MODEL space (DDIM; steps=1, cfg=1: one-step).
+        unet: another student UNet (e.g. a distilled one) sampled the same way; default the student base."""
         from .sampling import sample_student
 
         s = self.config["student_sampling"]
         hidden = self.encode_student_prompts(prompts)
         noise = self._noise(len(prompts), 4, STUDENT_RESOLUTION // 8, generator, noise)
-        return sample_student(self.student_unet, hidden, self._empty_prompt("student"), noise,
+        return sample_student(unet if unet is not None else self.student_unet, hidden, self._empty_prompt("student"), noise,
                               self.config["student_schedule"], steps=steps or s["steps"],
                               cfg=s["cfg"] if cfg is None else cfg)
 
