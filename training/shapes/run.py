@@ -1,0 +1,432 @@
+"""The default run: the whole method on the shapes world, on a CPU, in about ten minutes.
+
+    python -m training.run                        # = python -m training.shapes.run (all defaults)
+    python -m training.shapes.run --out runs/shapes --world assets/shapes --seed 0
+    python -m training.shapes.run --quick         # a seconds-long smoke run (numbers meaningless)
+
+1. data: renders a captioned training set (PNG + .txt captions) into <out>/data/images;
+2. Bridge: trains shapes_student (8x8x4 raw latents) -> shapes_teacher (16x16x16), k = 2, with the library's
+   BridgeTrainer: latent reconstruction + attention fidelity through the frozen shapes teacher;
+3. distillation: the one-step student (a copy of the student base UNet, run once at t = 999) is distilled
+   cross-space with the library's Distiller: its samples go through the frozen Bridge into the teacher's
+   space, where the DMD2 gradient is computed (fake score: a LoRA on the teacher);
+4. evaluation with the judge on held-out prompts and evaluation seeds: teacher (its 20 steps + CFG), student base
+   (25 DDIM steps + CFG), student base one-step, the distilled cross-space one-step student.
+
+Writes <out>/bridge.safetensors, <out>/student_unet.safetensors (+ the trainers' own folders bridge/, distill/),
+<out>/grid.png (columns: fixed prompts x seeds; rows: student one-step before, after, teacher) and
+<out>/report.md + report.json with every figure measured in this run. The benchmark
+(`python -m training.shapes.benchmark`) reuses these pieces for its table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .models import ShapesWorld
+
+DEFAULTS = dict(
+    n_images=1200,  # rendered training images for the Bridge (10% held out for its validation)
+    bridge_steps=400, bridge_batch=16, bridge_lr=1e-3, attn_weight=0.1, attn_queries=64,
+    projector_width=64, projector_depth=2,
+    distill_steps=300, distill_batch=16, student_lr=2e-5, fake_lr=1e-3, fake_rank=16, fake_updates=2,
+    guidance=0.0,  # real-score CFG; 0: the teacher's own sampling CFG (world.json)
+    eval_samples=300, eval_batch=100, grid_prompts=6, grid_seeds=2,
+)
+# The same pipeline with a handful of steps: checks everything end to end, not quality.
+QUICK = dict(DEFAULTS, n_images=24, bridge_steps=4, bridge_batch=4, distill_steps=3, distill_batch=2, fake_updates=1,
+             projector_width=16, projector_depth=1, eval_samples=8, eval_batch=8, grid_prompts=2, grid_seeds=2)
+DEFAULT_OUT = os.path.join("runs", "shapes")
+
+ROW_LABELS = {
+    "teacher": "teacher ({steps} steps, CFG {cfg:g})",
+    "student_base": "student base ({steps} steps, CFG {cfg:g})",
+    "student_base_one_step": "student base, one step",
+    "same_space": "one-step, distilled same-space (from the student base)",
+    "cross_space": "one-step, distilled cross-space (through the Bridge)",
+    "cross_space_no_attn": "ablation: Bridge without attention fidelity",
+    "round_trip": "ablation: exact round trip E_t(up(D_s(z))) instead of the Bridge",
+}
+
+
+def _log(msg: str) -> None:
+    print(f"[shapes] {msg}", flush=True)
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def render_images(folder: str, n: int, seed: int = 0) -> str:
+    """n captioned train-split scenes as 128 px PNGs with .txt captions (what BridgeTrainer reads).
+
+    Deterministic in (n, seed); a folder that already holds exactly this set is kept."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from . import models
+    from .render import render, sample_scenes
+
+    stamp = os.path.join(folder, "dataset.json")
+    info = {"n": n, "seed": seed, "resolution": models.TEACHER_RESOLUTION, "split": "train"}
+    if os.path.exists(stamp):
+        with open(stamp, encoding="utf-8") as f:
+            if json.load(f) == info:
+                return folder
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.makedirs(folder)
+    scenes = sample_scenes(n, "train", seed=100_000 + seed)  # a stream the world's own training never used
+    captions = scenes.captions()
+    for start in tqdm(range(0, n, 200), desc="render data", unit_scale=200):
+        images = render(scenes[start : start + 200], models.TEACHER_RESOLUTION)
+        pixels = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+        for i, arr in enumerate(pixels):
+            name = os.path.join(folder, f"{start + i:05d}")
+            Image.fromarray(arr).save(name + ".png")
+            with open(name + ".txt", "w", encoding="utf-8") as f:
+                f.write(captions[start + i] + "\n")
+    _write_json(stamp, info)
+    return folder
+
+
+def training_prompts() -> list[str]:
+    """Distillation prompts: every caption of the world (the teacher knows all of them)."""
+    from .render import all_captions
+
+    return all_captions()
+
+
+def grid_prompts(n: int) -> list[str]:
+    """Fixed prompts of the sample grids: held-out test-split captions."""
+    from .evaluate import eval_prompts
+
+    return eval_prompts(n, seed=123)
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+def teacher_text(world: "ShapesWorld"):
+    """prompts -> TextCond(prompt_embeds [B,16,64], pooled [B,64]) from the teacher's text encoder."""
+    from ..text import TextCond
+
+    def encode(prompts: list[str]):
+        embeds, pooled = world.encode_teacher_prompts(prompts)
+        return TextCond(prompt_embeds=embeds, pooled=pooled)
+
+    return encode
+
+
+def student_text(world: "ShapesWorld"):
+    """prompts -> TextCond(prompt_embeds = student hidden states [B,16,32])."""
+    from ..text import TextCond
+
+    return lambda prompts: TextCond(prompt_embeds=world.encode_student_prompts(prompts))
+
+
+def shapes_teacher(world: "ShapesWorld", own_copy: bool = False):
+    """The shapes transformer behind the library's SD3 teacher interface (own_copy: for a fake adapter)."""
+    from ..teachers import SD3Teacher
+
+    transformer = copy.deepcopy(world.teacher_transformer) if own_copy else world.teacher_transformer
+    return SD3Teacher(transformer, space=world.teacher_space, guidance=world.config["teacher_sampling"]["cfg"])
+
+
+def teacher_cfg(world: "ShapesWorld", settings: dict) -> float:
+    return float(settings["guidance"] or world.config["teacher_sampling"]["cfg"])
+
+
+# ---------------------------------------------------------------------------------------------- stage 1: Bridge
+
+def train_bridge(world: "ShapesWorld", out_dir: str, images: str, settings: dict, seed: int = 0,
+                 attn_weight: float | None = None) -> tuple[torch.nn.Module, dict]:
+    """BridgeTrainer on the rendered images; returns (the trained Bridge with the student VAE, result)."""
+    from .._bridge import checkpoint as bridge_checkpoint
+    from ..bridge_train import BridgeModels, BridgeTrainConfig, BridgeTrainer
+    from . import models
+
+    steps = settings["bridge_steps"]
+    cfg = BridgeTrainConfig(
+        out_dir=out_dir, images=images, steps=steps, batch_size=settings["bridge_batch"], lr=settings["bridge_lr"],
+        warmup_steps=max(1, steps // 10), attn_weight=settings["attn_weight"] if attn_weight is None else attn_weight,
+        attn_queries=settings["attn_queries"], val_every=steps, ckpt_every=steps, log_every=max(1, steps // 50),
+        seed=seed, k=world.k, student_res=models.STUDENT_RESOLUTION, teacher_res=models.TEACHER_RESOLUTION,
+        projector={"width": settings["projector_width"], "depth": settings["projector_depth"]},
+        mixed_precision="no", resume=False,
+    )
+    bridge_models = BridgeModels(
+        student_vae=world.student_vae, teacher_vae=world.teacher_vae, teacher=shapes_teacher(world),
+        student_space=world.student_space, teacher_space=world.teacher_space, encode_text=teacher_text(world),
+        description={"world": os.path.abspath(world.folder), "student": "shapes student VAE",
+                     "teacher": "shapes SD3.5-style transformer"},
+    )
+    t0 = time.perf_counter()
+    result = BridgeTrainer(cfg, bridge_models).run()
+    result["wall_s"] = time.perf_counter() - t0
+    bridge = bridge_checkpoint.load_bridge(result["bridge"], student_vae=world.student_vae)
+    return bridge, result
+
+
+# ---------------------------------------------------------------------------------------------- stage 2: distillation
+
+def distill_models(world: "ShapesWorld", mode: str, bridge=None):
+    """DistillModels for `mode`: "cross" (shapes teacher through `bridge`: the trained Bridge or a RoundTripBridge)
+    or "same" (the student base as an eps-as-flow teacher in the student's own space, identity "Bridge").
+    The student is a fresh trainable copy of the student base UNet; teachers get their own copies (fake LoRA)."""
+    from ..distill import DistillModels
+    from ..student import OneStepStudent
+    from .adapters import EpsFlowTeacher, IdentityBridge
+
+    schedule = world.config["student_schedule"]
+    unet = copy.deepcopy(world.student_unet).requires_grad_(True)
+    student = OneStepStudent(unet, space=world.student_space, schedule=schedule)
+    if mode == "cross":
+        if bridge is None:
+            raise ValueError('Cross-space distillation needs a Bridge (the trained one or a RoundTripBridge).')
+        teacher, encode_teacher, teacher_vae = shapes_teacher(world, own_copy=True), teacher_text(world), world.teacher_vae
+    elif mode == "same":
+        teacher = EpsFlowTeacher(copy.deepcopy(world.student_unet), world.student_space, schedule)
+        bridge, encode_teacher, teacher_vae = IdentityBridge(world.student_space, world.student_vae), student_text(world), None
+    else:
+        raise ValueError(f"Unknown distillation mode {mode!r}; use 'cross' or 'same'.")
+    return DistillModels(student=student, bridge=bridge, teacher=teacher, encode_teacher=encode_teacher,
+                         encode_student=student_text(world), teacher_vae=teacher_vae,
+                         description={"world": os.path.abspath(world.folder), "mode": mode,
+                                      "bridge": type(bridge).__name__, "teacher": teacher.family})
+
+
+def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dict, seed: int = 0,
+                    bridge=None) -> tuple[torch.nn.Module, dict]:
+    """Distiller run; returns (the distilled UNet, merged and frozen, result)."""
+    from ..distill import DistillConfig, Distiller
+    from . import models
+
+    dm = distill_models(world, mode, bridge)
+    if mode == "same":
+        guidance = float(settings["guidance"] or world.config["student_sampling"]["cfg"])
+        s_max = min(0.98, dm.teacher.s_max)  # the UNet's schedule ends at t = 999 (s ~ 0.936)
+    else:
+        guidance, s_max = teacher_cfg(world, settings), 0.98
+    steps = settings["distill_steps"]
+    cfg = DistillConfig(
+        out_dir=out_dir, prompts=training_prompts(), negative_prompt="", val_prompts=grid_prompts(4),
+        val_seeds=[0, 1], steps=steps, batch_size=settings["distill_batch"], resolution=models.STUDENT_RESOLUTION,
+        loss="dmd", guidance=guidance, timesteps="uniform", s_max=s_max, student_lr=settings["student_lr"],
+        fake_lr=settings["fake_lr"], fake_rank=settings["fake_rank"], fake_updates=settings["fake_updates"],
+        log_every=max(1, steps // 50), sample_every=steps, ckpt_every=steps, seed=seed, mixed_precision="no",
+        resume=False,
+    )
+    t0 = time.perf_counter()
+    result = Distiller(cfg, dm).run()
+    result["wall_s"] = time.perf_counter() - t0
+    result["guidance"] = guidance
+    return dm.student.merged_unet(), result
+
+
+# ---------------------------------------------------------------------------------------------- stage 3: evaluation
+
+def student_generator(world: "ShapesWorld", unet):
+    """A one-step student UNet as an evaluation row (same noise and sampler as the one-step student base)."""
+    return lambda p, g: world.decode_student(world.sample_student(p, generator=g, steps=1, cfg=1.0, unet=unet))
+
+
+def sample_grid(world: "ShapesWorld", path: str, rows: dict, prompts: list[str], seeds: list[int]) -> str:
+    """PNG grid: one column per (prompt, seed), one row per generator (label: row name)."""
+    from .. import loop
+    from .evaluate import eval_generator
+
+    images = []
+    for run in rows.values():
+        cols = [run(prompts, eval_generator(seed)) for seed in seeds]  # [P] images per seed
+        images.append(torch.stack(cols, dim=1).flatten(0, 1))  # column order: prompt-major, then seed
+    return loop.save_image_grid(images, path, labels=list(rows))
+
+
+def row_label(name: str, world: "ShapesWorld") -> str:
+    t, s = world.config["teacher_sampling"], world.config["student_sampling"]
+    spec = {"teacher": t, "student_base": s}.get(name, {})
+    return ROW_LABELS.get(name, name).format(**spec)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def _fmt(x, digits=3):
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def report_markdown(report: dict, world: "ShapesWorld") -> str:
+    ev = report["evaluation"]
+    lines = [
+        "# Shapes world: default run" + (" (QUICK: numbers are meaningless)" if report["quick"] else ""),
+        "",
+        f"World `{report['world']}`, seed {report['seed']}, {report['threads']} CPU threads, "
+        f"{ev['prompts']} held-out prompts (evaluation seed {ev['seed']}). Every figure below was measured in this "
+        "run.",
+        "",
+        "| row | prompt accuracy | Fréchet distance (judge) | training wall time (s) | latency (ms/image) |",
+        "|---|---|---|---|---|",
+    ]
+    for name in report["rows"]:
+        r = ev[name]
+        train = report["training_s"].get(name)
+        lines.append(f"| {row_label(name, world)} | {_fmt(r['accuracy'])} | {_fmt(r.get('fd'), 2)} | "
+                     f"{_fmt(train, 0) if train is not None else '— (pretrained)'} | {r['seconds_per_image'] * 1000:.2f} |")
+    t = report["timings_s"]
+    lines += [
+        "",
+        "Training wall time of the distilled row = Bridge training + distillation. Latency: wall time of "
+        f"generation + decoding per image at batch {report['settings']['eval_batch']}.",
+        "",
+        "Per-attribute accuracy (shape / colour / background / position):",
+        "",
+    ]
+    for name in report["rows"]:
+        r = ev[name]
+        lines.append(f"- {name}: {r['shape']:.3f} / {r['colour']:.3f} / {r['background']:.3f} / {r['position']:.3f}")
+    val = (report.get("bridge", {}).get("last_val") or {}).get("val", {})
+    if val:
+        lines += ["", "Bridge on held-out images (teacher model space; image PSNR after the teacher VAE):", "",
+                  "| | latent MSE | image PSNR (dB) |", "|---|---|---|"]
+        for name in ("bridge", "round_trip"):
+            if name in val:
+                lines.append(f"| {name.replace('_', ' ')} | {val[name]['latent_mse']:.4f} | "
+                             f"{val[name]['image_psnr']:.2f} |")
+    lines += [
+        "",
+        "Stage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()),
+        "",
+        f"Sample grid: `grid.png` (rows: {', '.join(report['grid']['rows'])}; columns: each prompt x seeds "
+        f"{report['grid']['seeds']}):",
+        "",
+    ]
+    lines += [f"{i + 1}. {p}" for i, p in enumerate(report["grid"]["prompts"])]
+    return "\n".join(lines) + "\n"
+
+
+def _versions() -> dict:
+    import diffusers
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}
+
+
+def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, quick: bool = False,
+        **overrides) -> dict:
+    """The default run (see the module docstring); returns the report dict (also written as report.json)."""
+    from . import models
+    from .evaluate import base_generators, evaluate_generators
+
+    unknown = set(overrides) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"Unknown settings {sorted(unknown)}; known: {', '.join(DEFAULTS)}.")
+    settings = dict(QUICK if quick else DEFAULTS, **overrides)
+    world_dir = world_dir or models.DEFAULT_DIR
+    t_start = time.perf_counter()
+    os.makedirs(out, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    _log(f"loading the shapes world from {world_dir}")
+    world = models.load_shapes_world(world_dir, register=False)
+
+    _log("1/4 rendering the Bridge's training images")
+    t0 = time.perf_counter()
+    images = render_images(os.path.join(out, "data", "images"), settings["n_images"], seed)
+    timings["data"] = time.perf_counter() - t0
+
+    _log("2/4 training the Bridge (reconstruction + attention fidelity)")
+    bridge, bridge_result = train_bridge(world, os.path.join(out, "bridge"), images, settings, seed)
+    shutil.copyfile(bridge_result["bridge"], os.path.join(out, "bridge.safetensors"))
+    timings["bridge_training"] = bridge_result["wall_s"]
+
+    _log("3/4 distilling the one-step student cross-space through the Bridge")
+    student_unet, distill_result = distill_student(world, os.path.join(out, "distill"), "cross", settings, seed,
+                                                   bridge=bridge)
+    shutil.copyfile(distill_result["student"], os.path.join(out, "student_unet.safetensors"))
+    timings["distillation"] = distill_result["wall_s"]
+
+    _log("4/4 evaluating with the judge")
+    t0 = time.perf_counter()
+    rows = dict(base_generators(world), cross_space=student_generator(world, student_unet))
+    evaluation = evaluate_generators(world, rows, n=settings["eval_samples"], seed=seed,
+                                     batch_size=settings["eval_batch"], progress=True)
+    prompts = grid_prompts(settings["grid_prompts"])
+    seeds = list(range(settings["grid_seeds"]))
+    grid_rows = {"before": rows["student_base_one_step"], "after": rows["cross_space"], "teacher": rows["teacher"]}
+    sample_grid(world, os.path.join(out, "grid.png"), grid_rows, prompts, seeds)
+    timings["evaluation"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+
+    report = {
+        "format": "shapes-run", "quick": quick, "world": os.path.abspath(world_dir), "seed": seed,
+        "threads": torch.get_num_threads(), "settings": settings, "timings_s": timings,
+        "rows": list(rows), "row_labels": {name: row_label(name, world) for name in rows},
+        "training_s": {"cross_space": bridge_result["wall_s"] + distill_result["wall_s"]},
+        "evaluation": evaluation,
+        "bridge": {"path": "bridge.safetensors", "steps": bridge_result["step"],
+                   "last_val": bridge_result.get("last_val")},
+        "student": {"path": "student_unet.safetensors", "steps": distill_result["step"],
+                    "guidance": distill_result["guidance"], "last_metrics": distill_result.get("last_metrics")},
+        "grid": {"path": "grid.png", "rows": list(grid_rows), "prompts": prompts, "seeds": seeds},
+        "versions": _versions(),
+    }
+    _write_json(os.path.join(out, "report.json"), report)
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
+        f.write(report_markdown(report, world))
+    _log(f"done in {timings['total']:.0f}s: {os.path.join(out, 'report.md')}")
+    for name in rows:
+        r = evaluation[name]
+        _log(f"  {row_label(name, world)}: prompt accuracy {r['accuracy']:.3f}, FD {r.get('fd', float('nan')):.2f}")
+    return report
+
+
+def add_setting_arguments(parser: argparse.ArgumentParser, defaults: dict, quick: dict) -> None:
+    """--<setting> overrides for every entry of `defaults` (shared with the benchmark)."""
+    g = parser.add_argument_group("settings")
+    for key, value in defaults.items():
+        g.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None,
+                       help=f"default {value} (quick {quick[key]})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import models
+
+    parser = argparse.ArgumentParser(prog="python -m training.shapes.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"run folder (default {DEFAULT_OUT})")
+    parser.add_argument("--world", default=models.DEFAULT_DIR,
+                        help="built shapes world (default: the shipped assets/shapes; rebuild it with "
+                             "`python -m training.shapes.pretrain --out assets/shapes`)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, training and evaluation (default 0)")
+    parser.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke test, not a result")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_setting_arguments(parser, DEFAULTS, QUICK)
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    overrides = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
+    run(args.out, args.world, seed=args.seed, quick=args.quick, **overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
