@@ -8,8 +8,9 @@ from comfy_api.latest import ComfyExtension, io
 from .bridge_nodes import BridgeProject, LoadBridge
 from .sampler_nodes import OneStepSampler
 from .score_nodes import SelectBest, TeacherScore
+from .train_nodes import DistillStudent, TrainBridge
 
-NODES = [LoadBridge, BridgeProject, OneStepSampler, TeacherScore, SelectBest]
+NODES = [LoadBridge, BridgeProject, OneStepSampler, TeacherScore, SelectBest, TrainBridge, DistillStudent]
 
 
 class CrossSpaceExtension(ComfyExtension):

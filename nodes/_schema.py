@@ -5,7 +5,7 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from .specs import In, NodeSpec, Out
+from .specs import NONE, In, NodeSpec, Out
 
 _BUILTIN = {
     "MODEL": io.Model,
@@ -31,6 +31,30 @@ def io_type(name: str):
     return _CUSTOM[name]
 
 
+def _folders(folder: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (folder,) if isinstance(folder, str) else tuple(folder)
+
+
+def folder_files(folder: str | tuple[str, ...]) -> list[str]:
+    """The files of one ComfyUI model folder, or of several merged (first folder first, no repeats)."""
+    names: list[str] = []
+    for f in _folders(folder):
+        names += [n for n in folder_paths.get_filename_list(f) if n not in names]
+    return names
+
+
+def resolve_file(folder: str | tuple[str, ...], name: str | None) -> str | None:
+    """Full path of a combo choice: None for NONE/empty, the first folder that has the file otherwise."""
+    if not name or name == NONE:
+        return None
+    for f in _folders(folder):
+        path = folder_paths.get_full_path(f, name)
+        if path is not None:
+            return path
+    raise FileNotFoundError(f"{name!r} is not in the models folder(s) {', '.join(_folders(folder))}; refresh the "
+                            "node (R) and pick an existing file.")
+
+
 def _input(spec: In):
     t = io_type(spec.type)
     common = dict(display_name=spec.display_name, tooltip=spec.tooltip)
@@ -43,7 +67,9 @@ def _input(spec: In):
         return t.Input(spec.id, default=spec.default, **common)
     if spec.type == "COMBO":
         # Folder combos are listed when the schema is built, so /object_info shows new files after a refresh.
-        options = list(spec.options) if spec.options else folder_paths.get_filename_list(spec.folder)
+        options = list(spec.options) if spec.options else folder_files(spec.folder)
+        if spec.none_choice:
+            options = [NONE, *options]
         return t.Input(spec.id, options=options, default=spec.default, **common)
     return t.Input(spec.id, **common)
 

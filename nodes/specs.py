@@ -20,6 +20,8 @@ SCORES = "CSD_SCORES"
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 RANK_BY = ("combined", "denoise_error", "text_alignment")  # = training.scoring.RANK_BY (tested)
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
+NONE = "(none)"  # the "not given" choice of optional model-file combos
+TEACHER_FAMILIES = ("sd35_medium", "sd35_large", "flux_dev", "flux_schnell")  # = training.bridge_cli's (tested)
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,8 @@ class In:
     max: float | None = None
     step: float | None = None
     options: tuple = ()  # COMBO: fixed choices
-    folder: str | None = None  # COMBO: the files of this ComfyUI model folder
+    folder: str | tuple[str, ...] | None = None  # COMBO: the files of this ComfyUI model folder (or folders, merged)
+    none_choice: bool = False  # COMBO from a folder: NONE comes first, meaning "not given"
     multiline: bool = False
     control_after_generate: bool = False
     display_name: str | None = None
@@ -176,5 +179,125 @@ ONE_STEP_SAMPLER = NodeSpec(
     ),
 )
 
-ALL = (LOAD_BRIDGE, BRIDGE_PROJECT, TEACHER_SCORE, SELECT_BEST, ONE_STEP_SAMPLER)
+
+def _teacher_inputs() -> tuple[In, ...]:
+    """The teacher's files, shared by both training nodes (loaded by the library, not by ComfyUI's loaders)."""
+    return (
+        In("teacher_family", "COMBO", options=TEACHER_FAMILIES, default="sd35_medium",
+           tooltip="Which teacher the files below are: SD3.5 Medium/Large (CLIP-L + CLIP-G + T5) or Flux.1 dev/schnell "
+                   "(CLIP-L + T5)."),
+        In("teacher_model", "COMBO", folder=("diffusion_models", "checkpoints"),
+           tooltip="The teacher's diffusion model: a transformer file from models/diffusion_models (e.g. "
+                   "flux1-dev.safetensors) or a checkpoint from models/checkpoints (e.g. sd3.5_medium.safetensors)."),
+        In("teacher_vae", "COMBO", folder="vae", none_choice=True,
+           tooltip="The teacher's VAE from models/vae (e.g. ae.safetensors for Flux). (none): the VAE inside the "
+                   "teacher checkpoint."),
+        In("clip_l", "COMBO", folder="text_encoders", none_choice=True,
+           tooltip="CLIP-L text encoder from models/text_encoders (clip_l.safetensors); every teacher family needs it."),
+        In("clip_g", "COMBO", folder="text_encoders", none_choice=True,
+           tooltip="CLIP-G text encoder (clip_g.safetensors); SD3.5 only, (none) for Flux."),
+        In("t5", "COMBO", folder="text_encoders", none_choice=True,
+           tooltip="T5-XXL text encoder (t5xxl_fp16.safetensors or another precision of it); every teacher family "
+                   "needs it."),
+    )
+
+
+TRAIN_BRIDGE = NodeSpec(
+    node_id="CSD_TrainBridge",
+    display_name="Train Bridge",
+    category=f"{CATEGORY}/training",
+    description="Trains a Bridge from a folder of images (latent reconstruction + the teacher's attention fidelity), "
+                "with the same trainer as `python -m training.run bridge`. Writes models/bridges/<output_name>"
+                ".safetensors for Load Bridge. The run folder is output/csd_runs/bridge_<output_name>: cancelling "
+                "saves a resumable state there, and running again with resume on continues from it. Long-running: "
+                "watch the progress bar and its validation previews.",
+    inputs=(
+        In("student_checkpoint", "COMBO", folder="checkpoints", none_choice=True,
+           tooltip="The student's SD1.5 checkpoint (models/checkpoints): only its VAE is used. (none) when a "
+                   "student_vae file is given."),
+        In("student_vae", "COMBO", folder="vae", none_choice=True,
+           tooltip="An SD1.5 VAE file from models/vae; overrides the checkpoint's VAE. The Bridge is tied to this "
+                   "decoder."),
+        *_teacher_inputs(),
+        In("images", "STRING", default="bridge_images",
+           tooltip="Folder of training images (jpg/png/webp, searched recursively; a caption .txt beside an image is "
+                   "used as its prompt). A relative path is inside ComfyUI's input folder."),
+        In("output_name", "STRING", default="sd15_to_sd35",
+           tooltip="Name of the Bridge file written to models/bridges (.safetensors is added) and of the run folder."),
+        In("steps", "INT", default=2000, min=1, max=1_000_000, step=1, tooltip="Optimizer steps in total."),
+        In("batch_size", "INT", default=4, min=1, max=256, step=1, tooltip="Images per step."),
+        In("lr", "FLOAT", default=2e-4, min=1e-7, max=1.0, step=1e-5,
+           tooltip="Learning rate of the projector (AdamW, warmup then cosine decay)."),
+        In("attn_weight", "FLOAT", default=0.1, min=0.0, max=100.0, step=0.01,
+           tooltip="Weight of the attention-fidelity loss (the teacher's attention on bridged vs real latents); 0 "
+                   "trains on latent reconstruction alone."),
+        In("student_res", "INT", default=512, min=64, max=4096, step=8,
+           tooltip="Student image size in pixels (512 for SD1.5); the teacher sees the same images at twice this size."),
+        In("seed", "INT", default=0, min=0, max=0xFFFFFFFF, step=1,
+           tooltip="Seed of the projector init, data order and noise; keep it when resuming."),
+        In("resume", "BOOLEAN", default=True,
+           tooltip="Continue the run in output/csd_runs/bridge_<output_name> if it has a saved state (e.g. after a "
+                   "cancel or with more steps); off starts over."),
+    ),
+    outputs=(
+        Out("bridge_name", "STRING", display_name="bridge_name",
+            tooltip="File name of the trained Bridge in models/bridges (what Load Bridge lists after a refresh)."),
+        Out("preview", "IMAGE", display_name="IMAGE",
+            tooltip="The last validation grid: rows target | exact round trip | Bridge, decoded by the teacher VAE."),
+    ),
+)
+
+DISTILL_STUDENT = NodeSpec(
+    node_id="CSD_DistillStudent",
+    display_name="Distill Student",
+    category=f"{CATEGORY}/training",
+    description="Distills a one-step SD1.5 student from an SD3.5 / Flux teacher through a trained Bridge "
+                "(distribution matching in the teacher's latent space), with the same trainer as `python -m "
+                "training.run distill`. Writes models/checkpoints/<output_name>.safetensors, a standard SD1.5 "
+                "checkpoint for Load Checkpoint + One-Step Student Sampler. The run folder is "
+                "output/csd_runs/distill_<output_name>: cancelling saves a resumable state there.",
+    inputs=(
+        In("student_checkpoint", "COMBO", folder="checkpoints",
+           tooltip="The SD1.5 checkpoint the student starts from (its UNet is trained; its VAE and CLIP go into the "
+                   "exported checkpoint)."),
+        In("bridge_name", "COMBO", folder="bridges",
+           tooltip="A Bridge from models/bridges trained for this student VAE and this teacher (see Train Bridge)."),
+        *_teacher_inputs(),
+        In("prompts", "STRING", multiline=True,
+           default="a photo of a cat sitting on a windowsill\na watercolor painting of a mountain lake at dawn\n"
+                   "a red sports car on a wet street at night\na bowl of fruit on a wooden table, soft light",
+           tooltip="Training prompts, one per line ('#' lines are comments). Ignored when prompts_file is given."),
+        In("prompts_file", "STRING", default="",
+           tooltip="Optional text file of prompts (one per line); a relative path is inside ComfyUI's input folder. "
+                   "Empty: use the prompts above."),
+        In("steps", "INT", default=2000, min=1, max=1_000_000, step=1, tooltip="Student steps in total."),
+        In("batch_size", "INT", default=4, min=1, max=256, step=1, tooltip="Student samples per step."),
+        In("resolution", "INT", default=512, min=64, max=4096, step=8,
+           tooltip="Student image size in pixels (512 for SD1.5); the teacher sees the bridged latents at twice this."),
+        In("student_lr", "FLOAT", default=1e-5, min=1e-9, max=1.0, step=1e-6,
+           tooltip="Learning rate of the student UNet."),
+        In("fake_lr", "FLOAT", default=1e-4, min=1e-9, max=1.0, step=1e-6,
+           tooltip="Learning rate of the fake-score LoRA on the teacher (it tracks the student's distribution)."),
+        In("guidance", "FLOAT", default=4.5, min=0.0, max=30.0, step=0.1,
+           tooltip="Guidance of the real score: CFG scale for SD3.5 (4.5 is usual), guidance embedding for Flux dev "
+                   "(3.5 is usual)."),
+        In("seed", "INT", default=0, min=0, max=0xFFFFFFFF, step=1,
+           tooltip="Seed of the training noise and prompt order; keep it when resuming."),
+        In("output_name", "STRING", default="sd15_one_step",
+           tooltip="Name of the exported checkpoint in models/checkpoints (.safetensors is added) and of the run "
+                   "folder."),
+        In("resume", "BOOLEAN", default=True,
+           tooltip="Continue the run in output/csd_runs/distill_<output_name> if it has a saved state; off starts "
+                   "over."),
+    ),
+    outputs=(
+        Out("ckpt_name", "STRING", display_name="ckpt_name",
+            tooltip="File name of the exported one-step SD1.5 checkpoint in models/checkpoints."),
+        Out("preview", "IMAGE", display_name="IMAGE",
+            tooltip="The last preview grid: one-step student samples (SD1.5 VAE) and the same through the Bridge "
+                    "(teacher VAE)."),
+    ),
+)
+
+ALL = (LOAD_BRIDGE, BRIDGE_PROJECT, TEACHER_SCORE, SELECT_BEST, ONE_STEP_SAMPLER, TRAIN_BRIDGE, DISTILL_STUDENT)
 BY_ID = {spec.node_id: spec for spec in ALL}

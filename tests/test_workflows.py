@@ -59,6 +59,8 @@ MODEL_FILES = {
     "sd3.5_large.safetensors", "clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors",
     "t5xxl_fp8_e4m3fn.safetensors", "flux1-dev.safetensors", "flux1-schnell.safetensors", "ae.safetensors",
 }
+# The Bridges the workflows pick (what Train Bridge writes in workflow 5 and its Flux variant).
+BRIDGE_FILES = {"sd15_to_sd35.safetensors", "sd15_to_flux.safetensors"}
 CONTROL_MODES = {"fixed", "increment", "decrement", "randomize"}
 
 
@@ -113,7 +115,7 @@ def _node_io(node):
 
 def test_the_reference_workflows_exist():
     names = {p.stem for p in WORKFLOWS}
-    for prefix in ("1_", "2_", "3_", "4_", "4b_"):
+    for prefix in ("1_", "2_", "3_", "4_", "4b_", "5_", "6_"):
         assert any(n.startswith(prefix) for n in names), f"missing workflow {prefix}*"
     used = {n["type"] for p in WORKFLOWS for n in json.loads(p.read_text())["nodes"]}
     assert {s.node_id for s in specs.ALL} <= used, "every node of the pack appears in some workflow"
@@ -146,8 +148,9 @@ def test_workflow_is_consistent(path):
         k = 0
         for kind, rule in widgets:
             assert k < len(values), f"{where}: too few widget values"
-            if kind == "COMBO" and rule is None and t in CORE:
-                assert values[k] in MODEL_FILES, f"{where}: {values[k]!r} is not a common public file name"
+            if kind == "COMBO" and rule is None:
+                assert values[k] in MODEL_FILES | BRIDGE_FILES | {specs.NONE}, \
+                    f"{where}: {values[k]!r} is not a common public file name"
             k = _check_widget(where, kind, rule, values, k)
         assert k == len(values), f"{where}: {len(values)} widget values, schema wants {k}"
 
@@ -163,11 +166,22 @@ def test_workflow_is_consistent(path):
                 assert links[lid][1] == node["id"], f"node {node['id']} lists link {lid} it does not start"
 
 
+def _widgets(node) -> dict:
+    """Our node's widget values by input id."""
+    values, out, k = node["widgets_values"], {}, 0
+    for i in specs.BY_ID[node["type"]].inputs:
+        if i.is_widget:
+            out[i.id] = values[k]
+            k += i.widget_values
+    return out
+
+
 def test_bridge_files_in_workflows_match_their_teacher():
     """The Bridge chosen in a workflow is the one for the teacher the workflow uses."""
     for path in WORKFLOWS:
         wf = json.loads(path.read_text())
-        bridges = {n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "CSD_LoadBridge"}
+        bridges = {_widgets(n)["bridge_name"] for n in wf["nodes"] if n["type"] in ("CSD_LoadBridge",
+                                                                                   "CSD_DistillStudent")}
         text = path.read_text()
         for b in bridges:
             assert b.endswith(".safetensors")
@@ -198,3 +212,56 @@ def test_rank_choices_are_the_scoring_modules():
     from training.scoring import RANK_BY
 
     assert specs.RANK_BY == RANK_BY
+
+
+def test_training_workflows_name_a_consistent_teacher():
+    """Train Bridge / Distill Student: the teacher files fit the chosen family, the Bridge written by workflow 5 is
+    the one workflow 6 distills through, the distilled checkpoint gets a new name."""
+    nodes = {n["type"]: n for p in WORKFLOWS for n in json.loads(p.read_text())["nodes"]}
+    train, distill = _widgets(nodes["CSD_TrainBridge"]), _widgets(nodes["CSD_DistillStudent"])
+    for w in (train, distill):
+        assert w["teacher_family"] in specs.TEACHER_FAMILIES
+        sd3 = w["teacher_family"].startswith("sd35")
+        assert w["teacher_model"].startswith("sd3.5" if sd3 else "flux1")
+        assert w["clip_l"] == "clip_l.safetensors" and w["t5"].startswith("t5xxl")
+        assert (w["clip_g"] == "clip_g.safetensors") if sd3 else (w["clip_g"] == specs.NONE)
+        assert w["resume"] is True
+    assert train["output_name"] + ".safetensors" == distill["bridge_name"]
+    assert distill["output_name"] + ".safetensors" != distill["student_checkpoint"]
+    assert distill["prompts"].strip() and distill["prompts_file"] == ""
+
+
+def test_teacher_families_are_the_libraries():
+    from training.bridge_cli import TEACHER_FAMILIES
+    from training.teachers import FAMILIES
+
+    assert specs.TEACHER_FAMILIES == TEACHER_FAMILIES
+    assert set(specs.TEACHER_FAMILIES) <= set(FAMILIES)
+
+
+def _execute_params() -> dict[str, list[str]]:
+    """node id -> the parameters of its class's `execute`, read from the node modules' source (importing them needs
+    ComfyUI): the class whose define_schema builds `specs.X` is the node of spec X."""
+    import ast
+
+    out = {}
+    for path in sorted((ROOT / "nodes").glob("*_nodes.py")):
+        for cls in ast.parse(path.read_text()).body:
+            if not isinstance(cls, ast.ClassDef):
+                continue
+            funcs = {f.name: f for f in cls.body if isinstance(f, ast.FunctionDef)}
+            if "define_schema" not in funcs or "execute" not in funcs:
+                continue
+            refs = [n.attr for n in ast.walk(funcs["define_schema"])
+                    if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "specs"]
+            spec = getattr(specs, refs[0])
+            out[spec.node_id] = [a.arg for a in funcs["execute"].args.args[1:]]
+    return out
+
+
+def test_every_node_executes_with_its_schemas_inputs():
+    """ComfyUI calls execute(**inputs) with the schema's input ids: each node class takes exactly those."""
+    params = _execute_params()
+    assert set(params) == set(specs.BY_ID)
+    for node_id, names in params.items():
+        assert names == [i.id for i in specs.BY_ID[node_id].inputs], node_id

@@ -1,0 +1,238 @@
+"""Train Bridge and Distill Student: long-running nodes that run the library trainers (training/bridge_train.py,
+training/distill.py; the same ones as `python -m training.run`) in ComfyUI's execution thread.
+
+What the adapter adds: model files from ComfyUI's model folders, a run folder under ComfyUI's output directory
+(output/csd_runs/<kind>_<name>, so running again with resume on continues), autograd despite ComfyUI's inference
+mode, ComfyUI's progress bar with the trainers' preview grids, and a cancel that lets the trainer save a resumable
+state before the prompt is reported as interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import re
+import shutil
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+import numpy as np
+import torch
+from comfy_api.latest import io, ui
+
+from . import specs
+from ._schema import build_schema, resolve_file
+from .bridge_nodes import FOLDER as BRIDGES_FOLDER
+
+log = logging.getLogger(__name__)
+
+RUNS = "csd_runs"  # under ComfyUI's output directory
+PREVIEW_MAX_SIZE = 1024  # longest side of the preview sent to the browser
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def checked_name(name: str) -> str:
+    """A file name without folders: `name` minus a trailing .safetensors, checked."""
+    name = name.strip()
+    if name.lower().endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not re.fullmatch(r"[\w][\w .+-]*", name) or ".." in name:
+        raise ValueError(f"output_name {name!r} is not a plain file name: use letters, digits, spaces, '_', '-', "
+                         "'.' and '+' (no folders), e.g. sd15_to_sd35.")
+    return name
+
+
+def input_path(path: str, what: str, folder: bool) -> str:
+    """An absolute path, or one relative to ComfyUI's input folder; must exist."""
+    path = os.path.expanduser(path.strip())
+    if not path:
+        raise ValueError(f"{what} is empty: give a path (absolute, or relative to ComfyUI's input folder).")
+    full = path if os.path.isabs(path) else os.path.join(folder_paths.get_input_directory(), path)
+    ok = os.path.isdir(full) if folder else os.path.isfile(full)
+    if not ok:
+        kind = "folder" if folder else "file"
+        raise ValueError(f"{what}: no such {kind} {full!r}. Give an absolute path or one relative to ComfyUI's "
+                         f"input folder ({folder_paths.get_input_directory()}).")
+    return full
+
+
+def teacher_files(teacher_model, teacher_vae, clip_l, clip_g, t5) -> dict:
+    """Full paths of the teacher's files (None where (none) was chosen), as the library loaders take them."""
+    return dict(teacher=resolve_file(("diffusion_models", "checkpoints"), teacher_model),
+                teacher_vae=resolve_file("vae", teacher_vae), clip_l=resolve_file("text_encoders", clip_l),
+                clip_g=resolve_file("text_encoders", clip_g), t5=resolve_file("text_encoders", t5))
+
+
+def run_dir(kind: str, name: str) -> str:
+    return os.path.join(folder_paths.get_output_directory(), RUNS, f"{kind}_{name}")
+
+
+def publish(src: str, folder: str, name: str) -> str:
+    """Copy a finished result into models/<folder>/<name>.safetensors (atomically: a reader never sees half a file)."""
+    dest_dir = os.path.join(folder_paths.models_dir, folder)
+    os.makedirs(dest_dir, exist_ok=True)
+    dest = os.path.join(dest_dir, name + ".safetensors")
+    tmp = dest + ".tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+@contextlib.contextmanager
+def training_mode():
+    """ComfyUI executes nodes under torch.inference_mode(), where nothing records gradients and every tensor made
+    is an inference tensor that autograd can never use later. So the models are loaded, and the trainer runs,
+    inside this block; ComfyUI's own loaded models are unloaded first to leave the memory to training."""
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        mm.soft_empty_cache()
+
+
+class ComfyProgress:
+    """The trainers' progress callback (loop.ProgressReporter(callback=...)): ComfyUI's progress bar with the
+    trainer's preview grids. ComfyUI's progress hook raises InterruptProcessingException when the user cancels;
+    that would abort the trainer mid-step, so the cancel is caught here and turned into the trainer's StopFlag: the
+    trainer finishes the step, saves a resumable state and returns, and the node re-raises afterwards."""
+
+    def __init__(self, total: int, stop):
+        self.pbar = comfy.utils.ProgressBar(total)
+        self.stop = stop
+        self.cancelled = False
+        self.last_preview = None  # PIL image
+
+    def __call__(self, step: int, total: int, metrics: dict, preview=None) -> None:
+        if preview is not None:
+            self.last_preview = preview
+        if self.cancelled:
+            return
+        try:
+            # Checked first too: the hook clears the flag when it raises, and a missing hook (no server) never would.
+            mm.throw_exception_if_processing_interrupted()
+            self.pbar.update_absolute(step, total, ("PNG", preview, PREVIEW_MAX_SIZE) if preview is not None else None)
+        except mm.InterruptProcessingException:
+            self.cancelled = True
+            self.stop.set()
+
+    def raise_if_cancelled(self, what: str, step: int, out_dir: str) -> None:
+        if self.cancelled or mm.processing_interrupted():
+            log.info("%s cancelled at step %d; the state is saved in %s: run again with resume on to continue.", what,
+                     step, out_dir)
+            mm.interrupt_current_processing(False)
+            raise mm.InterruptProcessingException()
+
+
+def preview_image(progress: ComfyProgress, grids: str) -> torch.Tensor:
+    """The last preview as a ComfyUI IMAGE [1,H,W,3]: the one the trainer just made, else the newest grid file of
+    the run (a resumed run that had nothing left to do), else a black square."""
+    from PIL import Image
+
+    image = progress.last_preview
+    if image is None:
+        files = sorted(glob.glob(os.path.join(grids, "*.png")))
+        if files:
+            with Image.open(files[-1]) as f:
+                image = f.convert("RGB")
+    if image is None:
+        return torch.zeros(1, 64, 64, 3)
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+def _warmup(steps: int) -> int:
+    return min(100, max(1, steps // 10))  # as the CLI: short runs warm up for a tenth of their steps
+
+
+# ---------------------------------------------------------------------------------------------- nodes
+
+class TrainBridge(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return build_schema(specs.TRAIN_BRIDGE, is_output_node=True)
+
+    @classmethod
+    def execute(cls, student_checkpoint, student_vae, teacher_family, teacher_model, teacher_vae, clip_l, clip_g, t5,
+                images, output_name, steps, batch_size, lr, attn_weight, student_res, seed, resume) -> io.NodeOutput:
+        from ..training import loop
+        from ..training.bridge_cli import load_real_models
+        from ..training.bridge_train import BridgeTrainConfig, BridgeTrainer
+
+        name = checked_name(output_name)
+        student = resolve_file("checkpoints", student_checkpoint)
+        vae = resolve_file("vae", student_vae)
+        if student is None and vae is None:
+            raise ValueError("Train Bridge needs the student's VAE: choose an SD1.5 student_checkpoint or a "
+                             "student_vae file.")
+        files = teacher_files(teacher_model, teacher_vae, clip_l, clip_g, t5)
+        out_dir = run_dir("bridge", name)
+        config = BridgeTrainConfig(out_dir=out_dir, images=input_path(images, "images", folder=True), steps=steps,
+                                   batch_size=batch_size, lr=lr, warmup_steps=_warmup(steps), attn_weight=attn_weight,
+                                   k=2, student_res=student_res, teacher_res=2 * student_res, seed=seed,
+                                   resume=resume)
+        config.validate()  # before minutes of model loading
+        stop = loop.StopFlag()
+        progress = ComfyProgress(steps, stop)
+        with training_mode():
+            models = load_real_models(student or vae, teacher_family, student_vae=vae, **files)
+            reporter = loop.ProgressReporter(total=steps, desc=f"Train Bridge {name}", callback=progress)
+            result = BridgeTrainer(config, models, progress=reporter, stop=stop).run()
+            del models
+        progress.raise_if_cancelled("Train Bridge", result["step"], out_dir)
+        dest = publish(result["bridge"], BRIDGES_FOLDER, name)
+        log.info("Train Bridge: %d steps (resumed from %d); wrote %s", result["step"], result["resumed_from"], dest)
+        image = preview_image(progress, os.path.join(out_dir, "val"))
+        return io.NodeOutput(os.path.basename(dest), image, ui=ui.PreviewImage(image, cls=cls))
+
+
+class DistillStudent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return build_schema(specs.DISTILL_STUDENT, is_output_node=True)
+
+    @classmethod
+    def execute(cls, student_checkpoint, bridge_name, teacher_family, teacher_model, teacher_vae, clip_l, clip_g, t5,
+                prompts, prompts_file, steps, batch_size, resolution, student_lr, fake_lr, guidance, seed,
+                output_name, resume) -> io.NodeOutput:
+        from ..training import loop
+        from ..training.distill import DistillConfig, Distiller, load_real_models, parse_prompts, read_prompts
+        from ..training.export import export_sd15
+
+        name = checked_name(output_name)
+        student = folder_paths.get_full_path_or_raise("checkpoints", student_checkpoint)
+        bridge = folder_paths.get_full_path_or_raise(BRIDGES_FOLDER, bridge_name)
+        dest = os.path.join(folder_paths.models_dir, "checkpoints", name + ".safetensors")
+        if os.path.abspath(dest) == os.path.abspath(student):
+            raise ValueError(f"output_name {name!r} would overwrite the student checkpoint it starts from; choose "
+                             "another name.")
+        if prompts_file.strip():
+            prompt_list = read_prompts(input_path(prompts_file, "prompts_file", folder=False))
+        else:
+            prompt_list = parse_prompts(prompts, "The prompts text")
+        files = teacher_files(teacher_model, teacher_vae, clip_l, clip_g, t5)
+        out_dir = run_dir("distill", name)
+        config = DistillConfig(out_dir=out_dir, prompts=prompt_list, steps=steps, batch_size=batch_size,
+                               resolution=resolution, guidance=guidance, student_lr=student_lr, fake_lr=fake_lr,
+                               seed=seed, resume=resume)
+        config.validate()
+        stop = loop.StopFlag()
+        progress = ComfyProgress(steps, stop)
+        with training_mode():
+            models, _ = load_real_models(student, bridge, teacher_family, **files)
+            reporter = loop.ProgressReporter(total=steps, desc=f"Distill Student {name}", callback=progress)
+            result = Distiller(config, models, progress=reporter, stop=stop).run()
+            del models
+        progress.raise_if_cancelled("Distill Student", result["step"], out_dir)
+        # The trained UNet with the base checkpoint's VAE and CLIP, in the original SD1.5 layout.
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        export_sd15(result["student"], student, single_file=dest)
+        log.info("Distill Student: %d steps (resumed from %d); wrote %s", result["step"], result["resumed_from"], dest)
+        image = preview_image(progress, os.path.join(out_dir, "samples"))
+        return io.NodeOutput(os.path.basename(dest), image, ui=ui.PreviewImage(image, cls=cls))
