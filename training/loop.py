@@ -1,0 +1,277 @@
+"""Small pieces shared by both trainers: per-step randomness, NaN guard, metrics log, stop/interrupt handling,
+progress reporting, LR schedule, autocast and image grids.
+
+Heavy imports (tqdm, PIL, diffusers) happen inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import tempfile
+import threading
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+# ---------------------------------------------------------------------------------------------- randomness
+
+def step_generator(seed: int, step: int, stream: int = 0, device="cpu") -> torch.Generator:
+    """A generator seeded from (seed, step, stream) alone, so a resumed run draws exactly what the uninterrupted
+    one drew, and different steps/streams (processes, purposes) draw independent numbers."""
+    digest = hashlib.sha256(f"{int(seed)}:{int(step)}:{int(stream)}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+# ---------------------------------------------------------------------------------------------- NaN guard
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+class NaNGuard:
+    """Skip steps whose loss / gradient norm is not finite; stop after `max_consecutive` of them in a row."""
+
+    def __init__(self, max_consecutive: int = 5):
+        if max_consecutive < 1:
+            raise ValueError(f"max_consecutive must be >= 1, got {max_consecutive}")
+        self.max_consecutive = int(max_consecutive)
+        self.consecutive = 0
+        self.skipped_total = 0  # restored from the training state on resume
+
+    def check(self, value) -> bool:
+        """True when `value` (tensor or number) is finite; False means: skip this step."""
+        finite = bool(torch.isfinite(torch.as_tensor(value, dtype=torch.float64)).all())
+        if finite:
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        self.skipped_total += 1
+        if self.consecutive >= self.max_consecutive:
+            raise TrainingDiverged(
+                f"Training diverged: {self.consecutive} steps in a row had a non-finite loss or gradient norm "
+                f"({self.skipped_total} skipped in total). Lower the learning rate, check the data for broken "
+                "images, or try mixed_precision 'no'. The last good state was saved; resume from it.")
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- metrics log
+
+def _plain(value):
+    """JSON-able version of a metric value: tensors and numpy scalars become numbers (or lists)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return value.item() if value.numel() == 1 else value.tolist()
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        return value.item()  # numpy scalar
+    return value
+
+
+class JsonlLogger:
+    """Appends one JSON object per line (a resumed run continues the same file); each line is flushed."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+
+    def log(self, row: dict) -> None:
+        line = json.dumps(_plain(row))
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+
+
+# ---------------------------------------------------------------------------------------------- stopping
+
+class StopFlag:
+    """Set by a user (Ctrl+C, ComfyUI cancel, a test); the trainer checks it after each step, saves and returns."""
+
+    def __init__(self):
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+
+@contextlib.contextmanager
+def graceful_interrupt(stop: StopFlag):
+    """First Ctrl+C sets `stop` (the trainer saves after this step and exits); a second one interrupts at once.
+    Signal handlers can only be installed from the main thread; elsewhere (ComfyUI's worker thread) a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    presses = {"n": 0}
+
+    def handler(signum, frame):
+        presses["n"] += 1
+        if presses["n"] > 1:
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nInterrupted: training will save a checkpoint and exit after this step (Ctrl+C again to abort "
+              "without saving).", flush=True)
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+# ---------------------------------------------------------------------------------------------- progress
+
+def _format_metric(key: str, value) -> str:
+    value = _plain(value)
+    if isinstance(value, float):
+        return f"{value:.2e}" if key == "lr" or (value != 0 and abs(value) < 1e-3) else f"{value:.4g}"
+    return str(value)
+
+
+class ProgressReporter:
+    """A tqdm bar (metrics in the postfix, ETA from tqdm) plus an optional `callback(step, total, metrics,
+    preview)` on every update. disable=True hides the bar but still calls the callback. Exceptions raised by the
+    callback (ComfyUI's cancel) propagate to the trainer, which saves and re-raises."""
+
+    def __init__(self, total: int, desc: str = "", disable: bool = False,
+                 callback: Callable[[int, int, dict, "Image.Image | None"], None] | None = None):
+        self.total = int(total)
+        self.desc = desc
+        self.disable = disable
+        self.callback = callback
+        self._bar = None
+
+    def start(self, step: int = 0) -> None:
+        """Open the bar at `step` (the resume position)."""
+        from tqdm.auto import tqdm
+
+        if self._bar is not None:
+            self._bar.close()
+        self._bar = tqdm(total=self.total, initial=step, desc=self.desc, disable=self.disable, dynamic_ncols=True)
+
+    def update(self, step: int, metrics: dict, preview: "Image.Image | str | None" = None) -> None:
+        """`step` = steps done so far; `preview` = a PIL image or the path of an image file (e.g. a saved grid)."""
+        if self._bar is None:
+            self.start(0)
+        self._bar.update(step - self._bar.n)
+        if metrics:
+            self._bar.set_postfix({k: _format_metric(k, v) for k, v in metrics.items()}, refresh=False)
+        if self.callback is not None:
+            if isinstance(preview, (str, os.PathLike)):
+                from PIL import Image
+
+                with Image.open(preview) as im:
+                    preview = im.convert("RGB")
+            self.callback(step, self.total, metrics, preview)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+# ---------------------------------------------------------------------------------------------- optimisation
+
+def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warmup then cosine decay to 0 (diffusers' get_cosine_schedule_with_warmup); step it once per step."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def autocast_context(device, enabled: bool = True):
+    """bf16 autocast on CUDA; nothing on CPU (fp32 there)."""
+    if enabled and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------- image grids
+
+_PAD = 2
+
+
+def _grid_rows(rows) -> list[torch.Tensor]:
+    rows = [rows] if isinstance(rows, torch.Tensor) else list(rows)
+    if not rows:
+        raise ValueError("An image grid needs at least one row of images.")
+    out = []
+    for i, r in enumerate(rows):
+        if not isinstance(r, torch.Tensor) or r.ndim != 4 or r.shape[1] not in (1, 3):
+            shape = list(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
+            raise ValueError(f"Grid row {i} must be a tensor [B,3,H,W] with values in [0,1]; got {shape}.")
+        out.append(r.detach().float().cpu().expand(-1, 3, -1, -1))
+    sizes = {r.shape[0] for r in out}
+    if len(sizes) != 1:
+        raise ValueError(f"Every grid row needs the same number of images; got {[r.shape[0] for r in out]}.")
+    h = max(r.shape[2] for r in out)
+    w = max(r.shape[3] for r in out)
+    resized = []
+    for r in out:
+        if r.shape[2:] != (h, w):
+            # Whole-number upscales stay pixel-exact (a 64 px student decode next to a 128 px teacher decode).
+            exact = h % r.shape[2] == 0 and w % r.shape[3] == 0
+            r = torch.nn.functional.interpolate(r, size=(h, w), mode="nearest" if exact else "bilinear",
+                                                align_corners=None if exact else False)
+        resized.append(r.clamp(0, 1))
+    return resized
+
+
+def grid_image(rows, labels: list[str] | None = None) -> "Image.Image":
+    """One grid row per tensor [B,3,H,W] in [0,1] (a single tensor = one row), images resized to the largest
+    size, optional labels (one per row) on a left margin."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows = _grid_rows(rows)
+    if labels is not None and len(labels) != len(rows):
+        raise ValueError(f"Give one label per grid row: {len(rows)} rows, {len(labels)} labels.")
+    n, h, w = rows[0].shape[0], rows[0].shape[2], rows[0].shape[3]
+    font = ImageFont.load_default()
+    margin = 0
+    if labels:
+        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        margin = int(max(probe.textlength(str(t), font=font) for t in labels)) + 4 * _PAD
+    grid = Image.new("RGB", (margin + n * (w + _PAD) + _PAD, len(rows) * (h + _PAD) + _PAD), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, r in enumerate(rows):
+        y = _PAD + i * (h + _PAD)
+        pixels = (r * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for j in range(n):
+            grid.paste(Image.fromarray(pixels[j]), (margin + _PAD + j * (w + _PAD), y))
+        if labels:
+            top, bottom = draw.textbbox((0, 0), str(labels[i]), font=font)[1::2]
+            draw.text((2 * _PAD, y + (h - (bottom - top)) // 2 - top), str(labels[i]), fill="black", font=font)
+    return grid
+
+
+def save_image_grid(rows, path, labels: list[str] | None = None) -> str:
+    """Write `grid_image(rows, labels)` as a PNG atomically (temp file + os.replace); returns the path."""
+    path = os.fspath(path)
+    image = grid_image(rows, labels)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
