@@ -129,16 +129,21 @@ class DistillModels:
     description: dict = field(default_factory=dict)  # what was loaded, for the cache key and summaries
 
 
-def read_prompts(path: str) -> list[str]:
+def parse_prompts(text: str, source: str = "the prompts") -> list[str]:
     """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise ValueError(f"{source} has no prompts (one per line; '#' lines are comments).")
+    return prompts
+
+
+def read_prompts(path: str) -> list[str]:
+    """A text file of prompts, see `parse_prompts`."""
     if not os.path.isfile(path):
         raise ValueError(f"Prompts file not found: {path!r}. Give a text file with one prompt per line.")
     with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
-        raise ValueError(f"{path!r} has no prompts (one per line; '#' lines are comments).")
-    return prompts
+        return parse_prompts(f.read(), repr(path))
 
 
 class _Params(nn.Module):
@@ -615,20 +620,35 @@ def demo_models(seed: int = 0, bridge_path: str | None = None) -> tuple[DistillM
     return models, {"vae": world.student_vae, "text_encoder": clip, "tokenizer": tok}
 
 
-def real_models(args) -> DistillModels:
-    """Student UNet + CLIP-L from --student, the Bridge, and the teacher (via the Bridge CLI's loader)."""
+def load_real_models(student: str, bridge: str, teacher_family: str, teacher: str | None = None,
+                     teacher_vae: str | None = None, clip_l: str | None = None, clip_g: str | None = None,
+                     t5: str | None = None, tokenizers: str | None = None, dtype: str = "auto",
+                     student_vae: str | None = None) -> tuple[DistillModels, None]:
+    """Student UNet + CLIP-L from the SD1.5 file `student`, the Bridge file, and the teacher (transformer, VAE, text
+    encoders) from local files, as the CLI and the ComfyUI node take them. Returns (models, None): unlike
+    `demo_models` there are no in-memory base components; the export reads them from `student`."""
     from . import loading
     from ._bridge import checkpoint as bridge_checkpoint
-    from .bridge_cli import real_models as bridge_real_models
+    from .bridge_cli import load_real_models as bridge_load_real_models
 
-    if not args.bridge:
-        raise SystemExit("Distillation needs --bridge (a trained Bridge .safetensors; train one with `python -m "
-                         "training.run bridge ...`), or run with --demo.")
-    world = bridge_real_models(args)  # student VAE, teacher, teacher VAE, teacher text encoders
+    if not bridge:
+        raise ValueError("Distillation needs a trained Bridge (.safetensors from the student's VAE into the teacher's "
+                         "space); train one first (`python -m training.run bridge ...` or the Train Bridge node).")
+    if not teacher:
+        raise ValueError("Distillation needs the teacher model file or diffusers folder (teacher=...).")
+    # Both teacher spaces have 16 channels, so a Bridge for the other teacher would run and train nonsense.
+    bridge_space = bridge_checkpoint.read_bridge_metadata(bridge)["teacher_space"]["name"]
+    family_space = "flux" if teacher_family.startswith("flux") else "sd3"
+    if bridge_space != family_space:
+        raise ValueError(f"The Bridge {os.path.basename(bridge)!r} maps into the {bridge_space} latent space but the "
+                         f"{teacher_family} teacher works in {family_space}; use a Bridge trained for this teacher.")
+    # Student VAE, teacher, teacher VAE, teacher text encoders: the same loader as Bridge training.
+    world = bridge_load_real_models(student, teacher_family, teacher=teacher, teacher_vae=teacher_vae, clip_l=clip_l,
+                                    clip_g=clip_g, t5=t5, tokenizers=tokenizers, student_vae=student_vae, dtype=dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sd15 = loading.load_sd15(args.student, components=("unet", "text_encoder", "tokenizer"), dtype=torch.float32,
+    sd15 = loading.load_sd15(student, components=("unet", "text_encoder", "tokenizer"), dtype=torch.float32,
                              device=device)
-    bridge = bridge_checkpoint.load_bridge(args.bridge, student_vae=world.student_vae, device=device)
+    bridge_module = bridge_checkpoint.load_bridge(bridge, student_vae=world.student_vae, device=device)
     text = {"clip": sd15.text_encoder.to(world.student_vae.dtype).eval()}
 
     def free():
@@ -637,12 +657,27 @@ def real_models(args) -> DistillModels:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    return DistillModels(
-        student=OneStepStudent(sd15.unet), bridge=bridge, teacher=world.teacher, teacher_vae=world.teacher_vae,
+    models = DistillModels(
+        student=OneStepStudent(sd15.unet), bridge=bridge_module, teacher=world.teacher, teacher_vae=world.teacher_vae,
         encode_teacher=world.encode_text,
         encode_student=lambda prompts: encode_sd15(prompts, text["clip"], sd15.tokenizer),
-        free_text_encoders=free, description={**world.description, "bridge": os.path.basename(args.bridge)},
+        free_text_encoders=free, description={**world.description, "bridge": os.path.basename(bridge)},
     )
+    return models, None
+
+
+def real_models(args) -> DistillModels:
+    """`load_real_models` from the command-line arguments."""
+    if not args.bridge:
+        raise SystemExit("Distillation needs --bridge (a trained Bridge .safetensors; train one with `python -m "
+                         "training.run bridge ...`), or run with --demo.")
+    if not args.student or not args.teacher_family or not args.teacher:
+        raise SystemExit("Distillation needs --student (SD1.5 file or folder), --teacher-family and --teacher "
+                         "(or run with --demo to try it on tiny models).")
+    models, _ = load_real_models(args.student, args.bridge, args.teacher_family, teacher=args.teacher,
+                                 teacher_vae=args.teacher_vae, clip_l=args.clip_l, clip_g=args.clip_g, t5=args.t5,
+                                 tokenizers=args.tokenizers, dtype=args.dtype, student_vae=args.student_vae)
+    return models
 
 
 def run(args) -> int:
