@@ -1,6 +1,8 @@
 """Shapes world: the benchmark's adapters (eps UNet as a flow teacher, identity and round-trip bridges) against
 the UNet's own DDPM/DDIM math, and the default run end to end on a quick world."""
 
+import os
+
 import pytest
 import torch
 
@@ -161,3 +163,92 @@ def test_identity_and_round_trip_bridges():
     out.square().mean().backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
     assert all(p.grad is None for p in list(s_vae.parameters()) + list(t_vae.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------- the default run
+
+@pytest.fixture(scope="module")
+def quick_world(tmp_path_factory):
+    from training.shapes.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("world")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pretrain(str(out), quick=True, jobs=1, log=lambda msg: None)
+    finally:
+        torch.set_num_threads(n)
+    return str(out)
+
+
+@pytest.mark.slow
+def test_default_run_end_to_end_on_a_quick_world(tmp_path, quick_world):
+    """The whole pipeline (data, Bridge, cross-space distillation, evaluation, grid, report) on a shortened schedule."""
+    import json
+
+    from PIL import Image
+
+    from bridge.checkpoint import load_bridge, read_bridge_metadata
+    from training.export import load_student_unet
+    from training.shapes.run import DEFAULTS, main
+
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--world", quick_world, "--quick", "--threads", "1", "--seed", "1"]) == 0
+
+    world = models.load_shapes_world(quick_world, register=False)
+    bridge = load_bridge(str(out / "bridge.safetensors"), student_vae=world.student_vae)
+    assert (bridge.student_space, bridge.teacher_space, bridge.k) == (world.student_space, world.teacher_space, 2)
+    assert read_bridge_metadata(str(out / "bridge.safetensors"))["training_summary"]["config"]["attn_weight"] > 0
+    with torch.no_grad():
+        assert bridge(torch.randn(2, 4, 8, 8)).shape == (2, 16, 16, 16)
+    student = load_student_unet(str(out / "student_unet.safetensors"))
+    assert student.space.channels == 4
+    # The saved student differs from the base it started from: distillation changed it.
+    base = dict(world.student_unet.named_parameters())
+    assert any(not torch.equal(p, base[n]) for n, p in student.unet.named_parameters())
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["quick"] is True and report["seed"] == 1
+    assert report["rows"] == ["teacher", "student_base", "student_base_one_step", "cross_space"]
+    for row in report["rows"]:
+        r = report["evaluation"][row]
+        assert 0 <= r["accuracy"] <= 1 and r["fd"] >= 0 and r["seconds_per_image"] > 0
+    assert report["training_s"]["cross_space"] > 0
+    for stage in ("data", "bridge_training", "distillation", "evaluation", "total"):
+        assert report["timings_s"][stage] >= 0
+    assert report["settings"]["distill_steps"] < DEFAULTS["distill_steps"]  # the quick schedule ran
+    md = (out / "report.md").read_text()
+    for label in report["row_labels"].values():
+        assert label in md
+    with Image.open(out / "grid.png") as grid:
+        # 3 rows (before, after, teacher) x (prompts x seeds) columns, at least 64 px per cell.
+        cells = report["settings"]["grid_prompts"] * report["settings"]["grid_seeds"]
+        assert grid.width >= cells * 64 and grid.height >= 3 * 64
+    assert len(os.listdir(out / "data" / "images")) == 2 * report["settings"]["n_images"] + 1  # png + txt, stamp
+
+
+@pytest.mark.slow
+def test_benchmark_table_has_every_row_and_resumes(tmp_path, quick_world):
+    from training.shapes.benchmark import ROWS, benchmark
+
+    out, doc = tmp_path / "bench", tmp_path / "bench.md"
+    summary = benchmark([0], str(out), quick_world, doc=str(doc), jobs=1, threads=1, quick=True)
+    assert set(summary["table"]) == set(ROWS)
+    for row in ROWS:
+        assert 0 <= summary["table"][row]["accuracy"]["mean"] <= 1
+    for row in ("same_space", "cross_space", "cross_space_no_attn", "round_trip"):
+        assert summary["table"][row]["training_s"]["mean"] > 0
+    no_attn = next(r for r in summary["results"] if r["task"] == "cross_space_no_attn")
+    assert "bridge" in no_attn["training_s"]
+    text = doc.read_text()
+    for label in summary["row_labels"].values():
+        assert label in text
+    # Finished tasks are kept: a second call only re-aggregates.
+    results = sorted((out / "seed0").glob("*/result.json"))
+    assert len(results) == 5
+    stamps = [p.stat().st_mtime_ns for p in results]
+    again = benchmark([0], str(out), quick_world, doc=str(doc), jobs=1, threads=1, quick=True)
+    assert again["table"]["cross_space"]["accuracy"] == summary["table"]["cross_space"]["accuracy"]
+    assert [p.stat().st_mtime_ns for p in results] == stamps
+    with pytest.raises(ValueError, match="other settings"):
+        benchmark([0], str(out), quick_world, doc="", jobs=1, threads=1, quick=True, distill_steps=5)
