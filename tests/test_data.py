@@ -2,6 +2,7 @@
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ def test_synthetic_images_are_deterministic(tmp_path):
     a = data.make_synthetic_images(str(tmp_path / "a"), n=3, size=16, seed=1)
     b = data.make_synthetic_images(str(tmp_path / "b"), n=3, size=16, seed=1)
     assert [i.caption for i in a] == [i.caption for i in b]
-    assert all(open(x.path, "rb").read() == open(y.path, "rb").read() for x, y in zip(a, b))
+    assert all(Path(x.path).read_bytes() == Path(y.path).read_bytes() for x, y in zip(a, b))
 
 
 def test_unreadable_images_are_skipped_with_a_warning(folder):

@@ -13,8 +13,8 @@ import os
 import random
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -13,7 +13,8 @@ import os
 import signal
 import tempfile
 import threading
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -149,7 +150,7 @@ class ProgressReporter:
     callback (ComfyUI's cancel) propagate to the trainer, which saves and re-raises."""
 
     def __init__(self, total: int, desc: str = "", disable: bool = False,
-                 callback: Callable[[int, int, dict, "Image.Image | None"], None] | None = None):
+                 callback: Callable[[int, int, dict, Image.Image | None], None] | None = None):
         self.total = int(total)
         self.desc = desc
         self.disable = disable
@@ -164,7 +165,7 @@ class ProgressReporter:
             self._bar.close()
         self._bar = tqdm(total=self.total, initial=step, desc=self.desc, disable=self.disable, dynamic_ncols=True)
 
-    def update(self, step: int, metrics: dict, preview: "Image.Image | str | None" = None) -> None:
+    def update(self, step: int, metrics: dict, preview: Image.Image | str | None = None) -> None:
         """`step` = steps done so far; `preview` = a PIL image or the path of an image file (e.g. a saved grid)."""
         if self._bar is None:
             self.start(0)
@@ -232,7 +233,7 @@ def _grid_rows(rows) -> list[torch.Tensor]:
     return resized
 
 
-def grid_image(rows, labels: list[str] | None = None) -> "Image.Image":
+def grid_image(rows, labels: list[str] | None = None) -> Image.Image:
     """One grid row per tensor [B,3,H,W] in [0,1] (a single tensor = one row), images resized to the largest
     size, optional labels (one per row) on a left margin."""
     from PIL import Image, ImageDraw, ImageFont

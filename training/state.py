@@ -143,7 +143,7 @@ def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a dict)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise TrainingStateError(f"{name!r} is not a readable safetensors file (truncated or corrupt: {e}). Delete "
                                  "it to start over, or restore it from a backup.") from None
