@@ -70,6 +70,8 @@ class Bridge(nn.Module):
                              f". Build it with ProjectorConfig(out_channels={self.teacher_space.channels}, "
                              f"downsample={want_d}) or use Bridge.create(...).")
         self.projector = projector
+        # Kept here too: a training wrapper (DDP) around `projector` hides its config.
+        self.projector_config = c
         if student_vae is not None:
             got = student_vae.config.latent_channels
             if got != self.student_space.channels:
@@ -118,7 +120,7 @@ class Bridge(nn.Module):
             raise ValueError(f"Student latents must be floating point; got {z.dtype}.")
 
     def check_image(self, img: torch.Tensor) -> None:
-        d = self.projector.config.downsample
+        d = self.projector_config.downsample
         if not isinstance(img, torch.Tensor) or img.ndim != 4:
             shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
             raise ValueError(f"This Bridge expects images [B,3,H,W] in [0,1]; got {shape}.")
