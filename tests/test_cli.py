@@ -1,0 +1,39 @@
+"""`python -m training.run`: dispatch, help, and a start-up path that does not load torch for --help."""
+
+import subprocess
+import sys
+
+import pytest
+
+from training.run import COMMANDS, main
+
+
+def test_help_lists_every_command_without_importing_torch():
+    code = ("import sys; from training.run import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")
+    for name in ("shapes", *COMMANDS):
+        assert name in out
+
+
+@pytest.mark.parametrize("argv", [["shapes", "--help"], ["bridge", "--help"], ["distill", "--help"],
+                                  ["sample", "--help"]])
+def test_every_command_has_its_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    assert "--" in capsys.readouterr().out
+
+
+def test_unknown_command_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bridges"])
+    assert e.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bridge_without_models_or_demo_says_what_to_give(tmp_path):
+    with pytest.raises(SystemExit, match="--demo"):
+        main(["bridge", "--images", str(tmp_path), "--out", str(tmp_path / "run")])
