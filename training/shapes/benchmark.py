@@ -30,13 +30,29 @@ import time
 from .run import DEFAULTS, QUICK, add_setting_arguments
 
 ROWS = ("teacher", "student_base", "student_base_one_step", "same_space", "cross_space", "cross_space_no_attn",
-        "round_trip")
+        "round_trip", "student_vae_ceiling")
 TASKS = ("base", "same_space", "cross_space", "cross_space_no_attn", "round_trip")  # "base": the 3 untrained rows
 DEFAULT_DOC = os.path.join("docs", "shapes_benchmark.md")
 
 
 def _result_path(out: str, seed: int, task: str) -> str:
     return os.path.join(out, f"seed{seed}", task, "result.json")
+
+
+def student_vae_ceiling(world):
+    """Diagnostic row: the teacher's samples at 64 px through the student VAE (encode, decode). No student can do
+    better than what its own VAE can represent, so this bounds every one-step student from above."""
+    import torch.nn.functional as F
+
+    from . import models
+    from .trainers import decode_latents, encode_latents
+
+    def run(prompts, generator):
+        images = world.decode_teacher(world.sample_teacher(prompts, generator=generator))
+        small = F.interpolate(images, size=(models.STUDENT_RESOLUTION,) * 2, mode="area")
+        return decode_latents(world.student_vae, encode_latents(world.student_vae, small))
+
+    return run
 
 
 def run_task(task: str, seed: int, out: str, world_dir: str, settings: dict, threads: int) -> dict:
@@ -55,7 +71,7 @@ def run_task(task: str, seed: int, out: str, world_dir: str, settings: dict, thr
     training_s: dict[str, float] = {}
     extra: dict = {}
     if task == "base":
-        rows = base_generators(world)
+        rows = dict(base_generators(world), student_vae_ceiling=student_vae_ceiling(world))
     else:
         bridge = None
         if task in ("cross_space", "cross_space_no_attn"):
@@ -173,7 +189,8 @@ def markdown(summary: dict, notes: str | None = None) -> str:
         if row not in table:
             continue
         e = table[row]
-        train = _pm(e["training_s"], 0) if e["training_s"] else "— (pretrained)"
+        train = (_pm(e["training_s"], 0) if e["training_s"] else
+                 "— (pretrained)" if row in ("teacher", "student_base", "student_base_one_step") else "—")
         lines.append(f"| {labels[row]} | {_pm(e['accuracy'], 3)} | {_pm(e['fd'], 2)} | {train} | "
                      f"{_pm(e['latency_ms'], 2)} |")
     st = s["settings"]

@@ -57,6 +57,7 @@ ROW_LABELS = {
     "cross_space": "one-step, distilled cross-space (through the Bridge)",
     "cross_space_no_attn": "ablation: Bridge without attention fidelity",
     "round_trip": "ablation: exact round trip E_t(up(D_s(z))) instead of the Bridge",
+    "student_vae_ceiling": "diagnostic: teacher samples through the student VAE at 64 px (student-space ceiling)",
 }
 
 
@@ -369,7 +370,8 @@ def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, qui
                                      batch_size=settings["eval_batch"], progress=True)
     prompts = grid_prompts(settings["grid_prompts"])
     seeds = list(range(settings["grid_seeds"]))
-    grid_rows = {"before": rows["student_base_one_step"], "after": rows["cross_space"], "teacher": rows["teacher"]}
+    grid_rows = {"one-step before": rows["student_base_one_step"], "one-step after": rows["cross_space"],
+                 "teacher": rows["teacher"]}
     sample_grid(world, os.path.join(out, "grid.png"), grid_rows, prompts, seeds)
     timings["evaluation"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
