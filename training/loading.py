@@ -1,0 +1,706 @@
+"""Offline loading of SD1.5 (student) and SD3.5 / Flux (teacher) components from local files.
+
+Sources, as users keep them:
+- a diffusers folder (model_index.json + component subfolders): its own configs and tokenizers are used;
+- single files from ComfyUI's models folders: `checkpoints/` (all-in-one), `diffusion_models/` or `unet/`
+  (UNet / transformer only), `vae/`, `text_encoders/` or `clip/` (clip_l, clip_g, t5xxl in transformers
+  layout). Diffusion models and VAEs go through diffusers' `from_single_file` with a LOCAL config (the ones
+  shipped in `training/configs/`), text encoders are built from the shipped config and filled strictly.
+
+Nothing is ever fetched: everything works with HF_HUB_OFFLINE=1. Pickle files are refused, never unpickled.
+Tokenizers come from the diffusers folder, an explicit path, or a ComfyUI checkout's bundled tokenizer folders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+CONFIG_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+TEACHER_FAMILIES = ("sd35_medium", "sd35_large", "flux_dev", "flux_schnell")
+FAMILY_ALIASES = {"sd3": "sd35_medium", "sd35": "sd35_medium", "flux": "flux_dev"}
+SD15_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+# Where all-in-one checkpoints keep their text encoders (SD1.5; SD3/SD3.5/Flux as ComfyUI saves them).
+TEXT_PREFIXES = {
+    "clip_l": ("cond_stage_model.transformer.", "text_encoders.clip_l.transformer."),
+    "clip_g": ("text_encoders.clip_g.transformer.",),
+    "t5": ("text_encoders.t5xxl.transformer.",),
+}
+# Pipeline subfolders per family, and which text encoder each holds.
+FAMILY_TEXT = {
+    "sd35": {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2"),
+             "t5": ("text_encoder_3", "tokenizer_3")},
+    "flux": {"clip_l": ("text_encoder", "tokenizer"), "t5": ("text_encoder_2", "tokenizer_2")},
+}
+PIPELINES = {"sd15": ("StableDiffusionPipeline",), "sd35": ("StableDiffusion3Pipeline",), "flux": ("FluxPipeline",)}
+KIND_NAMES = {
+    "sd15_checkpoint": "an SD1.5 all-in-one checkpoint", "sd15_unet": "an SD1.5 UNet",
+    "sd2_checkpoint": "an SD2.x checkpoint", "sd2_unet": "an SD2.x UNet",
+    "sdxl_checkpoint": "an SDXL checkpoint", "sdxl_unet": "an SDXL UNet",
+    "sd3_checkpoint": "an SD3/SD3.5 all-in-one checkpoint", "sd3_transformer": "an SD3/SD3.5 transformer",
+    "flux_checkpoint": "a Flux all-in-one checkpoint", "flux_transformer": "a Flux transformer",
+    "vae_4ch": "a 4-channel VAE (SD1.5/SDXL)", "vae_16ch": "a 16-channel VAE (SD3/Flux)",
+    "clip_l": "a CLIP-L text encoder", "clip_g": "a CLIP-G text encoder", "clip": "a CLIP text encoder",
+    "t5": "a T5 text encoder", "unknown": "not a model file this project knows",
+}
+
+
+class ModelLoadError(ValueError):
+    """A model file or folder cannot be used: the message names the problem and the fix."""
+
+
+@dataclass
+class SD15Models:
+    unet: Any = None
+    vae: Any = None
+    text_encoder: Any = None
+    tokenizer: Any = None
+    scheduler: Any = None
+
+
+@dataclass
+class TeacherModels:
+    family: str
+    transformer: Any = None
+    vae: Any = None
+    text_encoders: dict = field(default_factory=dict)  # "clip_l" / "clip_g" / "t5" -> model
+    tokenizers: dict = field(default_factory=dict)  # same keys -> tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- small helpers
+
+def config_dir(family: str) -> str:
+    """The shipped diffusers-format config folder of a family ("sd15" or a teacher family)."""
+    family = "sd15" if family == "sd15" else canonical_family(family)
+    return os.path.join(CONFIG_ROOT, family)
+
+
+def canonical_family(family: str) -> str:
+    name = FAMILY_ALIASES.get(family, family)
+    if name not in TEACHER_FAMILIES:
+        raise ModelLoadError(f"Unknown teacher family {family!r}; choose one of {', '.join(TEACHER_FAMILIES)}.")
+    return name
+
+
+def _group(family: str) -> str:
+    return "flux" if family.startswith("flux") else "sd35"
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in names:
+        raise ModelLoadError(f"Unknown dtype {dtype!r}; use one of {', '.join(names)} or a torch.dtype.")
+    return names[dtype]
+
+
+def _check_path(path, what: str) -> str:
+    if path is None:
+        raise ModelLoadError(f"No {what} given.")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelLoadError(f"{what} not found: {path!r}. Check the path (ComfyUI keeps models under "
+                             f"models/checkpoints, diffusion_models, unet, vae, text_encoders, clip).")
+    if os.path.isdir(path):
+        return path
+    low = path.lower()
+    if low.endswith(PICKLE_SUFFIXES):
+        raise ModelLoadError(f"{os.path.basename(path)!r} is a pickle-based checkpoint; this project never unpickles "
+                             f"files (loading one can run arbitrary code). Convert it to .safetensors first, or "
+                             f"download the .safetensors release of the model.")
+    if low.endswith(".gguf"):
+        raise ModelLoadError(f"{os.path.basename(path)!r} is a GGUF file; give a .safetensors file or a diffusers "
+                             f"folder instead.")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head[:1] == b"\x80" or head == b"PK":
+        raise ModelLoadError(f"{os.path.basename(path)!r} looks like a pickle/zip (torch.save) checkpoint, not "
+                             f"safetensors; it is refused (never unpickled). Convert it to .safetensors first.")
+    return path
+
+
+class _Header:
+    """Keys and shapes of a safetensors file, read from its header only (cheap, no tensor data)."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self.path = path
+        try:
+            with safe_open(path, framework="pt") as f:
+                self.keys = list(f.keys())
+                self._shapes = {k: tuple(f.get_slice(k).get_shape()) for k in self.keys}
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise ModelLoadError(f"{os.path.basename(path)!r} is not a readable safetensors file (truncated or "
+                                 f"corrupt? re-download it): {e}") from e
+
+    def shape(self, key):
+        return self._shapes.get(key)
+
+    def find(self, suffix: str, prefix: str = ""):
+        """The first key that starts with `prefix` and ends with `suffix`."""
+        return next((k for k in self.keys if k.startswith(prefix) and k.endswith(suffix)), None)
+
+    def has(self, fragment: str, prefix: str = "") -> bool:
+        return any(k.startswith(prefix) and fragment in k for k in self.keys)
+
+
+def _read(path: str, keep=lambda k: True, rename=lambda k: k) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {rename(k): f.get_tensor(k) for k in f.keys() if keep(k)}
+    except Exception as e:
+        raise ModelLoadError(f"Reading {os.path.basename(path)!r} failed (truncated or corrupt file?): {e}") from e
+
+
+# ------------------------------------------------------------------------------------------- kind detection
+
+def _diffusion_kind(h: _Header, prefix: str) -> str | None:
+    """UNet / transformer family of the diffusion model stored under `prefix`, or None."""
+    if h.has("double_blocks.", prefix) or h.has("single_transformer_blocks.", prefix):
+        return "flux"
+    if h.has("joint_blocks.", prefix) or (h.has("transformer_blocks.", prefix) and h.has("context_embedder.", prefix)
+                                          and not h.has("down_blocks.", prefix)):
+        return "sd3"
+    if h.has("input_blocks.", prefix) or h.has("time_embedding.linear_1.", prefix):
+        if h.has("label_emb.", prefix) or h.has("add_embedding.", prefix):
+            return "sdxl"
+        k = h.find("attn2.to_k.weight", prefix)
+        return "sd2" if k and h.shape(k)[-1] == 1024 else "sd15"
+    return None
+
+
+def _vae_channels(h: _Header, prefix: str) -> int | None:
+    k = prefix + "decoder.conv_in.weight"
+    return h.shape(k)[1] if h.shape(k) else None
+
+
+def _text_kind(h: _Header) -> str | None:
+    if h.find("encoder.block.0.layer.0.SelfAttention.q.weight"):
+        return "t5"
+    k = h.find("embeddings.token_embedding.weight")
+    if k:
+        return {768: "clip_l", 1280: "clip_g"}.get(h.shape(k)[1], "clip")
+    return None
+
+
+def _kind_of(h: _Header) -> str:
+    vae_prefix = next((p for p in VAE_PREFIXES if h.has("decoder.conv_in.weight", p)), None)
+    dm = _diffusion_kind(h, UNET_PREFIX)
+    if dm and vae_prefix:
+        return f"{dm}_checkpoint"
+    dm = dm or _diffusion_kind(h, "")
+    if dm:
+        return f"{dm}_{'transformer' if dm in ('sd3', 'flux') else 'unet'}"
+    if vae_prefix is not None or h.shape("decoder.conv_in.weight"):
+        return f"vae_{_vae_channels(h, vae_prefix or '')}ch"
+    return _text_kind(h) or "unknown"
+
+
+def detect_file_kind(path) -> str:
+    """What a single .safetensors file holds, from the key names and shapes in its header.
+
+    One of: sd15_checkpoint, sd15_unet, sd2_checkpoint, sd2_unet, sdxl_checkpoint, sdxl_unet, sd3_checkpoint,
+    sd3_transformer, flux_checkpoint, flux_transformer, vae_4ch, vae_16ch (other channel counts: vae_<n>ch),
+    clip_l, clip_g, clip (other width), t5, unknown. Folders: sd15_folder, sd35_folder, flux_folder."""
+    path = _check_path(path, "Model file")
+    if os.path.isdir(path):
+        return _folder_group(path) + "_folder"
+    return _kind_of(_Header(path))
+
+
+def _variant(h: _Header, prefix: str) -> str | None:
+    """sd35_large / sd35_medium / sd3_medium / flux_dev / flux_schnell when the file says so, else None
+    (tiny test models are too small to tell the SD3 variants apart)."""
+    if _diffusion_kind(h, prefix) == "flux":
+        guided = h.has("guidance_in.", prefix) or h.has("guidance_embedder.", prefix)
+        return "flux_dev" if guided else "flux_schnell"
+    k = prefix + "context_embedder.weight"
+    width = h.shape(k)[0] if h.shape(k) else None
+    if width == 2432:
+        return "sd35_large"
+    if width == 1536:
+        return "sd35_medium" if (h.has("x_block.attn2.", prefix) or h.has(".attn2.to_q.", prefix)) else "sd3_medium"
+    return None
+
+
+def _variant_from_config(cfg: dict) -> str | None:
+    if cfg.get("_class_name") == "FluxTransformer2DModel":
+        return "flux_dev" if cfg.get("guidance_embeds") else "flux_schnell"
+    width = cfg.get("num_attention_heads", 0) * cfg.get("attention_head_dim", 0)
+    if width == 2432:
+        return "sd35_large"
+    if width == 1536:
+        return "sd35_medium" if cfg.get("dual_attention_layers") else "sd3_medium"
+    return None
+
+
+def _check_variant(found: str | None, family: str, where: str):
+    names = {"sd35_large": "an SD3.5 Large transformer", "sd35_medium": "an SD3.5 Medium transformer",
+             "sd3_medium": "an SD3 Medium transformer (not 3.5: no dual attention, no q/k norm)",
+             "flux_dev": "a Flux dev transformer (guidance embedding)",
+             "flux_schnell": "a Flux schnell transformer (no guidance embedding)"}
+    if found is not None and found != family:
+        hint = f"--teacher-family {found}" if found in TEACHER_FAMILIES else "an SD3.5 Medium or Large model"
+        raise ModelLoadError(f"{where} is {names[found]}, but teacher family {family} was given; use {hint}.")
+
+
+def _wrong_kind(path: str, kind: str, wanted: str) -> ModelLoadError:
+    return ModelLoadError(f"{os.path.basename(path)!r} is {KIND_NAMES.get(kind, kind)}, but {wanted} was expected "
+                          f"here.")
+
+
+# ------------------------------------------------------------------------------------------------ folders
+
+def _model_index(folder: str) -> dict | None:
+    p = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(p):
+        return None
+    with open(p) as f:
+        return json.load(f)
+
+
+def _folder_group(folder: str) -> str:
+    index = _model_index(folder)
+    if index is None:
+        raise ModelLoadError(f"{folder!r} is a folder without model_index.json, so it is not a diffusers pipeline "
+                             f"folder; give the pipeline folder or a single .safetensors file.")
+    cls = index.get("_class_name", "")
+    for group, names in PIPELINES.items():
+        if cls in names:
+            return group
+    raise ModelLoadError(f"{folder!r} holds a {cls or 'unknown'} pipeline; expected one of "
+                         f"{', '.join(n for names in PIPELINES.values() for n in names)}.")
+
+
+def _from_folder(cls, folder: str, subfolder: str, dtype, device):
+    if not os.path.isdir(os.path.join(folder, subfolder)):
+        raise ModelLoadError(f"The diffusers folder {folder!r} has no {subfolder}/ subfolder.")
+    try:
+        model = cls.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"Loading {subfolder}/ from {folder!r} failed: {e}") from e
+    return model.to(device) if device is not None else model
+
+
+# ------------------------------------------------------------------------------- diffusers single files
+
+def _no_meta(model, what: str, path: str):
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if missing:
+        raise ModelLoadError(f"{os.path.basename(path)!r} does not hold a complete {what}: {len(missing)} weights are "
+                             f"missing (first: {', '.join(missing[:5])}). Is it the right file and model size?")
+
+
+def _single_file(cls, tensors: dict, path: str, config: str, subfolder: str, dtype, device, what: str):
+    if not tensors:
+        raise ModelLoadError(f"{os.path.basename(path)!r} holds no {what} weights.")
+    if not os.path.isfile(os.path.join(config, subfolder, "config.json")):
+        raise ModelLoadError(f"No {subfolder}/config.json in the config folder {config!r}.")
+    try:
+        model = cls.from_single_file(tensors, config=config, subfolder=subfolder, torch_dtype=dtype,
+                                     local_files_only=True)
+    except (KeyError, IndexError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"{os.path.basename(path)!r} does not fit the {what} config in {config!r} (wrong model "
+                             f"or size?): {type(e).__name__}: {e}") from e
+    _no_meta(model, what, path)
+    return model.to(device) if device is not None else model
+
+
+def _vae_from_file(path: str, h: _Header, config: str, dtype, device, channels: int | None = None):
+    from diffusers import AutoencoderKL
+
+    prefix = next((p for p in VAE_PREFIXES if h.has("decoder.conv_in.weight", p)), "")
+    found = _vae_channels(h, prefix)
+    if found is None:
+        raise _wrong_kind(path, _kind_of(h), "a VAE (or a checkpoint that contains one)")
+    if channels is not None and found != channels:
+        space = "SD1.5" if channels == 4 else "SD3/Flux"
+        raise ModelLoadError(f"{os.path.basename(path)!r} holds a {found}-channel VAE, but the {space} VAE has "
+                             f"{channels} channels; give the matching VAE file.")
+    tensors = _read(path, keep=lambda k: k.startswith(prefix) if prefix else True)
+    return _single_file(AutoencoderKL, tensors, path, config, "vae", dtype, device, "VAE")
+
+
+# ------------------------------------------------------------------------------------------- text encoders
+
+_IGNORED_TEXT_KEYS = ("position_ids", "logit_scale")
+
+
+def _text_encoder_from_tensors(tensors: dict, path: str, config: str, subfolder: str, dtype, device):
+    """Build the transformers model from `config/subfolder` and fill it strictly from `tensors` (any prefix,
+    with or without `text_model.`)."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    cfg_path = os.path.join(config, subfolder)
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(cfg_path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"No usable text-encoder config in {cfg_path!r}: {e}") from e
+    arch = (cfg.architectures or ["CLIPTextModel" if cfg.model_type.startswith("clip") else "T5EncoderModel"])[0]
+    cls = getattr(transformers, arch)
+    with init_empty_weights():  # parameters on the meta device; buffers real
+        model = cls(cfg)
+    expected = model.state_dict()
+    is_t5 = arch.startswith("T5")
+    marker = "encoder.final_layer_norm.weight" if is_t5 else "embeddings.token_embedding.weight"
+    found = next((k for k in tensors if k.endswith(marker)), None)
+    if found is None:
+        kind = "T5 encoder" if is_t5 else "CLIP text model"
+        raise ModelLoadError(f"{os.path.basename(path)!r} holds no {kind} weights (no *{marker}); is it the right "
+                             f"file? Text encoders are expected in transformers layout.")
+    prefix = found[: -len(marker)]
+
+    def canon(k):  # the name without `text_model.` (transformers 5.x CLIPTextModel keys have none)
+        return k[len("text_model."):] if k.startswith("text_model.") else k
+
+    index = {canon(k): k for k in expected}
+    sd, unexpected = {}, []
+    for k, v in tensors.items():
+        if not k.startswith(prefix):
+            continue
+        name = canon(k[len(prefix):])
+        if name in index:
+            sd[index[name]] = v.to(dtype) if v.is_floating_point() else v
+        elif name.endswith(_IGNORED_TEXT_KEYS) or name == "text_projection.weight":
+            continue  # constant buffers; a projection that CLIPTextModel (SD1.5, Flux) does not use
+        else:
+            unexpected.append(k)
+    if is_t5:  # the input embedding is stored once, under either name
+        for a, b in (("shared.weight", "encoder.embed_tokens.weight"), ("encoder.embed_tokens.weight", "shared.weight")):
+            if a in expected and a not in sd and b in sd:
+                sd[a] = sd[b]
+    if "text_projection.weight" in expected and "text_projection.weight" not in sd and arch.endswith("Projection"):
+        if cfg.hidden_size == cfg.projection_dim and cfg.hidden_size == 768:
+            # SD3's CLIP-L files often lack the projection; diffusers and ComfyUI use the identity then.
+            sd["text_projection.weight"] = torch.eye(cfg.hidden_size, dtype=dtype)
+    missing = [k for k in expected if k not in sd and not k.endswith(_IGNORED_TEXT_KEYS)]
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{os.path.basename(path)!r} does not match the {arch} config in {cfg_path!r}: "
+            f"{len(missing)} missing keys (first: {', '.join(missing[:5]) or '-'}), {len(unexpected)} unexpected keys "
+            f"(first: {', '.join(unexpected[:5]) or '-'}). Give the right text encoder file (transformers layout).")
+    try:
+        model.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:
+        raise ModelLoadError(f"{os.path.basename(path)!r} has weights of the wrong shape for {arch} ({cfg_path}): "
+                             f"{e}") from e
+    if is_t5 and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model = model.to(dtype=dtype).eval()
+    return model.to(device) if device is not None else model
+
+
+def _text_encoder_from_file(path, kind: str, config: str, subfolder: str, dtype, device):
+    path = _check_path(path, f"{kind} text encoder")
+    if os.path.isdir(path):
+        raise ModelLoadError(f"{path!r} is a folder; give the {kind} .safetensors file, or the diffusers pipeline "
+                             f"folder as folder=...")
+    h = _Header(path)
+    found = _text_kind(h)
+    if found is None:
+        raise _wrong_kind(path, _kind_of(h), f"a {kind} text encoder")
+    if found != kind and not (found == "clip" and kind.startswith("clip")):
+        raise _wrong_kind(path, found, f"a {kind} text encoder")
+    prefixes = TEXT_PREFIXES[kind]
+    keep = (lambda k: k.startswith(prefixes)) if any(k.startswith(prefixes) for k in h.keys) else (lambda k: True)
+    return _text_encoder_from_tensors(_read(path, keep=keep), path, config, subfolder, dtype, device)
+
+
+# ----------------------------------------------------------------------------------------------- tokenizers
+
+def find_comfyui() -> str | None:
+    """The ComfyUI root: env COMFYUI_PATH, else the first ancestor of this file with comfy/sd1_tokenizer
+    (the pack lives in ComfyUI/custom_nodes/<pack>/)."""
+    env = os.environ.get("COMFYUI_PATH")
+    candidates = [env] if env else []
+    here = os.path.dirname(os.path.abspath(__file__))
+    while True:
+        candidates.append(here)
+        parent = os.path.dirname(here)
+        if parent == here:
+            break
+        here = parent
+    return next((c for c in candidates if c and os.path.isdir(os.path.join(c, "comfy", "sd1_tokenizer"))), None)
+
+
+_COMFY_TOKENIZER = {"clip_l": ("comfy", "sd1_tokenizer"), "clip_g": ("comfy", "sd1_tokenizer"),
+                    "t5": ("comfy", "text_encoders", "t5_tokenizer")}
+
+
+def _has_tokenizer_files(path: str, kind: str) -> bool:
+    if not os.path.isdir(path):
+        return False
+    files = set(os.listdir(path))
+    if kind == "t5":
+        return bool(files & {"tokenizer.json", "spiece.model"})
+    return "tokenizer.json" in files or {"vocab.json", "merges.txt"} <= files
+
+
+def _tokenizer_from_dir(path: str, kind: str):
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    try:
+        if kind == "t5":
+            return T5TokenizerFast.from_pretrained(path, local_files_only=True)
+        if kind == "clip_g":
+            # SD3's CLIP-G pads with "!" (id 0), not with the end token like CLIP-L.
+            return CLIPTokenizer.from_pretrained(path, local_files_only=True, pad_token="!")
+        return CLIPTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"The tokenizer folder {path!r} could not be read: {e}") from e
+
+
+def load_tokenizer(kind: str, source=None, folder: str | None = None, subfolder: str | None = None):
+    """Tokenizer for "clip_l", "clip_g" or "t5", first found of: the diffusers `folder`'s `subfolder`; `source`
+    (a tokenizer object, a dict by kind, or a path: a tokenizer folder, a folder with `<kind>/` or diffusers
+    `tokenizer*` subfolders, or a ComfyUI root); a ComfyUI checkout's bundled tokenizers."""
+    if folder is not None and subfolder and _has_tokenizer_files(os.path.join(folder, subfolder), kind):
+        return _tokenizer_from_dir(os.path.join(folder, subfolder), kind)
+    if isinstance(source, dict):
+        source = source.get(kind)
+    if source is not None and not isinstance(source, (str, os.PathLike)):
+        return source  # an already built tokenizer
+    roots = [os.fspath(source)] if source is not None else []
+    if source is not None and not os.path.isdir(roots[0]):
+        raise ModelLoadError(f"Tokenizer folder not found: {roots[0]!r}.")
+    comfy = find_comfyui()
+    if comfy:
+        roots.append(comfy)
+    for root in roots:
+        for sub in ("", kind, subfolder or "", os.path.join(*_COMFY_TOKENIZER[kind])):
+            candidate = os.path.join(root, sub) if sub else root
+            if _has_tokenizer_files(candidate, kind):
+                return _tokenizer_from_dir(candidate, kind)
+    raise ModelLoadError(
+        f"No {kind} tokenizer found. Give a diffusers folder that has one, a tokenizer folder (--tokenizers / "
+        f"tokenizer=...: a folder with the tokenizer files, or with {kind}/ inside), or set COMFYUI_PATH to a "
+        f"ComfyUI checkout (its {'/'.join(_COMFY_TOKENIZER[kind])} folder is used).")
+
+
+# -------------------------------------------------------------------------------------------------- SD1.5
+
+def load_vae(path, family: str = "sd15", dtype=None, device=None, config: str | None = None) -> "AutoencoderKL":
+    """One VAE (student "sd15" or a teacher family) from a VAE file, an all-in-one checkpoint or a diffusers folder
+    (pipeline folder with vae/, or a VAE folder with config.json)."""
+    from diffusers import AutoencoderKL
+
+    dtype = _torch_dtype(dtype)
+    channels = 4 if family == "sd15" else 16
+    path = _check_path(path, "VAE")
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            folder, sub = os.path.dirname(path.rstrip(os.sep)), os.path.basename(path.rstrip(os.sep))
+        else:
+            folder, sub = path, "vae"
+        vae = _from_folder(AutoencoderKL, folder, sub, dtype, device)
+        if vae.config.latent_channels != channels:
+            raise ModelLoadError(f"{path!r} holds a {vae.config.latent_channels}-channel VAE; the {family} VAE has "
+                                 f"{channels} channels.")
+        return vae
+    return _vae_from_file(path, _Header(path), config or config_dir(family), dtype, device, channels)
+
+
+def load_sd15(path, components=("unet", "vae", "text_encoder", "tokenizer"), dtype=None, device=None,
+              tokenizer=None, config: str | None = None) -> SD15Models:
+    """SD1.5 components from a diffusers folder or a single file (all-in-one checkpoint; a UNet-only file for
+    "unet"; a VAE file for "vae"). `tokenizer`: a tokenizer or a path (see `load_tokenizer`); `config`: a
+    folder with unet/, vae/, text_encoder/ configs for single files (default: the shipped SD1.5 configs)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unknown = set(components) - set(SD15_COMPONENTS)
+    if unknown:
+        raise ModelLoadError(f"Unknown SD1.5 component(s) {sorted(unknown)}; choose from {', '.join(SD15_COMPONENTS)}.")
+    dtype = _torch_dtype(dtype)
+    path = _check_path(path, "SD1.5 model")
+    out = SD15Models()
+    if os.path.isdir(path):
+        group = _folder_group(path)
+        if group != "sd15":
+            raise ModelLoadError(f"{path!r} is a {PIPELINES[group][0]} folder, not an SD1.5 one.")
+        from transformers import CLIPTextModel
+
+        if "unet" in components:
+            out.unet = _from_folder(UNet2DConditionModel, path, "unet", dtype, device)
+        if "vae" in components:
+            out.vae = _from_folder(AutoencoderKL, path, "vae", dtype, device)
+        if "text_encoder" in components:
+            out.text_encoder = _from_folder(CLIPTextModel, path, "text_encoder", dtype, device)
+        if "tokenizer" in components:
+            out.tokenizer = load_tokenizer("clip_l", tokenizer, folder=path, subfolder="tokenizer")
+        if "scheduler" in components:
+            out.scheduler = _scheduler(path)
+        return out
+
+    config = config or config_dir("sd15")
+    h = _Header(path)
+    kind = _kind_of(h)
+    allowed = {"sd15_checkpoint"} | ({"sd15_unet"} if set(components) <= {"unet", "tokenizer", "scheduler"} else set())
+    allowed |= {"vae_4ch"} if set(components) <= {"vae", "tokenizer", "scheduler"} else set()
+    if kind not in allowed:
+        need = "an SD1.5 all-in-one checkpoint" + (" (or a UNet file)" if components == ("unet",) else "")
+        raise _wrong_kind(path, kind, need + f" for {', '.join(components)}")
+    if "unet" in components:
+        # diffusers' converter reads original-layout UNets under model.diffusion_model. only; diffusers-layout
+        # files load as they are.
+        if h.has("input_blocks.", UNET_PREFIX):
+            tensors = _read(path, keep=lambda k: k.startswith(UNET_PREFIX))
+        elif h.has("input_blocks."):
+            tensors = _read(path, rename=lambda k: UNET_PREFIX + k)
+        else:
+            tensors = _read(path, rename=lambda k: k[len(UNET_PREFIX):] if k.startswith(UNET_PREFIX) else k)
+        out.unet = _single_file(UNet2DConditionModel, tensors, path, config, "unet", dtype, device, "SD1.5 UNet")
+    if "vae" in components:
+        out.vae = _vae_from_file(path, h, config, dtype, device, channels=4)
+    if "text_encoder" in components:
+        tensors = _read(path, keep=lambda k: k.startswith(TEXT_PREFIXES["clip_l"]))
+        if not tensors:
+            raise ModelLoadError(f"{os.path.basename(path)!r} has no CLIP-L text encoder (cond_stage_model.*).")
+        out.text_encoder = _text_encoder_from_tensors(tensors, path, config, "text_encoder", dtype, device)
+    if "tokenizer" in components:
+        out.tokenizer = load_tokenizer("clip_l", tokenizer, subfolder="tokenizer")
+    if "scheduler" in components:
+        out.scheduler = _scheduler(config)
+    return out
+
+
+def _scheduler(folder: str):
+    import diffusers
+
+    p = os.path.join(folder, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(p):
+        p = os.path.join(config_dir("sd15"), "scheduler", "scheduler_config.json")
+    with open(p) as f:
+        cfg = json.load(f)
+    return getattr(diffusers, cfg["_class_name"]).from_config(cfg)
+
+
+# ------------------------------------------------------------------------------------------------ teachers
+
+def load_teacher_models(family: str, transformer=None, vae=None, clip_l=None, clip_g=None, t5=None, folder=None,
+                        tokenizers=None, dtype=None, device=None, config: str | None = None,
+                        text_encoders: bool = True) -> TeacherModels:
+    """Teacher transformer, VAE, text encoders and tokenizers for `family` (sd35_medium, sd35_large, flux_dev,
+    flux_schnell; "sd3" means sd35_medium).
+
+    `folder`: a diffusers pipeline folder (default source of every component). `transformer`: a transformer or
+    all-in-one single file (or a diffusers folder, same as folder=). `vae`, `clip_l`, `clip_g`, `t5`: single files
+    that override the folder / all-in-one contents. `tokenizers`: see `load_tokenizer`. `config`: a folder of
+    component configs for single files (default: the shipped configs of the family). `text_encoders=False`
+    skips text encoders and tokenizers (prompt embeddings already cached)."""
+    family = canonical_family(family)
+    group = _group(family)
+    dtype = _torch_dtype(dtype)
+    if transformer is not None and os.path.isdir(os.fspath(transformer)):
+        folder, transformer = (folder or os.fspath(transformer)), None
+    if folder is None and transformer is None:
+        raise ModelLoadError(f"The {family} teacher needs its transformer: give a diffusers folder (folder=...) or a "
+                             f"transformer / all-in-one .safetensors file (transformer=...).")
+    out = TeacherModels(family=family)
+    config = config or config_dir(family)
+    aio = None  # the all-in-one checkpoint, when the transformer file is one
+
+    if folder is not None:
+        folder = _check_path(folder, "Teacher folder")
+        found = _folder_group(folder)
+        if found != group:
+            raise ModelLoadError(f"{folder!r} is a {PIPELINES[found][0]} folder, but teacher family {family} was given.")
+    if transformer is not None:
+        out.transformer = _transformer_from_file(_check_path(transformer, "Teacher transformer"), family, config,
+                                                 dtype, device)
+        if _kind_of(_Header(os.fspath(transformer))).endswith("_checkpoint"):
+            aio = os.fspath(transformer)
+    else:
+        out.transformer = _transformer_from_folder(folder, family, dtype, device)
+
+    # VAE: explicit file > folder > the all-in-one checkpoint.
+    if vae is not None:
+        out.vae = load_vae(vae, family, dtype, device, config=config)
+    elif folder is not None:
+        out.vae = load_vae(folder, family, dtype, device)
+    elif aio is not None:
+        out.vae = load_vae(aio, family, dtype, device, config=config)
+    else:
+        raise ModelLoadError(f"The {family} teacher needs its VAE: the transformer file has none, so give vae=... "
+                             f"(models/vae/{'ae' if group == 'flux' else 'sd3.5 vae'}.safetensors) or a diffusers "
+                             f"folder.")
+
+    if not text_encoders:
+        return out
+    files = {"clip_l": clip_l, "clip_g": clip_g, "t5": t5}
+    for kind, (sub, tok_sub) in FAMILY_TEXT[group].items():
+        if files[kind] is not None:
+            out.text_encoders[kind] = _text_encoder_from_file(files[kind], kind, config, sub, dtype, device)
+        elif folder is not None:
+            out.text_encoders[kind] = _text_from_folder(folder, sub, dtype, device)
+        elif aio is not None and _Header(aio).has("", TEXT_PREFIXES[kind][-1]):
+            tensors = _read(aio, keep=lambda k, p=TEXT_PREFIXES[kind][-1]: k.startswith(p))
+            out.text_encoders[kind] = _text_encoder_from_tensors(tensors, aio, config, sub, dtype, device)
+        else:
+            flag = {"clip_l": "clip_l", "clip_g": "clip_g", "t5": "t5"}[kind]
+            raise ModelLoadError(f"The {family} teacher needs the {kind} text encoder: give {flag}=... (ComfyUI "
+                                 f"models/text_encoders/{'t5xxl_fp16' if kind == 't5' else kind}.safetensors) or a "
+                                 f"diffusers folder.")
+        out.tokenizers[kind] = load_tokenizer(kind, tokenizers, folder=folder, subfolder=tok_sub)
+    return out
+
+
+def _transformer_cls(family: str):
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    return FluxTransformer2DModel if family.startswith("flux") else SD3Transformer2DModel
+
+
+def _transformer_from_folder(folder: str, family: str, dtype, device):
+    p = os.path.join(folder, "transformer", "config.json")
+    if os.path.isfile(p):
+        with open(p) as f:
+            _check_variant(_variant_from_config(json.load(f)), family, f"The transformer in {folder!r}")
+    return _from_folder(_transformer_cls(family), folder, "transformer", dtype, device)
+
+
+def _transformer_from_file(path: str, family: str, config: str, dtype, device):
+    if os.path.isdir(path):
+        return _transformer_from_folder(path, family, dtype, device)
+    h = _Header(path)
+    kind = _kind_of(h)
+    want = "flux" if family.startswith("flux") else "sd3"
+    if not kind.startswith(want + "_"):
+        raise ModelLoadError(f"{os.path.basename(path)!r} is {KIND_NAMES.get(kind, kind)}, but teacher family "
+                             f"{family} was given (it needs {'a Flux' if want == 'flux' else 'an SD3.5'} transformer "
+                             f"or all-in-one checkpoint).")
+    prefix = UNET_PREFIX if h.has("", UNET_PREFIX) else ""
+    _check_variant(_variant(h, prefix), family, repr(os.path.basename(path)))
+    # The converters accept the original keys with or without the prefix; diffusers-layout keys must lose it.
+    tensors = _read(path, keep=lambda k: k.startswith(prefix), rename=lambda k: k[len(prefix):])
+    return _single_file(_transformer_cls(family), tensors, path, config, "transformer", dtype, device,
+                        f"{family} transformer")
+
+
+def _text_from_folder(folder: str, sub: str, dtype, device):
+    import transformers
+
+    p = os.path.join(folder, sub, "config.json")
+    if not os.path.isfile(p):
+        raise ModelLoadError(f"The diffusers folder {folder!r} has no {sub}/ (give the text encoder file instead).")
+    with open(p) as f:
+        arch = (json.load(f).get("architectures") or ["CLIPTextModel"])[0]
+    return _from_folder(getattr(transformers, arch), folder, sub, dtype, device).eval()
