@@ -149,3 +149,17 @@ def test_accelerate_launch_trains_on_two_cpu_processes(tmp_path):
     meta = read_bridge_metadata(str(out / "bridge.safetensors"))
     assert meta["training_summary"]["processes"] == 2
     assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_flux_teacher_trains_with_double_and_single_block_attention(tmp_path, images):
+    result = BridgeTrainer(_cfg(tmp_path / "run", images, steps=30, val_every=30), demo_models(
+        teacher_family="flux_dev")).run()
+    rows = [r for r in _metrics(tmp_path / "run") if "rec" in r]
+    assert all(r["attn"] > 0 for r in rows)
+    assert sum(r["rec"] for r in rows[-5:]) < sum(r["rec"] for r in rows[:5])
+    sims = result["last_val"]["val"]["bridge"]
+    assert any(k.startswith("attn_sim/transformer_blocks.") for k in sims)
+    assert any(k.startswith("attn_sim/single_transformer_blocks.") for k in sims)
+    from bridge.checkpoint import read_bridge_metadata
+
+    assert read_bridge_metadata(result["bridge"])["teacher_space"]["name"] == "flux"

@@ -69,33 +69,38 @@ def _dtype(name: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def demo_models(seed: int = 0):
-    """Tiny SD1.5-like student VAE, SD3.5-like teacher (transformer, VAE, CLIP-L/G, T5), random init."""
+def demo_models(seed: int = 0, teacher_family: str | None = None):
+    """Tiny random-init models of the real classes: an SD1.5-like student VAE and an SD3.5-like teacher
+    (transformer, 16-channel VAE, CLIP-L/G, T5), or a Flux-dev-like one with teacher_family="flux_dev"."""
     import torch
 
     from . import tiny
     from ._bridge import spaces
     from .bridge_train import BridgeModels
-    from .teachers import SD3Teacher
-    from .text import encode_sd3
+    from .teachers import make_teacher
+    from .text import encode_for_family
 
+    family = teacher_family or "sd35_medium"
+    flux = family.startswith("flux")
+    if family not in ("sd35_medium", "flux_dev"):
+        raise ValueError(f"The tiny demo teacher is sd35_medium or flux_dev, not {family!r}.")
     torch.manual_seed(seed)
     student_vae = tiny.tiny_vae(4).eval().requires_grad_(False)
     teacher_vae = tiny.tiny_vae(16).eval().requires_grad_(False)
-    transformer = tiny.tiny_sd3_transformer("sd35").eval().requires_grad_(False)
-    text = {"clip_l": tiny.tiny_clip_text("L"), "clip_g": tiny.tiny_clip_text("G"), "t5": tiny.tiny_t5_text()}
-    toks = {"clip_l": tiny.tiny_clip_tokenizer(), "clip_g": tiny.tiny_clip_tokenizer(), "t5": tiny.tiny_t5_tokenizer()}
+    transformer = (tiny.tiny_flux_transformer() if flux else tiny.tiny_sd3_transformer("sd35")).eval()
+    text = {"clip_l": tiny.tiny_clip_text("L"), "t5": tiny.tiny_t5_text()}
+    toks = {"clip_l": tiny.tiny_clip_tokenizer(), "t5": tiny.tiny_t5_tokenizer()}
+    if not flux:
+        text["clip_g"], toks["clip_g"] = tiny.tiny_clip_text("G"), tiny.tiny_clip_tokenizer()
+    teacher = make_teacher(family, transformer.requires_grad_(False))
 
     def encode(prompts):
-        with torch.no_grad():
-            return encode_sd3(prompts, text["clip_l"], text["clip_g"], text["t5"], toks["clip_l"], toks["clip_g"],
-                              toks["t5"], max_t5_len=32)
+        return encode_for_family(family, prompts, text, toks, max_t5_len=32)
 
     return BridgeModels(
-        student_vae=student_vae, teacher_vae=teacher_vae, teacher=SD3Teacher(transformer, space=spaces.get_space("sd3")),
-        student_space=spaces.get_space("sd15"), teacher_space=spaces.get_space("sd3"),
-        encode_text=encode, free_text_encoders=text.clear,
-        description={"demo": True, "seed": seed, "student": "tiny sd15-like", "teacher": "tiny sd35-like"},
+        student_vae=student_vae, teacher_vae=teacher_vae, teacher=teacher, student_space=spaces.get_space("sd15"),
+        teacher_space=teacher.space, encode_text=encode, free_text_encoders=text.clear,
+        description={"demo": True, "seed": seed, "student": "tiny sd15-like", "teacher": f"tiny {family}-like"},
     )
 
 
@@ -180,7 +185,7 @@ def run(args) -> int:
             args.images = os.path.join(args.out, "images")
             if not os.path.isdir(args.images):
                 data.make_synthetic_images(args.images, n=48, size=256, seed=args.seed)
-        models = demo_models(args.seed)
+        models = demo_models(args.seed, args.teacher_family)
     else:
         if not args.images or not args.out:
             raise SystemExit("Bridge training needs --images FOLDER and --out FOLDER (or --demo).")
