@@ -165,7 +165,7 @@ def _read(path: str, keep=lambda k: True, rename=lambda k: k) -> dict:
 
     try:
         with safe_open(path, framework="pt") as f:
-            return {rename(k): f.get_tensor(k) for k in f.keys() if keep(k)}
+            return {rename(k): f.get_tensor(k) for k in f.keys() if keep(k)}  # noqa: SIM118 (not a dict)
     except Exception as e:
         raise ModelLoadError(f"Reading {os.path.basename(path)!r} failed (truncated or corrupt file?): {e}") from e
 
@@ -368,9 +368,10 @@ def _text_encoder_from_tensors(tensors: dict, path: str, config: str, subfolder:
         raise ModelLoadError(f"{os.path.basename(path)!r} holds no {kind} weights (no *{marker}); is it the right "
                              f"file? Text encoders are expected in transformers layout.")
     prefix = found[: -len(marker)]
+    prefix = prefix.removesuffix("text_model.")  # keep text_projection
 
     def canon(k):  # the name without `text_model.` (transformers 5.x CLIPTextModel keys have none)
-        return k[len("text_model."):] if k.startswith("text_model.") else k
+        return k.removeprefix("text_model.")
 
     index = {canon(k): k for k in expected}
     sd, unexpected = {}, []
@@ -388,10 +389,10 @@ def _text_encoder_from_tensors(tensors: dict, path: str, config: str, subfolder:
         for a, b in (("shared.weight", "encoder.embed_tokens.weight"), ("encoder.embed_tokens.weight", "shared.weight")):
             if a in expected and a not in sd and b in sd:
                 sd[a] = sd[b]
-    if "text_projection.weight" in expected and "text_projection.weight" not in sd and arch.endswith("Projection"):
-        if cfg.hidden_size == cfg.projection_dim and cfg.hidden_size == 768:
-            # SD3's CLIP-L files often lack the projection; diffusers and ComfyUI use the identity then.
-            sd["text_projection.weight"] = torch.eye(cfg.hidden_size, dtype=dtype)
+    # SD3's CLIP-L files (768 -> 768) often lack the projection; diffusers and ComfyUI use the identity then.
+    if "text_projection.weight" in expected and "text_projection.weight" not in sd and cfg.hidden_size == 768 \
+            and cfg.projection_dim == 768:
+        sd["text_projection.weight"] = torch.eye(768, dtype=dtype)
     missing = [k for k in expected if k not in sd and not k.endswith(_IGNORED_TEXT_KEYS)]
     if missing or unexpected:
         raise ModelLoadError(
@@ -456,11 +457,13 @@ def _has_tokenizer_files(path: str, kind: str) -> bool:
 
 
 def _tokenizer_from_dir(path: str, kind: str):
-    from transformers import CLIPTokenizer, T5TokenizerFast
+    from transformers import CLIPTokenizer, PreTrainedTokenizerFast, T5TokenizerFast
 
     try:
         if kind == "t5":
-            return T5TokenizerFast.from_pretrained(path, local_files_only=True)
+            # tokenizer.json is the exact tokenizer (whatever its model); spiece.model needs the T5 class.
+            cls = PreTrainedTokenizerFast if os.path.isfile(os.path.join(path, "tokenizer.json")) else T5TokenizerFast
+            return cls.from_pretrained(path, local_files_only=True)
         if kind == "clip_g":
             # SD3's CLIP-G pads with "!" (id 0), not with the end token like CLIP-L.
             return CLIPTokenizer.from_pretrained(path, local_files_only=True, pad_token="!")
@@ -498,7 +501,7 @@ def load_tokenizer(kind: str, source=None, folder: str | None = None, subfolder:
 
 # -------------------------------------------------------------------------------------------------- SD1.5
 
-def load_vae(path, family: str = "sd15", dtype=None, device=None, config: str | None = None) -> "AutoencoderKL":
+def load_vae(path, family: str = "sd15", dtype=None, device=None, config: str | None = None) -> AutoencoderKL:
     """One VAE (student "sd15" or a teacher family) from a VAE file, an all-in-one checkpoint or a diffusers folder
     (pipeline folder with vae/, or a VAE folder with config.json)."""
     from diffusers import AutoencoderKL
@@ -566,7 +569,7 @@ def load_sd15(path, components=("unet", "vae", "text_encoder", "tokenizer"), dty
         elif h.has("input_blocks."):
             tensors = _read(path, rename=lambda k: UNET_PREFIX + k)
         else:
-            tensors = _read(path, rename=lambda k: k[len(UNET_PREFIX):] if k.startswith(UNET_PREFIX) else k)
+            tensors = _read(path, rename=lambda k: k.removeprefix(UNET_PREFIX))
         out.unet = _single_file(UNet2DConditionModel, tensors, path, config, "unet", dtype, device, "SD1.5 UNet")
     if "vae" in components:
         out.vae = _vae_from_file(path, h, config, dtype, device, channels=4)
@@ -655,8 +658,7 @@ def load_teacher_models(family: str, transformer=None, vae=None, clip_l=None, cl
             tensors = _read(aio, keep=lambda k, p=TEXT_PREFIXES[kind][-1]: k.startswith(p))
             out.text_encoders[kind] = _text_encoder_from_tensors(tensors, aio, config, sub, dtype, device)
         else:
-            flag = {"clip_l": "clip_l", "clip_g": "clip_g", "t5": "t5"}[kind]
-            raise ModelLoadError(f"The {family} teacher needs the {kind} text encoder: give {flag}=... (ComfyUI "
+            raise ModelLoadError(f"The {family} teacher needs the {kind} text encoder: give {kind}=... (ComfyUI "
                                  f"models/text_encoders/{'t5xxl_fp16' if kind == 't5' else kind}.safetensors) or a "
                                  f"diffusers folder.")
         out.tokenizers[kind] = load_tokenizer(kind, tokenizers, folder=folder, subfolder=tok_sub)
