@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import folder_paths
 from comfy_api.latest import io
 
-from .specs import NONE, In, NodeSpec, Out
+from .specs import DIFFUSERS, NONE, In, NodeSpec, Out
 
 _BUILTIN = {
     "MODEL": io.Model,
@@ -35,11 +37,24 @@ def _folders(folder: str | tuple[str, ...]) -> tuple[str, ...]:
     return (folder,) if isinstance(folder, str) else tuple(folder)
 
 
+def _diffusers_models() -> dict[str, str]:
+    """ComfyUI's `diffusers` model folder holds model folders, not files: name (relative path) -> full path of each
+    folder with a model_index.json, found as ComfyUI's own Diffusers loader finds them."""
+    found = {}
+    for base in folder_paths.get_folder_paths(DIFFUSERS):
+        for root, _, files in os.walk(base, followlinks=True):
+            if "model_index.json" in files:
+                found.setdefault(os.path.relpath(root, base), root)
+    return found
+
+
 def folder_files(folder: str | tuple[str, ...]) -> list[str]:
-    """The files of one ComfyUI model folder, or of several merged (first folder first, no repeats)."""
+    """The files of one ComfyUI model folder, or of several merged (first folder first, no repeats); the
+    `diffusers` folder contributes its model folders."""
     names: list[str] = []
     for f in _folders(folder):
-        names += [n for n in folder_paths.get_filename_list(f) if n not in names]
+        found = sorted(_diffusers_models()) if f == DIFFUSERS else folder_paths.get_filename_list(f)
+        names += [n for n in found if n not in names]
     return names
 
 
@@ -48,7 +63,7 @@ def resolve_file(folder: str | tuple[str, ...], name: str | None) -> str | None:
     if not name or name == NONE:
         return None
     for f in _folders(folder):
-        path = folder_paths.get_full_path(f, name)
+        path = _diffusers_models().get(name) if f == DIFFUSERS else folder_paths.get_full_path(f, name)
         if path is not None:
             return path
     raise FileNotFoundError(f"{name!r} is not in the models folder(s) {', '.join(_folders(folder))}; refresh the "

@@ -21,6 +21,7 @@ WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 RANK_BY = ("combined", "denoise_error", "text_alignment")  # = training.scoring.RANK_BY (tested)
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
 NONE = "(none)"  # the "not given" choice of optional model-file combos
+DIFFUSERS = "diffusers"  # ComfyUI's folder of diffusers-format model folders; a combo from it lists the folders
 TEACHER_FAMILIES = ("sd35_medium", "sd35_large", "flux_dev", "flux_schnell")  # = training.bridge_cli's (tested)
 
 
@@ -186,19 +187,23 @@ def _teacher_inputs() -> tuple[In, ...]:
         In("teacher_family", "COMBO", options=TEACHER_FAMILIES, default="sd35_medium",
            tooltip="Which teacher the files below are: SD3.5 Medium/Large (CLIP-L + CLIP-G + T5) or Flux.1 dev/schnell "
                    "(CLIP-L + T5)."),
-        In("teacher_model", "COMBO", folder=("diffusion_models", "checkpoints"),
+        In("teacher_model", "COMBO", folder=("diffusion_models", "checkpoints", DIFFUSERS),
            tooltip="The teacher's diffusion model: a transformer file from models/diffusion_models (e.g. "
-                   "flux1-dev.safetensors) or a checkpoint from models/checkpoints (e.g. sd3.5_medium.safetensors)."),
+                   "flux1-dev.safetensors), a checkpoint from models/checkpoints (e.g. sd3.5_medium.safetensors), or "
+                   "a diffusers folder from models/diffusers (its VAE and text encoders are used where the inputs "
+                   "below are (none))."),
         In("teacher_vae", "COMBO", folder="vae", none_choice=True,
            tooltip="The teacher's VAE from models/vae (e.g. ae.safetensors for Flux). (none): the VAE inside the "
-                   "teacher checkpoint."),
+                   "teacher checkpoint or diffusers folder."),
         In("clip_l", "COMBO", folder="text_encoders", none_choice=True,
-           tooltip="CLIP-L text encoder from models/text_encoders (clip_l.safetensors); every teacher family needs it."),
+           tooltip="CLIP-L text encoder from models/text_encoders (clip_l.safetensors); every teacher family needs it "
+                   "((none): the one in a diffusers teacher folder)."),
         In("clip_g", "COMBO", folder="text_encoders", none_choice=True,
-           tooltip="CLIP-G text encoder (clip_g.safetensors); SD3.5 only, (none) for Flux."),
+           tooltip="CLIP-G text encoder (clip_g.safetensors); SD3.5 only: (none) for Flux or a diffusers teacher "
+                   "folder."),
         In("t5", "COMBO", folder="text_encoders", none_choice=True,
            tooltip="T5-XXL text encoder (t5xxl_fp16.safetensors or another precision of it); every teacher family "
-                   "needs it."),
+                   "needs it ((none): the one in a diffusers teacher folder)."),
     )
 
 
@@ -212,9 +217,9 @@ TRAIN_BRIDGE = NodeSpec(
                 "saves a resumable state there, and running again with resume on continues from it. Long-running: "
                 "watch the progress bar and its validation previews.",
     inputs=(
-        In("student_checkpoint", "COMBO", folder="checkpoints", none_choice=True,
-           tooltip="The student's SD1.5 checkpoint (models/checkpoints): only its VAE is used. (none) when a "
-                   "student_vae file is given."),
+        In("student_checkpoint", "COMBO", folder=("checkpoints", DIFFUSERS), none_choice=True,
+           tooltip="The student's SD1.5 checkpoint (models/checkpoints, or a diffusers folder in models/diffusers): "
+                   "only its VAE is used. (none) when a student_vae file is given."),
         In("student_vae", "COMBO", folder="vae", none_choice=True,
            tooltip="An SD1.5 VAE file from models/vae; overrides the checkpoint's VAE. The Bridge is tied to this "
                    "decoder."),
@@ -232,8 +237,11 @@ TRAIN_BRIDGE = NodeSpec(
            tooltip="Weight of the attention-fidelity loss (the teacher's attention on bridged vs real latents); 0 "
                    "trains on latent reconstruction alone."),
         In("student_res", "INT", default=512, min=64, max=4096, step=8,
-           tooltip="Student image size in pixels (512 for SD1.5); the teacher sees the same images at twice this size."),
-        In("seed", "INT", default=0, min=0, max=0xFFFFFFFF, step=1,
+           tooltip="Student image size in pixels (512 for SD1.5); the teacher sees the same images at twice this "
+                   "size."),
+        # Not named "seed": the web UI gives an INT called seed a "control after generate" widget that would change
+        # it after every run, and a resumed run must keep its seed.
+        In("train_seed", "INT", default=0, min=0, max=0xFFFFFFFF, step=1,
            tooltip="Seed of the projector init, data order and noise; keep it when resuming."),
         In("resume", "BOOLEAN", default=True,
            tooltip="Continue the run in output/csd_runs/bridge_<output_name> if it has a saved state (e.g. after a "
@@ -257,9 +265,9 @@ DISTILL_STUDENT = NodeSpec(
                 "checkpoint for Load Checkpoint + One-Step Student Sampler. The run folder is "
                 "output/csd_runs/distill_<output_name>: cancelling saves a resumable state there.",
     inputs=(
-        In("student_checkpoint", "COMBO", folder="checkpoints",
-           tooltip="The SD1.5 checkpoint the student starts from (its UNet is trained; its VAE and CLIP go into the "
-                   "exported checkpoint)."),
+        In("student_checkpoint", "COMBO", folder=("checkpoints", DIFFUSERS),
+           tooltip="The SD1.5 checkpoint the student starts from (models/checkpoints, or a diffusers folder in "
+                   "models/diffusers): its UNet is trained; its VAE and CLIP go into the exported checkpoint."),
         In("bridge_name", "COMBO", folder="bridges",
            tooltip="A Bridge from models/bridges trained for this student VAE and this teacher (see Train Bridge)."),
         *_teacher_inputs(),
@@ -281,8 +289,8 @@ DISTILL_STUDENT = NodeSpec(
         In("guidance", "FLOAT", default=4.5, min=0.0, max=30.0, step=0.1,
            tooltip="Guidance of the real score: CFG scale for SD3.5 (4.5 is usual), guidance embedding for Flux dev "
                    "(3.5 is usual)."),
-        In("seed", "INT", default=0, min=0, max=0xFFFFFFFF, step=1,
-           tooltip="Seed of the training noise and prompt order; keep it when resuming."),
+        In("train_seed", "INT", default=0, min=0, max=0xFFFFFFFF, step=1,
+           tooltip="Seed of the training noise and prompt order; keep it when resuming (not a per-run seed)."),
         In("output_name", "STRING", default="sd15_one_step",
            tooltip="Name of the exported checkpoint in models/checkpoints (.safetensors is added) and of the run "
                    "folder."),

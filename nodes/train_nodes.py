@@ -60,11 +60,18 @@ def input_path(path: str, what: str, folder: bool) -> str:
     return full
 
 
-def teacher_files(teacher_model, teacher_vae, clip_l, clip_g, t5) -> dict:
+def model_path(spec: specs.NodeSpec, input_id: str, choice: str) -> str | None:
+    """Full path of a model-file choice, looked up in the folder(s) the input lists (None for (none))."""
+    folder = next(i.folder for i in spec.inputs if i.id == input_id)
+    return resolve_file(folder, choice)
+
+
+def teacher_files(spec: specs.NodeSpec, teacher_model, teacher_vae, clip_l, clip_g, t5) -> dict:
     """Full paths of the teacher's files (None where (none) was chosen), as the library loaders take them."""
-    return dict(teacher=resolve_file(("diffusion_models", "checkpoints"), teacher_model),
-                teacher_vae=resolve_file("vae", teacher_vae), clip_l=resolve_file("text_encoders", clip_l),
-                clip_g=resolve_file("text_encoders", clip_g), t5=resolve_file("text_encoders", t5))
+    chosen = dict(teacher_model=teacher_model, teacher_vae=teacher_vae, clip_l=clip_l, clip_g=clip_g, t5=t5)
+    paths = {k: model_path(spec, k, v) for k, v in chosen.items()}
+    paths["teacher"] = paths.pop("teacher_model")
+    return paths
 
 
 def run_dir(kind: str, name: str) -> str:
@@ -160,22 +167,24 @@ class TrainBridge(io.ComfyNode):
 
     @classmethod
     def execute(cls, student_checkpoint, student_vae, teacher_family, teacher_model, teacher_vae, clip_l, clip_g, t5,
-                images, output_name, steps, batch_size, lr, attn_weight, student_res, seed, resume) -> io.NodeOutput:
+                images, output_name, steps, batch_size, lr, attn_weight, student_res, train_seed,
+                resume) -> io.NodeOutput:
         from ..training import loop
         from ..training.bridge_cli import load_real_models
         from ..training.bridge_train import BridgeTrainConfig, BridgeTrainer
 
         name = checked_name(output_name)
-        student = resolve_file("checkpoints", student_checkpoint)
-        vae = resolve_file("vae", student_vae)
+        spec = specs.TRAIN_BRIDGE
+        student = model_path(spec, "student_checkpoint", student_checkpoint)
+        vae = model_path(spec, "student_vae", student_vae)
         if student is None and vae is None:
             raise ValueError("Train Bridge needs the student's VAE: choose an SD1.5 student_checkpoint or a "
                              "student_vae file.")
-        files = teacher_files(teacher_model, teacher_vae, clip_l, clip_g, t5)
+        files = teacher_files(spec, teacher_model, teacher_vae, clip_l, clip_g, t5)
         out_dir = run_dir("bridge", name)
         config = BridgeTrainConfig(out_dir=out_dir, images=input_path(images, "images", folder=True), steps=steps,
                                    batch_size=batch_size, lr=lr, warmup_steps=_warmup(steps), attn_weight=attn_weight,
-                                   k=2, student_res=student_res, teacher_res=2 * student_res, seed=seed,
+                                   k=2, student_res=student_res, teacher_res=2 * student_res, seed=train_seed,
                                    resume=resume)
         config.validate()  # before minutes of model loading
         stop = loop.StopFlag()
@@ -199,15 +208,16 @@ class DistillStudent(io.ComfyNode):
 
     @classmethod
     def execute(cls, student_checkpoint, bridge_name, teacher_family, teacher_model, teacher_vae, clip_l, clip_g, t5,
-                prompts, prompts_file, steps, batch_size, resolution, student_lr, fake_lr, guidance, seed,
+                prompts, prompts_file, steps, batch_size, resolution, student_lr, fake_lr, guidance, train_seed,
                 output_name, resume) -> io.NodeOutput:
         from ..training import loop
         from ..training.distill import DistillConfig, Distiller, load_real_models, parse_prompts, read_prompts
         from ..training.export import export_sd15
 
         name = checked_name(output_name)
-        student = folder_paths.get_full_path_or_raise("checkpoints", student_checkpoint)
-        bridge = folder_paths.get_full_path_or_raise(BRIDGES_FOLDER, bridge_name)
+        spec = specs.DISTILL_STUDENT
+        student = model_path(spec, "student_checkpoint", student_checkpoint)
+        bridge = model_path(spec, "bridge_name", bridge_name)
         dest = os.path.join(folder_paths.models_dir, "checkpoints", name + ".safetensors")
         if os.path.abspath(dest) == os.path.abspath(student):
             raise ValueError(f"output_name {name!r} would overwrite the student checkpoint it starts from; choose "
@@ -216,11 +226,11 @@ class DistillStudent(io.ComfyNode):
             prompt_list = read_prompts(input_path(prompts_file, "prompts_file", folder=False))
         else:
             prompt_list = parse_prompts(prompts, "The prompts text")
-        files = teacher_files(teacher_model, teacher_vae, clip_l, clip_g, t5)
+        files = teacher_files(spec, teacher_model, teacher_vae, clip_l, clip_g, t5)
         out_dir = run_dir("distill", name)
         config = DistillConfig(out_dir=out_dir, prompts=prompt_list, steps=steps, batch_size=batch_size,
                                resolution=resolution, guidance=guidance, student_lr=student_lr, fake_lr=fake_lr,
-                               seed=seed, resume=resume)
+                               seed=train_seed, resume=resume)
         config.validate()
         stop = loop.StopFlag()
         progress = ComfyProgress(steps, stop)

@@ -151,8 +151,36 @@ class Conditioning:
         return ([[t["cond"], extra]],)
 
 
+class InterruptAt:
+    """Passes a string through and arms a one-shot cancel: the first progress update at or past `step` sets
+    ComfyUI's interrupt flag, exactly what the queue's Cancel button (POST /interrupt) does, at a known step."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {}), "step": ("INT", {"default": 2, "min": 1, "max": 1000000})}}
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "arm"
+    CATEGORY = "csd_tests"
+
+    @classmethod
+    def IS_CHANGED(cls, text, step):
+        return float("nan")  # armed on every run
+
+    def arm(self, text, step):
+        original = comfy.utils.PROGRESS_BAR_HOOK
+
+        def hook(value, total, preview, prompt_id=None, node_id=None):
+            if comfy.utils.PROGRESS_BAR_HOOK is hook and value >= step:
+                comfy.utils.set_progress_bar_global_hook(original)  # one shot
+                mm.interrupt_current_processing(True)
+            return original(value, total, preview, prompt_id=prompt_id, node_id=node_id)
+
+        comfy.utils.set_progress_bar_global_hook(hook)
+        return (text,)
+
+
 NODE_CLASS_MAPPINGS = {"CSDTest_TinySD15": TinySD15, "CSDTest_TinyTeacherCheckpoint": TinyTeacherCheckpoint,
-                       "CSDTest_TinyVAE": TinyVAE, "CSDTest_TinyFlux": TinyFlux, "CSDTest_Conditioning": Conditioning}
+                       "CSDTest_TinyVAE": TinyVAE, "CSDTest_TinyFlux": TinyFlux, "CSDTest_Conditioning": Conditioning,
+                       "CSDTest_InterruptAt": InterruptAt}
 '''
 
 # comfy.sd.VAE config for the tiny 4-channel test VAE (ComfyUI's GroupNorm has 32 groups: widths of 32).
@@ -288,11 +316,41 @@ def tiny(tmp_path_factory):
     }
     for name, tensors in conds.items():
         paths[name] = _save(files / f"{name}.safetensors", tensors)
+    _save_training_models(base, unet, vae, sd35, vae16)
     teacher_latent = torch.randn(4, 16, 8, 8, generator=g) * 0.8 + 0.1  # raw teacher-space latents
     _save_latent(base / "input" / "teacher.latent", teacher_latent)
     _save_latent(base / "input" / "student.latent", torch.randn(3, 4, 8, 8, generator=g))
     return dict(base=base, paths=paths, conds=conds, unet=unet, vae=vae, sd35=sd35, flux=flux, bridge=bridge,
                 teacher_latent=teacher_latent)
+
+
+TRAIN_STUDENT, TRAIN_TEACHER, TRAIN_IMAGES = "tiny_sd15", "tiny_sd35", "it_images"
+
+
+def _save_training_models(base: Path, unet, vae, sd35, vae16) -> None:
+    """What the training nodes load with the library (diffusers classes, not ComfyUI's): the same tiny SD1.5 UNet/VAE
+    and SD3.5 transformer/VAE as diffusers folders in models/diffusers (ComfyUI's folder for them; our loaders read
+    a folder's own configs, while single files are read with the shipped real-size configs), with tiny text
+    encoders; and a folder of captioned images."""
+    from diffusers import (DDPMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline,
+                           StableDiffusionPipeline)
+
+    from training import data, tiny
+
+    torch.manual_seed(2)
+    folders = base / "models" / "diffusers"
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                          steps_offset=1, clip_sample=False)
+    StableDiffusionPipeline(vae=vae, text_encoder=tiny.tiny_clip_text("L"), tokenizer=tiny.tiny_clip_tokenizer(),
+                            unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folders / TRAIN_STUDENT)
+    StableDiffusion3Pipeline(
+        transformer=sd35, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae16,
+        text_encoder=tiny.tiny_clip_text("L", with_projection=True), tokenizer=tiny.tiny_clip_tokenizer(),
+        text_encoder_2=tiny.tiny_clip_text("G"), tokenizer_2=tiny.tiny_clip_tokenizer(),
+        text_encoder_3=tiny.tiny_t5_text(), tokenizer_3=tiny.tiny_t5_tokenizer(),
+    ).save_pretrained(folders / TRAIN_TEACHER)
+    data.make_synthetic_images(base / "input" / TRAIN_IMAGES, n=6, size=128, seed=0)
 
 
 def _prepare_base(base: Path) -> None:
@@ -620,6 +678,10 @@ def tinyfy(prompt: dict, p: dict) -> dict:
             del prompt[nid]
         elif ct == "CSD_OneStepSampler":
             inp.update(width=64, height=64)
+        elif ct in ("CSD_TrainBridge", "CSD_DistillStudent"):
+            inp.update(_tiny_training(inp["teacher_family"]), steps=2, batch_size=2,
+                       output_name=f"it_workflow_{inp['output_name']}")
+            inp.update(images=TRAIN_IMAGES, student_res=64) if ct == "CSD_TrainBridge" else inp.update(resolution=64)
     for nid, node in prompt.items():
         if node["class_type"] == "CLIPTextEncode":
             fam = family[node["inputs"]["clip"][0]]
@@ -627,6 +689,14 @@ def tinyfy(prompt: dict, p: dict) -> dict:
                                                                       "sd3_pos")
             prompt[nid] = {"class_type": "CSDTest_Conditioning", "inputs": {"path": p[name]}}
     return prompt
+
+
+def _tiny_training(family: str) -> dict:
+    """The training nodes' model choices for the tiny diffusers folders (the teacher folder holds its own VAE and
+    text encoders, so those inputs are (none))."""
+    assert family.startswith("sd35"), "only a tiny SD3.5 teacher folder is prepared"
+    return dict(student_checkpoint=TRAIN_STUDENT, teacher_model=TRAIN_TEACHER, teacher_vae="(none)", clip_l="(none)",
+                clip_g="(none)", t5="(none)")
 
 
 def _images(comfy, entry: dict, node_id: str) -> list:
@@ -649,6 +719,12 @@ def test_reference_workflow_runs_on_tiny_models(comfy, tiny, name):
     outputs = entry["outputs"]
     image_nodes = [i for i, n in ui.items() if n["type"] in ("SaveImage", "PreviewImage")]
     assert image_nodes and set(image_nodes) <= set(outputs)
+    if name.startswith(("5_", "6_")):  # training: the result file is written and its name shown; a preview grid
+        folder = "bridges" if name.startswith("5_") else "checkpoints"
+        shown = next(o["text"][0] for o in outputs.values() if "text" in o)
+        assert shown.startswith("it_workflow_") and (comfy.base / "models" / folder / shown).is_file()
+        assert all(_images(comfy, entry, i) for i in image_nodes)
+        return
     for i in image_nodes:
         sizes = _images(comfy, entry, i)
         # Student images are 64 px; everything decoded by a teacher VAE comes from a Bridge (k = 2): 128 px.
@@ -661,3 +737,83 @@ def test_reference_workflow_runs_on_tiny_models(comfy, tiny, name):
         assert len(_images(comfy, entry, save)) == 2  # best 2 of 8
         table = next(o["text"][0] for o in outputs.values() if "text" in o)
         assert len(table.splitlines()) == 2 + 8
+
+
+# ---------------------------------------------------------------------------------------------- training nodes
+
+def _train_bridge_prompt(name: str, steps: int, images) -> dict:
+    return {
+        "1": {"class_type": "CSD_TrainBridge", "inputs": {
+            **_tiny_training("sd35_medium"), "student_vae": "(none)", "teacher_family": "sd35_medium",
+            "images": images, "output_name": name, "steps": steps, "batch_size": 2, "lr": 1e-3, "attn_weight": 0.1,
+            "student_res": 64, "train_seed": 0, "resume": True}},
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}},
+    }
+
+
+def _state_step(path: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return int(json.loads(f.metadata()["state"])["extra"]["step"])
+
+
+def test_training_nodes_in_object_info(comfy):
+    info = comfy.get("/object_info")
+    for node_id in ("CSD_TrainBridge", "CSD_DistillStudent"):
+        node = info[node_id]
+        assert node["output_node"] is True and node["category"] == "cross-space/training"
+        required = node["input"]["required"]
+        assert all(opts.get("tooltip") for _, opts in required.values()), node_id
+        assert node["output"] == ["STRING", "IMAGE"] and all(node["output_tooltips"])
+        # Model choices come from ComfyUI's folders, diffusers model folders included; optional files start
+        # with (none).
+        assert TRAIN_STUDENT in required["student_checkpoint"][1]["options"]
+        assert TRAIN_TEACHER in required["teacher_model"][1]["options"]
+        assert "tiny_sd35.safetensors" in required["teacher_model"][1]["options"]  # models/diffusion_models
+        assert required["clip_g"][1]["options"][0] == "(none)"
+    assert "sd15_to_sd35.safetensors" in info["CSD_DistillStudent"]["input"]["required"]["bridge_name"][1]["options"]
+
+
+def test_train_bridge_cancel_resume_and_use(comfy, tiny):
+    """Cancel after step 2 of 3: the prompt ends as interrupted, the run folder holds a training state at step 2 and
+    nothing is published. Queueing again resumes at step 2 and finishes: the Bridge lands in models/bridges, loads
+    with the library, and Load Bridge + Bridge Project use it with the decoder it was trained behind."""
+    from bridge import load_bridge, read_bridge_metadata
+
+    run = comfy.base / "output" / "csd_runs" / "bridge_it_cancel"
+    published = comfy.base / "models" / "bridges" / "it_cancel.safetensors"
+    prompt = _train_bridge_prompt("it_cancel", 3, ["9", 0])
+    prompt["9"] = {"class_type": "CSDTest_InterruptAt", "inputs": {"text": TRAIN_IMAGES, "step": 2}}
+    entry = comfy.run(prompt)
+    events = [ev for ev, _ in entry["status"]["messages"]]
+    assert entry["status"]["status_str"] == "error" and "execution_interrupted" in events, _errors(entry)
+    assert _state_step(run / "train_state.safetensors") == 2
+    assert not published.exists()
+
+    entry = comfy.run_ok(_train_bridge_prompt("it_cancel", 3, TRAIN_IMAGES))
+    assert "3 steps (resumed from 2)" in comfy.log_tail(200)
+    assert _state_step(run / "train_state.safetensors") == 3
+    assert entry["outputs"]["2"]["text"] == ["it_cancel.safetensors"]
+    assert _images(comfy, entry, "3")  # the validation grid
+    assert read_bridge_metadata(published)["training_summary"]["steps"] == 3
+    trained = load_bridge(published, student_vae=tiny["vae"])
+    assert trained.teacher_space.name == "sd3" and trained.k == 2
+
+    use = {
+        "1": _tiny_student(tiny["paths"]),
+        "2": {"class_type": "LoadLatent", "inputs": {"latent": "student.latent"}},
+        "3": {"class_type": "CSD_LoadBridge", "inputs": {"bridge_name": "it_cancel.safetensors"}},
+        "4": {"class_type": "CSD_BridgeProject", "inputs": {"bridge": ["3", 0], "vae": ["1", 2], "latent": ["2", 0],
+                                                             "chunk_size": 4}},
+        "5": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": "it/trained"}},
+    }
+    comfy.run_ok(use)
+    from safetensors.torch import load_file
+
+    student_latent = load_file(str(comfy.base / "input" / "student.latent"))["latent_tensor"]
+    with torch.no_grad():
+        expected = trained(student_latent)  # diffusers decode + the trained projector, in this process
+    torch.testing.assert_close(comfy.output_latent("it/trained"), expected, rtol=1e-3, atol=1e-3)
+    assert "different student VAE" not in comfy.log_tail(200)  # trained behind this very decoder

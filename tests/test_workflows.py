@@ -265,3 +265,12 @@ def test_every_node_executes_with_its_schemas_inputs():
     assert set(params) == set(specs.BY_ID)
     for node_id, names in params.items():
         assert names == [i.id for i in specs.BY_ID[node_id].inputs], node_id
+
+
+def test_no_seed_named_widget_without_its_control():
+    """The web UI adds a "control after generate" widget to every INT input named seed or noise_seed (so a workflow
+    stores two values for it): such an input must say so in its spec, or the workflow widget counts would be off."""
+    for spec in specs.ALL:
+        for i in spec.inputs:
+            if i.id in ("seed", "noise_seed"):
+                assert i.control_after_generate, f"{spec.node_id}.{i.id}"
