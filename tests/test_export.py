@@ -97,8 +97,6 @@ def test_single_file_export_loads_back_with_from_single_file(parts, tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
-    pytest.importorskip("training.convert", reason="training.convert (shared contract, other owner) is not in the "
-                                                   "tree yet")
 
     config = export_diffusers(tmp_path / "config", parts["student"].unet, parts["vae"], parts["text_encoder"],
                               parts["tokenizer"])
@@ -124,8 +122,6 @@ def test_single_file_export_loads_back_with_from_single_file(parts, tmp_path):
 def test_sample_command_writes_the_students_images(parts, tmp_path):
     from PIL import Image
 
-    pytest.importorskip("training.loading", reason="training.loading (shared contract, other owner) is not in the "
-                                                   "tree yet")
 
     from training import sample
     from training.run import build_parser

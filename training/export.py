@@ -134,7 +134,8 @@ def export_sd15(student: OneStepStudent | str, base, single_file: str | None = N
     if isinstance(student, (str, os.PathLike)):
         student = load_student_unet(student)
     unet = student.merged_unet() if isinstance(student, OneStepStudent) else student
-    parts = loading.load_sd15(base, components=("vae", "text_encoder", "tokenizer"))
+    # The tokenizer is only needed for the diffusers folder (a single file has none, and may have no tokenizer nearby).
+    parts = loading.load_sd15(base, components=("vae", "text_encoder") + (("tokenizer",) if folder else ()))
     out = {}
     if single_file is not None:
         out["single_file"] = export_single_file(single_file, unet, parts.vae, parts.text_encoder, dtype=dtype)
