@@ -147,3 +147,13 @@ def test_no_heavy_imports_at_module_level():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == "[]"
+
+
+def test_jsonl_logger_drops_lines_after_the_resumed_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = loop.JsonlLogger(path)
+    for step in (1, 2, 3, 4):
+        log.log({"step": step, "loss": float(step)})
+    loop.JsonlLogger(path, resume_step=2).log({"step": 3, "loss": 30.0})
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]

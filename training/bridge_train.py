@@ -371,7 +371,8 @@ class BridgeTrainer:
             start = int(extra["step"])
             self.nan_guard.skipped_total = int(extra.get("nan_skipped", 0))
         self.bridge.projector, self.opt = self.accel.prepare(self.bridge.projector, self.opt)
-        log = loop.JsonlLogger(os.path.join(cfg.out_dir, "metrics.jsonl")) if self.accel.is_main_process else None
+        log = (loop.JsonlLogger(os.path.join(cfg.out_dir, "metrics.jsonl"), resume_step=start)
+               if self.accel.is_main_process else None)
         progress = self.progress or loop.ProgressReporter(total=cfg.steps, desc="bridge",
                                                           disable=not self.accel.is_main_process)
         progress.start(start)

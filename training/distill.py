@@ -444,7 +444,7 @@ class Distiller:
         c = self.cfg
         start = self.prepare()
         main = self.accel.is_main_process
-        log = loop.JsonlLogger(os.path.join(c.out_dir, "metrics.jsonl")) if main else None
+        log = loop.JsonlLogger(os.path.join(c.out_dir, "metrics.jsonl"), resume_step=start) if main else None
         progress = self.progress or loop.ProgressReporter(total=c.steps, desc="distill", disable=not main)
         progress.start(start)
         result: dict = {"resumed_from": start, "out_dir": c.out_dir}

@@ -80,11 +80,22 @@ def _plain(value):
 
 
 class JsonlLogger:
-    """Appends one JSON object per line (a resumed run continues the same file); each line is flushed."""
+    """Appends one JSON object per line (a resumed run continues the same file); each line is flushed.
 
-    def __init__(self, path):
+    `resume_step`: drop lines logged after that step (a hard crash can leave steps the resumed run repeats)."""
+
+    def __init__(self, path, resume_step: int | None = None):
         self.path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                lines = [line for line in f if line.strip()]
+            keep = [line for line in lines if json.loads(line).get("step", 0) <= resume_step]
+            if len(keep) != len(lines):
+                tmp = self.path + ".tmp"
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.writelines(keep)
+                os.replace(tmp, self.path)
 
     def log(self, row: dict) -> None:
         line = json.dumps(_plain(row))
