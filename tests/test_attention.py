@@ -11,14 +11,6 @@ from training.text import TextCond
 N_TEXT = 7
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _teacher(kind: str):
     torch.manual_seed(0)
     if kind == "flux":

@@ -13,14 +13,6 @@ from training.loading import config_dir
 from training.tiny import tiny_clip_text, tiny_unet, tiny_vae
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def sd15_like_unet():
     """SD1.5's block structure (3 CrossAttnDown + Down, 2 layers per block), narrow."""
     from diffusers import UNet2DConditionModel

@@ -9,15 +9,6 @@ from training import dmd
 from training.closed_form import ClosedFormTeacher
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These runs are many tiny ops: one thread is several times faster than two fighting over 2 shared cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------------------------------------- closed form
 
 def _random_teacher(shape=(16, 2, 2), rank=6, seed=0, **kw):

@@ -5,15 +5,6 @@ from training.dmd import (dmd_gradient, distribution_matching_loss, flow_matchin
                           sample_guidance, sample_timesteps, vsd_gradient)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Many small ops: one thread is several times faster than two fighting over 2 shared cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _step(x0, loss_fn, lr):
     """One plain gradient-descent step on x with a loss built from x."""
     x = x0.clone().requires_grad_(True)

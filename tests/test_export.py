@@ -9,15 +9,6 @@ from training.student import OneStepStudent
 from training.tiny import tiny_clip_text, tiny_clip_tokenizer, tiny_unet, tiny_vae
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Many small ops: one thread is several times faster than two fighting over 2 shared cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def parts():
     torch.manual_seed(0)

@@ -29,12 +29,9 @@ from training.tiny import (
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
+def _no_comfyui(monkeypatch):
+    # Tokenizer lookup must not find a developer's ComfyUI checkout.
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _save(tensors, path):

@@ -108,8 +108,10 @@ def test_lr_schedule_warms_up_then_decays():
     assert all(a > b for a, b in itertools.pairwise(lrs[4:])) and lrs[-1] < 0.05
 
 
-def test_autocast_is_off_on_cpu():
-    with loop.autocast_context("cpu"):
+def test_accelerator_is_full_precision_on_cpu():
+    accel = loop.make_accelerator("auto")
+    assert accel.mixed_precision == "no" and accel.device.type == "cpu"
+    with accel.autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 

@@ -6,15 +6,6 @@ from training.student import OneStepStudent, alphas_cumprod, eps_to_x0, x0_to_ep
 from training.tiny import tiny_unet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Many small ops: one thread is several times faster than two fighting over 2 shared cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _student(**kw):
     return OneStepStudent(tiny_unet(**kw))
 

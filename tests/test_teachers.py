@@ -13,14 +13,6 @@ from training.text import TextCond, encode_flux, encode_for_family, encode_sd3, 
 PROMPTS = ["a red cube", "two blue spheres on green grass"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _sd3(variant="sd35"):
     torch.manual_seed(0)
     return tiny.tiny_sd3_transformer(variant).eval()

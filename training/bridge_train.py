@@ -133,13 +133,7 @@ class BridgeTrainer:
         self.stop = stop or loop.StopFlag()
         os.makedirs(config.out_dir, exist_ok=True)
         self.cache_dir = config.cache_dir or os.path.join(config.out_dir, "cache")
-
-        from accelerate import Accelerator
-
-        mp = config.mixed_precision
-        if mp == "auto":
-            mp = "bf16" if torch.cuda.is_available() else "no"
-        self.accel = Accelerator(mixed_precision=mp)
+        self.accel = loop.make_accelerator(config.mixed_precision)
         self.device = self.accel.device
 
     # ---- setup ----

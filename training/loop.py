@@ -206,11 +206,14 @@ def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps
     return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
-def autocast_context(device, enabled: bool = True):
-    """bf16 autocast on CUDA; nothing on CPU (fp32 there)."""
-    if enabled and torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def make_accelerator(mixed_precision: str = "auto"):
+    """accelerate's Accelerator for a trainer: "auto" = bf16 on CUDA, full precision on CPU; DDP under
+    `accelerate launch`."""
+    from accelerate import Accelerator
+
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    return Accelerator(mixed_precision=mixed_precision)
 
 
 # ---------------------------------------------------------------------------------------------- image grids
