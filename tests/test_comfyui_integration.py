@@ -679,7 +679,7 @@ def tinyfy(prompt: dict, p: dict) -> dict:
         elif ct == "CSD_OneStepSampler":
             inp.update(width=64, height=64)
         elif ct in ("CSD_TrainBridge", "CSD_DistillStudent"):
-            inp.update(_tiny_training(inp["teacher_family"]), steps=2, batch_size=2,
+            inp.update(_tiny_training(inp["teacher_family"]), steps=1, batch_size=1,
                        output_name=f"it_workflow_{inp['output_name']}")
             inp.update(images=TRAIN_IMAGES, student_res=64) if ct == "CSD_TrainBridge" else inp.update(resolution=64)
     for nid, node in prompt.items():
@@ -742,10 +742,11 @@ def test_reference_workflow_runs_on_tiny_models(comfy, tiny, name):
 # ---------------------------------------------------------------------------------------------- training nodes
 
 def _train_bridge_prompt(name: str, steps: int, images) -> dict:
+    # Reconstruction only (attention fidelity runs in workflow 5's test): the teacher passes are most of the CPU time.
     return {
         "1": {"class_type": "CSD_TrainBridge", "inputs": {
             **_tiny_training("sd35_medium"), "student_vae": "(none)", "teacher_family": "sd35_medium",
-            "images": images, "output_name": name, "steps": steps, "batch_size": 2, "lr": 1e-3, "attn_weight": 0.1,
+            "images": images, "output_name": name, "steps": steps, "batch_size": 2, "lr": 1e-3, "attn_weight": 0.0,
             "student_res": 64, "train_seed": 0, "resume": True}},
         "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
         "3": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}},
