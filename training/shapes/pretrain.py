@@ -2,10 +2,14 @@
 
     python -m training.shapes.pretrain --out assets/shapes            # the shipped world (about an hour)
     python -m training.shapes.pretrain --out /tmp/world --quick       # a seconds-long smoke run
+    python -m training.shapes.pretrain --out assets/shapes --continue-teacher   # only the teacher's 2nd phase
 
 Stages (each timed in report.json): text encoders, judge, student VAE, teacher VAE, latent datasets and
-latent-space numbers, teacher (rectified flow), student base (SD1.5 schedule), evaluation of the *saved*
-weights (reloaded, so the numbers are those of what ships). Same seed + same thread count => same weights.
+latent-space numbers, teacher (rectified flow, two phases: a cosine cycle from scratch, then a second,
+lower-rate cosine cycle from the saved first-phase weights), student base (SD1.5 schedule), evaluation of the
+*saved* weights (reloaded, so the numbers are those of what ships). Same seed + same thread count => same
+weights. --continue-teacher reruns only the teacher's second phase (and the evaluation) on a built world:
+what a full rebuild does after its first phase, so both paths give the same teacher.
 """
 
 from __future__ import annotations
@@ -22,15 +26,22 @@ DEFAULTS = dict(
     student_vae_steps=4000, teacher_vae_steps=2000, vae_batch=8, kl_weight=1e-5,
     n_train=12000,
     teacher_steps=3000, teacher_batch=128, teacher_lr=1e-3, teacher_train_shift=3.0,
+    # The first cycle ends with the loss still falling and shapes half-learned (circle vs square); a second,
+    # lower-rate cycle from its weights is what brings the teacher above 90% prompt accuracy.
+    teacher_finetune_steps=3000, teacher_finetune_lr=3e-4,
     student_steps=3000, student_batch=128, student_lr=1e-3,
-    teacher_cfg=4.0, teacher_shift=1.0, teacher_sampling_steps=20,
-    student_cfg=4.0, student_sampling_steps=25,
+    # CFG 0 = chosen per model from CFG_CHOICES on validation prompts (the same procedure for both).
+    teacher_cfg=0.0, teacher_shift=1.0, teacher_sampling_steps=20,
+    student_cfg=0.0, student_sampling_steps=25,
     eval_samples=500,
 )
+CFG_CHOICES = (1.5, 2.0, 3.0, 4.0, 6.0)
+SAMPLING_KEYS = {"teacher_cfg", "teacher_shift", "teacher_sampling_steps", "student_cfg", "student_sampling_steps",
+                 "eval_samples"}
 # Same models, a handful of steps: checks the pipeline end to end, not quality.
-QUICK = dict(DEFAULTS, judge_steps=2, judge_batch=16, student_vae_steps=2, teacher_vae_steps=2, vae_batch=4, n_train=32, teacher_steps=2,
+QUICK = dict(DEFAULTS, judge_steps=2, judge_batch=16, student_vae_steps=2, teacher_vae_steps=2, vae_batch=4, n_train=32, teacher_steps=2, teacher_finetune_steps=2,
              teacher_batch=8, student_steps=2, student_batch=8, teacher_sampling_steps=2, student_sampling_steps=2,
-             eval_samples=8)
+             teacher_cfg=4.0, student_cfg=4.0, eval_samples=8)
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -89,7 +100,11 @@ def stage_vae(out: str, who: str, cfg: dict, seed: int, threads: int) -> dict:
     return {"parameters": _count(vae), "seconds": time.perf_counter() - t0}
 
 
-def stage_teacher(out: str, data_path: str, cfg: dict, seed: int, threads: int) -> dict:
+def stage_teacher(out: str, data_path: str, cfg: dict, seed: int, threads: int, second_phase_only: bool = False) -> dict:
+    """Phase 1 from scratch (saved), phase 2 from the *saved* phase-1 weights (float16-rounded, exactly what
+    --continue-teacher starts from), saved again."""
+    import torch
+    from diffusers import SD3Transformer2DModel
     from safetensors.torch import load_file
 
     from . import models
@@ -98,11 +113,20 @@ def stage_teacher(out: str, data_path: str, cfg: dict, seed: int, threads: int) 
     _setup(threads, seed)
     t0 = time.perf_counter()
     d = load_file(data_path)
-    transformer = train_teacher(models.build_teacher_transformer(), d["teacher_latents"], d["caption_index"],
-                                d["teacher_embeds"], d["teacher_pooled"], d["teacher_empty_embeds"],
-                                d["teacher_empty_pooled"], cfg["teacher_steps"], batch_size=cfg["teacher_batch"],
-                                lr=cfg["teacher_lr"], shift=cfg["teacher_train_shift"], seed=seed, log=_log("teacher"))
-    models.save_component(out, "teacher_transformer", transformer)
+    args = (d["teacher_latents"], d["caption_index"], d["teacher_embeds"], d["teacher_pooled"],
+            d["teacher_empty_embeds"], d["teacher_empty_pooled"])
+    common = dict(batch_size=cfg["teacher_batch"], shift=cfg["teacher_train_shift"])
+    if not second_phase_only:
+        transformer = train_teacher(models.build_teacher_transformer(), *args, cfg["teacher_steps"], lr=cfg["teacher_lr"],
+                                    seed=seed, log=_log("teacher"), **common)
+        models.save_component(out, "teacher_transformer", transformer)
+    if cfg["teacher_finetune_steps"] > 0:
+        _setup(threads, seed + 100)
+        transformer = SD3Transformer2DModel.from_pretrained(os.path.join(out, "teacher_transformer"),
+                                                            torch_dtype=torch.float32)
+        transformer = train_teacher(transformer, *args, cfg["teacher_finetune_steps"], lr=cfg["teacher_finetune_lr"],
+                                    seed=seed + 100, log=_log("teacher phase 2"), **common)
+        models.save_component(out, "teacher_transformer", transformer)
     return {"parameters": _count(transformer), "seconds": time.perf_counter() - t0}
 
 
@@ -141,11 +165,12 @@ def _run_group(report: dict, group: str, jobs: int, tasks: dict) -> dict:
 
 
 def pretrain(out: str, quick: bool = False, seed: int = 0, threads: int = 1, jobs: int = 2, log=print,
-             **overrides) -> dict:
+             continue_teacher: bool = False, **overrides) -> dict:
     """Build every component into `out`, evaluate the saved world, write world.json and report.json.
 
     Every stage runs with `threads` torch threads and its own seed, in up to `jobs` processes at once; the
-    weights depend on (seed, threads) only, not on `jobs`."""
+    weights depend on (seed, threads) only, not on `jobs`. continue_teacher: `out` holds a built world (with
+    the first-phase teacher); rerun only the teacher's second phase and the evaluation, keep the rest."""
     import tempfile
 
     import diffusers
@@ -155,7 +180,7 @@ def pretrain(out: str, quick: bool = False, seed: int = 0, threads: int = 1, job
 
     from .. import _bridge
     from . import models, text
-    from .evaluate import evaluate_world
+    from .evaluate import evaluate_world, select_cfg
     from .render import render, sample_scenes
     from .trainers import decode_latents, encode_latents, latent_statistics, psnr
 
@@ -166,6 +191,18 @@ def pretrain(out: str, quick: bool = False, seed: int = 0, threads: int = 1, job
         raise ValueError(f"threads and jobs must be >= 1; got threads={threads}, jobs={jobs}.")
     cfg = dict(QUICK if quick else DEFAULTS, **overrides)
     _setup(threads, seed)
+    previous = {}
+    if continue_teacher:
+        models._check_folder(out)
+        with open(os.path.join(out, "report.json")) as f:
+            previous = json.load(f)
+        changed = {k: (previous["settings"].get(k), cfg[k]) for k in cfg
+                   if not k.startswith("teacher_finetune") and k not in SAMPLING_KEYS
+                   and previous["settings"].get(k) != cfg[k]}
+        if changed or (previous["seed"], previous["threads"]) != (seed, threads):
+            raise ValueError(f"--continue-teacher needs the settings, seed and threads {out!r} was built with; "
+                             f"differences (built, now): {changed or {'seed/threads': ((previous['seed'], previous['threads']), (seed, threads))}}. "
+                             "Pass the same ones, or rebuild from scratch.")
     os.makedirs(out, exist_ok=True)
     report = {"quick": quick, "seed": seed, "threads": threads, "jobs": jobs, "settings": cfg, "timings_s": {},
               "wall_s": {}, "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -180,12 +217,20 @@ def pretrain(out: str, quick: bool = False, seed: int = 0, threads: int = 1, job
     models.save_component(out, "student_text_encoder", student_text)
     report["timings_s"]["text_encoders"] = round(time.perf_counter() - t0, 1)
 
-    log("== judge, student VAE, teacher VAE")
-    res = _run_group(report, "judge_and_vaes", jobs, {
-        "teacher_vae": (stage_vae, (out, "teacher", cfg, seed + 1, threads)),
-        "student_vae": (stage_vae, (out, "student", cfg, seed, threads)),
-        "judge": (stage_judge, (out, cfg, seed, threads)),
-    })
+    if continue_teacher:  # kept from the build: their numbers too
+        res = {name: dict(previous[name], seconds=previous["timings_s"][name])
+               for name in ("teacher_vae", "student_vae", "judge")}
+        report["timings_s"].update({n: previous["timings_s"][n] for n in ("teacher_vae", "student_vae", "judge")})
+        report["wall_s"]["judge_and_vaes"] = previous["wall_s"]["judge_and_vaes"]
+        for r in res.values():
+            r.pop("seconds")
+    else:
+        log("== judge, student VAE, teacher VAE")
+        res = _run_group(report, "judge_and_vaes", jobs, {
+            "teacher_vae": (stage_vae, (out, "teacher", cfg, seed + 1, threads)),
+            "student_vae": (stage_vae, (out, "student", cfg, seed, threads)),
+            "judge": (stage_judge, (out, cfg, seed, threads)),
+        })
     report["judge"] = res["judge"]
 
     log("== latent datasets and latent-space numbers")
@@ -209,7 +254,7 @@ def pretrain(out: str, quick: bool = False, seed: int = 0, threads: int = 1, job
         spaces[who] = space
         data[f"{who}_latents"] = space.to_model(raw)
         images = render(held_out, res_px)
-        report[f"{who}_vae"] = dict(res[f"{who}_vae"], space=space.to_dict(),
+        report[f"{who}_vae"] = dict(res[f"{who}_vae"], space=space.to_dict(),  # (re)measured either way
                                     psnr_db=round(psnr(decode_latents(vae, encode_latents(vae, images)), images), 2))
     data["teacher_embeds"], data["teacher_pooled"] = text.encode_teacher(unique, tokenizer, teacher_text)
     data["teacher_empty_embeds"], data["teacher_empty_pooled"] = text.encode_teacher([""], tokenizer, teacher_text)
@@ -221,11 +266,18 @@ def pretrain(out: str, quick: bool = False, seed: int = 0, threads: int = 1, job
     with tempfile.TemporaryDirectory() as tmp:
         data_path = os.path.join(tmp, "data.safetensors")
         save_file({k: v.contiguous() for k, v in data.items()}, data_path)
-        res = _run_group(report, "diffusion_models", jobs, {
-            "teacher": (stage_teacher, (out, data_path, cfg, seed + 2, threads)),
-            "student_base": (stage_student, (out, data_path, cfg, seed + 3, threads)),
-        })
-    report["teacher"], report["student_base"] = res["teacher"], res["student_base"]
+        tasks = {"teacher": (stage_teacher, (out, data_path, cfg, seed + 2, threads, continue_teacher))}
+        if continue_teacher:
+            report["timings_s"]["student_base"] = previous["timings_s"]["student_base"]
+            report["student_base"] = previous["student_base"]
+            report["continued"] = {"first_phase_teacher_s": previous["timings_s"]["teacher"],
+                                   "first_phase_evaluation": previous["evaluation"]}
+        else:
+            tasks["student_base"] = (stage_student, (out, data_path, cfg, seed + 3, threads))
+        res = _run_group(report, "diffusion_models", jobs, tasks)
+    report["teacher"] = res["teacher"]
+    if not continue_teacher:
+        report["student_base"] = res["student_base"]
 
     world_config = {
         "format": "shapes-world",
@@ -255,6 +307,14 @@ def pretrain(out: str, quick: bool = False, seed: int = 0, threads: int = 1, job
     t0 = time.perf_counter()
     torch.set_num_threads(max(threads, jobs))  # nothing else runs now
     world = models.load_shapes_world(out, register=False)
+    for who in ("teacher", "student"):
+        if not cfg[f"{who}_cfg"]:
+            best, scores = select_cfg(world, who, CFG_CHOICES, n=min(100, cfg["eval_samples"]), seed=seed)
+            report.setdefault("cfg_selection", {})[who] = {"chosen": best, "validation": scores}
+            log(f"  {who} CFG {best} (validation accuracy by CFG: "
+                + ", ".join(f"{c}: {s['accuracy']:.2f}" for c, s in scores.items()) + ")")
+            world.config[f"{who}_sampling"]["cfg"] = best
+    _write_json(os.path.join(out, "world.json"), world.config)
     report["evaluation"] = evaluate_world(world, n=cfg["eval_samples"], seed=seed)
     report["timings_s"]["evaluation"] = round(time.perf_counter() - t0, 1)
     report["total_s"] = round(time.perf_counter() - t_start, 1)
@@ -284,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder to write the world into (e.g. assets/shapes)")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke test, not a world")
+    parser.add_argument("--continue-teacher", action="store_true",
+                        help="on a world built in --out: rerun only the teacher's second phase and the evaluation")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads per stage (default 1; weights are reproducible for a fixed count)")
@@ -294,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                             help=f"override {key} (default {value}, quick {QUICK[key]})")
     args = parser.parse_args(argv)
     overrides = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
-    pretrain(args.out, quick=args.quick, seed=args.seed, threads=args.threads, jobs=args.jobs, **overrides)
+    pretrain(args.out, quick=args.quick, seed=args.seed, threads=args.threads, jobs=args.jobs,
+             continue_teacher=args.continue_teacher, **overrides)
     return 0
 
 
