@@ -252,3 +252,32 @@ def test_benchmark_table_has_every_row_and_resumes(tmp_path, quick_world):
     assert [p.stat().st_mtime_ns for p in results] == stamps
     with pytest.raises(ValueError, match="other settings"):
         benchmark([0], str(out), quick_world, doc="", jobs=1, threads=1, quick=True, distill_steps=5)
+
+
+@pytest.mark.slow
+def test_default_run_stops_on_ctrl_c_and_the_same_command_resumes(tmp_path, quick_world, monkeypatch):
+    """Ctrl-C in the Bridge stage: the run stops there (no distillation on a half-trained Bridge), exits 130, and
+    the same command resumes the Bridge from its saved step and finishes; other settings in that folder refuse."""
+    import json
+
+    from training import loop
+    from training.shapes import run as shapes_run
+
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--world", quick_world, "--quick", "--threads", "1", "--bridge-steps", "6"]
+    real_update = loop.ProgressReporter.update
+
+    def interrupt_at_step_2(self, step, metrics=None, preview=None):
+        if self.desc == "bridge" and step == 2:
+            os.kill(os.getpid(), __import__("signal").SIGINT)  # the graceful handler sets the stop flag
+        return real_update(self, step, metrics, preview)
+
+    monkeypatch.setattr(loop.ProgressReporter, "update", interrupt_at_step_2)
+    assert shapes_run.main(args) == 130
+    assert not (out / "distill").exists() and not (out / "report.json").exists()
+    monkeypatch.setattr(loop.ProgressReporter, "update", real_update)
+    assert shapes_run.main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["bridge"]["resumed_from"] == 2 and report["bridge"]["steps"] == 6
+    with pytest.raises(ValueError, match="another world, seed or settings"):
+        shapes_run.main(args[:-1] + ["7"])

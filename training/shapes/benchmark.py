@@ -79,6 +79,8 @@ def run_task(task: str, seed: int, out: str, world_dir: str, settings: dict, thr
             attn = settings["attn_weight"] if task == "cross_space" else 0.0
             bridge, res = shapes_run.train_bridge(world, os.path.join(folder, "bridge"), images, settings, seed,
                                                   attn_weight=attn)
+            if bridge is None:
+                raise KeyboardInterrupt(f"{task} seed {seed} stopped; run the benchmark again to resume it")
             training_s["bridge"] = res["wall_s"]
             extra["bridge_val"] = (res.get("last_val") or {}).get("val")
         elif task == "round_trip":
@@ -87,6 +89,8 @@ def run_task(task: str, seed: int, out: str, world_dir: str, settings: dict, thr
         mode = "same" if task == "same_space" else "cross"
         unet, res = shapes_run.distill_student(world, os.path.join(folder, "distill"), mode, settings, seed,
                                                bridge=bridge)
+        if unet is None:
+            raise KeyboardInterrupt(f"{task} seed {seed} stopped; run the benchmark again to resume it")
         training_s["distill"] = res["wall_s"]
         extra["distill_last_metrics"] = res.get("last_metrics")
         extra["guidance"] = res["guidance"]

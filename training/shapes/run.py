@@ -15,7 +15,8 @@
 
 Writes <out>/bridge.safetensors, <out>/student_unet.safetensors (+ the trainers' own folders bridge/, distill/),
 <out>/grid.png (columns: fixed prompts x seeds; rows: student one-step before, after, teacher) and
-<out>/report.md + report.json with every figure measured in this run. The benchmark
+<out>/report.md + report.json with every figure measured in this run. Ctrl-C saves the current stage; the same
+command resumes it (--fresh starts over). The benchmark
 (`python -m training.shapes.benchmark`) reuses these pieces for its table.
 """
 
@@ -157,8 +158,9 @@ def teacher_cfg(world: "ShapesWorld", settings: dict) -> float:
 # ---------------------------------------------------------------------------------------------- stage 1: Bridge
 
 def train_bridge(world: "ShapesWorld", out_dir: str, images: str, settings: dict, seed: int = 0,
-                 attn_weight: float | None = None) -> tuple[torch.nn.Module, dict]:
-    """BridgeTrainer on the rendered images; returns (the trained Bridge with the student VAE, result)."""
+                 attn_weight: float | None = None) -> tuple[torch.nn.Module | None, dict]:
+    """BridgeTrainer on the rendered images, resuming a stopped run in out_dir; returns (the trained Bridge with the
+    student VAE, result), or (None, result) when it was stopped (Ctrl-C) before the end."""
     from .._bridge import checkpoint as bridge_checkpoint
     from ..bridge_train import BridgeModels, BridgeTrainConfig, BridgeTrainer
     from . import models
@@ -167,10 +169,10 @@ def train_bridge(world: "ShapesWorld", out_dir: str, images: str, settings: dict
     cfg = BridgeTrainConfig(
         out_dir=out_dir, images=images, steps=steps, batch_size=settings["bridge_batch"], lr=settings["bridge_lr"],
         warmup_steps=max(1, steps // 10), attn_weight=settings["attn_weight"] if attn_weight is None else attn_weight,
-        attn_queries=settings["attn_queries"], val_every=steps, ckpt_every=steps, log_every=max(1, steps // 50),
+        attn_queries=settings["attn_queries"], val_every=steps, ckpt_every=max(1, steps // 5), log_every=max(1, steps // 50),
         seed=seed, k=world.k, student_res=models.STUDENT_RESOLUTION, teacher_res=models.TEACHER_RESOLUTION,
         projector={"width": settings["projector_width"], "depth": settings["projector_depth"]},
-        mixed_precision="no", resume=False,
+        mixed_precision="no", resume=True,
     )
     bridge_models = BridgeModels(
         student_vae=world.student_vae, teacher_vae=world.teacher_vae, teacher=shapes_teacher(world),
@@ -180,7 +182,9 @@ def train_bridge(world: "ShapesWorld", out_dir: str, images: str, settings: dict
     )
     t0 = time.perf_counter()
     result = BridgeTrainer(cfg, bridge_models).run()
-    result["wall_s"] = time.perf_counter() - t0
+    result["wall_s"] = time.perf_counter() - t0  # of this invocation (a resumed run: its remaining steps)
+    if result.get("stopped_early"):
+        return None, result
     bridge = bridge_checkpoint.load_bridge(result["bridge"], student_vae=world.student_vae)
     return bridge, result
 
@@ -215,7 +219,8 @@ def distill_models(world: "ShapesWorld", mode: str, bridge=None):
 
 def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dict, seed: int = 0,
                     bridge=None) -> tuple[torch.nn.Module, dict]:
-    """Distiller run; returns (the distilled UNet, merged and frozen, result)."""
+    """Distiller run, resuming a stopped run in out_dir; returns (the distilled UNet, merged and frozen, result),
+    or (None, result) when it was stopped (Ctrl-C) before the end."""
     from ..distill import DistillConfig, Distiller
     from . import models
 
@@ -231,13 +236,15 @@ def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dic
         val_seeds=[0, 1], steps=steps, batch_size=settings["distill_batch"], resolution=models.STUDENT_RESOLUTION,
         loss="dmd", guidance=guidance, timesteps="uniform", s_max=s_max, student_lr=settings["student_lr"],
         fake_lr=settings["fake_lr"], fake_rank=settings["fake_rank"], fake_updates=settings["fake_updates"],
-        log_every=max(1, steps // 50), sample_every=steps, ckpt_every=steps, seed=seed, mixed_precision="no",
-        resume=False,
+        log_every=max(1, steps // 50), sample_every=steps, ckpt_every=max(1, steps // 5), seed=seed,
+        mixed_precision="no", resume=True,
     )
     t0 = time.perf_counter()
     result = Distiller(cfg, dm).run()
-    result["wall_s"] = time.perf_counter() - t0
+    result["wall_s"] = time.perf_counter() - t0  # of this invocation (a resumed run: its remaining steps)
     result["guidance"] = guidance
+    if result.get("stopped_early"):
+        return None, result
     return dm.student.merged_unet(), result
 
 
@@ -329,9 +336,15 @@ def _versions() -> dict:
             "transformers": transformers.__version__}
 
 
+def _stopped(out: str, stage: str, result: dict) -> dict:
+    _log(f"stopped during {stage} at step {result['step']} (saved); run the same command again to resume {out}")
+    return {"stopped_early": True, "stage": stage, "step": result["step"]}
+
+
 def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, quick: bool = False,
-        **overrides) -> dict:
-    """The default run (see the module docstring); returns the report dict (also written as report.json)."""
+        fresh: bool = False, **overrides) -> dict:
+    """The default run (see the module docstring); returns the report dict (also written as report.json), or
+    {"stopped_early": True, ...} after Ctrl-C (the stage saved its state: the same call resumes it)."""
     from . import models
     from .evaluate import base_generators, evaluate_generators
 
@@ -341,7 +354,18 @@ def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, qui
     settings = dict(QUICK if quick else DEFAULTS, **overrides)
     world_dir = world_dir or models.DEFAULT_DIR
     t_start = time.perf_counter()
+    if fresh and os.path.isdir(out):
+        shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
+    # A run folder resumes only the run it was started for.
+    identity = {"world": os.path.abspath(world_dir), "seed": seed, "quick": quick, "settings": settings}
+    identity_path = os.path.join(out, "run.json")
+    if os.path.exists(identity_path):
+        with open(identity_path, encoding="utf-8") as f:
+            if json.load(f) != identity:
+                raise ValueError(f"{out} holds a run with another world, seed or settings; pass another --out, or "
+                                 "--fresh to start over there.")
+    _write_json(identity_path, identity)
     timings: dict[str, float] = {}
 
     _log(f"loading the shapes world from {world_dir}")
@@ -354,12 +378,16 @@ def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, qui
 
     _log("2/4 training the Bridge (reconstruction + attention fidelity)")
     bridge, bridge_result = train_bridge(world, os.path.join(out, "bridge"), images, settings, seed)
+    if bridge is None:
+        return _stopped(out, "Bridge training", bridge_result)
     shutil.copyfile(bridge_result["bridge"], os.path.join(out, "bridge.safetensors"))
     timings["bridge_training"] = bridge_result["wall_s"]
 
     _log("3/4 distilling the one-step student cross-space through the Bridge")
     student_unet, distill_result = distill_student(world, os.path.join(out, "distill"), "cross", settings, seed,
                                                    bridge=bridge)
+    if student_unet is None:
+        return _stopped(out, "distillation", distill_result)
     shutil.copyfile(distill_result["student"], os.path.join(out, "student_unet.safetensors"))
     timings["distillation"] = distill_result["wall_s"]
 
@@ -383,8 +411,10 @@ def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, qui
         "training_s": {"cross_space": bridge_result["wall_s"] + distill_result["wall_s"]},
         "evaluation": evaluation,
         "bridge": {"path": "bridge.safetensors", "steps": bridge_result["step"],
+                   "resumed_from": bridge_result["resumed_from"],
                    "last_val": bridge_result.get("last_val")},
         "student": {"path": "student_unet.safetensors", "steps": distill_result["step"],
+                    "resumed_from": distill_result["resumed_from"],
                     "guidance": distill_result["guidance"], "last_metrics": distill_result.get("last_metrics")},
         "grid": {"path": "grid.png", "rows": list(grid_rows), "prompts": prompts, "seeds": seeds},
         "versions": _versions(),
@@ -418,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                              "`python -m training.shapes.pretrain --out assets/shapes`)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, training and evaluation (default 0)")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke test, not a result")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete --out first (default: resume the run found there, e.g. after Ctrl-C)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     add_setting_arguments(parser, DEFAULTS, QUICK)
     args = parser.parse_args(argv)
@@ -426,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     overrides = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
-    run(args.out, args.world, seed=args.seed, quick=args.quick, **overrides)
-    return 0
+    report = run(args.out, args.world, seed=args.seed, quick=args.quick, fresh=args.fresh, **overrides)
+    return 130 if report.get("stopped_early") else 0  # 130: the shell's code for an interrupted command
 
 
 if __name__ == "__main__":
