@@ -154,6 +154,11 @@ def preview_image(progress: ComfyProgress, grids: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
+def comfy_on_cpu() -> bool:
+    """Train where ComfyUI runs its models: on the CPU when it was started with --cpu, even if CUDA exists."""
+    return mm.get_torch_device().type == "cpu"
+
+
 def _warmup(steps: int) -> int:
     return min(100, max(1, steps // 10))  # as the CLI: short runs warm up for a tenth of their steps
 
@@ -185,12 +190,12 @@ class TrainBridge(io.ComfyNode):
         config = BridgeTrainConfig(out_dir=out_dir, images=input_path(images, "images", folder=True), steps=steps,
                                    batch_size=batch_size, lr=lr, warmup_steps=_warmup(steps), attn_weight=attn_weight,
                                    k=2, student_res=student_res, teacher_res=2 * student_res, seed=train_seed,
-                                   resume=resume)
+                                   resume=resume, cpu=comfy_on_cpu())
         config.validate()  # before minutes of model loading
         stop = loop.StopFlag()
         progress = ComfyProgress(steps, stop)
         with training_mode():
-            models = load_real_models(student or vae, teacher_family, student_vae=vae, **files)
+            models = load_real_models(student or vae, teacher_family, student_vae=vae, cpu=config.cpu, **files)
             reporter = loop.ProgressReporter(total=steps, desc=f"Train Bridge {name}", callback=progress)
             result = BridgeTrainer(config, models, progress=reporter, stop=stop).run()
             del models
@@ -230,12 +235,12 @@ class DistillStudent(io.ComfyNode):
         out_dir = run_dir("distill", name)
         config = DistillConfig(out_dir=out_dir, prompts=prompt_list, steps=steps, batch_size=batch_size,
                                resolution=resolution, guidance=guidance, student_lr=student_lr, fake_lr=fake_lr,
-                               seed=train_seed, resume=resume)
+                               seed=train_seed, resume=resume, cpu=comfy_on_cpu())
         config.validate()
         stop = loop.StopFlag()
         progress = ComfyProgress(steps, stop)
         with training_mode():
-            models, _ = load_real_models(student, bridge, teacher_family, **files)
+            models, _ = load_real_models(student, bridge, teacher_family, cpu=config.cpu, **files)
             reporter = loop.ProgressReporter(total=steps, desc=f"Distill Student {name}", callback=progress)
             result = Distiller(config, models, progress=reporter, stop=stop).run()
             del models

@@ -159,3 +159,14 @@ def test_jsonl_logger_drops_lines_after_the_resumed_step(tmp_path):
     loop.JsonlLogger(path, resume_step=2).log({"step": 3, "loss": 30.0})
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_cpu_flag_keeps_training_off_cuda_even_where_cuda_exists(monkeypatch):
+    """ComfyUI started with --cpu on a CUDA machine: the trainers must load and train on the CPU in fp32."""
+    from training import loop
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert loop.default_device() == "cuda"
+    assert loop.default_device(cpu=True) == "cpu"
+    accel = loop.make_accelerator("auto", cpu=True)
+    assert accel.device.type == "cpu" and accel.mixed_precision == "no"

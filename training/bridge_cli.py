@@ -61,11 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                           "start over (default: resume)")
 
 
-def _dtype(name: str):
+def _dtype(name: str, cpu: bool = False):
     import torch
 
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return torch.bfloat16 if torch.cuda.is_available() and not cpu else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
@@ -106,14 +106,16 @@ def demo_models(seed: int = 0, teacher_family: str | None = None):
 
 def load_real_models(student: str, teacher_family: str, teacher: str | None = None, teacher_vae: str | None = None,
                      clip_l: str | None = None, clip_g: str | None = None, t5: str | None = None,
-                     tokenizers: str | None = None, student_vae: str | None = None, dtype: str = "auto"):
+                     tokenizers: str | None = None, student_vae: str | None = None, dtype: str = "auto",
+                     cpu: bool = False):
     """Student VAE and teacher (transformer, VAE, text encoders) from local files -> BridgeModels.
 
     `student` is an SD1.5 single file or diffusers folder (its VAE is used unless `student_vae` is given);
-    `teacher` a diffusers folder or a transformer / all-in-one single file. Used by the CLI and the ComfyUI node."""
+    `teacher` a diffusers folder or a transformer / all-in-one single file. Used by the CLI and the ComfyUI node.
+    cpu: load onto the CPU even where CUDA exists (pair it with the trainer config's cpu)."""
     import torch
 
-    from . import loading
+    from . import loading, loop
     from ._bridge import spaces
     from .bridge_train import BridgeModels
     from .teachers import make_teacher
@@ -121,8 +123,8 @@ def load_real_models(student: str, teacher_family: str, teacher: str | None = No
 
     if teacher_family not in TEACHER_FAMILIES:
         raise ValueError(f"Unknown teacher family {teacher_family!r}; choose one of {', '.join(TEACHER_FAMILIES)}.")
-    torch_dtype = _dtype(dtype)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = _dtype(dtype, cpu)
+    device = loop.default_device(cpu)
     sd15 = loading.load_sd15(student_vae or student, components=("vae",), dtype=torch_dtype, device=device)
     tm = loading.load_teacher_models(teacher_family, transformer=teacher, vae=teacher_vae, clip_l=clip_l,
                                      clip_g=clip_g, t5=t5, tokenizers=tokenizers, dtype=torch_dtype, device=device)

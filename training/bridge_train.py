@@ -56,6 +56,7 @@ class BridgeTrainConfig:
     teacher_res: int = 1024
     projector: dict = field(default_factory=dict)  # ProjectorConfig overrides (width, depth, ...)
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    cpu: bool = False  # train on the CPU even where CUDA exists
     gradient_checkpointing: bool = False
     resume: bool = True
     cache_dir: str | None = None  # default: <out_dir>/cache
@@ -133,7 +134,7 @@ class BridgeTrainer:
         self.stop = stop or loop.StopFlag()
         os.makedirs(config.out_dir, exist_ok=True)
         self.cache_dir = config.cache_dir or os.path.join(config.out_dir, "cache")
-        self.accel = loop.make_accelerator(config.mixed_precision)
+        self.accel = loop.make_accelerator(config.mixed_precision, cpu=config.cpu)
         self.device = self.accel.device
 
     # ---- setup ----

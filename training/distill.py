@@ -71,6 +71,7 @@ class DistillConfig:
     ckpt_every: int = 500
     seed: int = 0
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    cpu: bool = False  # train on the CPU even where CUDA exists
     gradient_checkpointing: bool = False
     resume: bool = True
     cache_dir: str | None = None  # default <out_dir>/cache
@@ -170,7 +171,7 @@ class Distiller:
         self.stop = stop or loop.StopFlag()
         os.makedirs(config.out_dir, exist_ok=True)
         self.cache_dir = config.cache_dir or os.path.join(config.out_dir, "cache")
-        self.accel = loop.make_accelerator(config.mixed_precision)
+        self.accel = loop.make_accelerator(config.mixed_precision, cpu=config.cpu)
         self.device = self.accel.device
         bridge = models.bridge
         if bridge.student_vae is None:
@@ -617,7 +618,7 @@ def demo_models(seed: int = 0, bridge_path: str | None = None) -> tuple[DistillM
 def load_real_models(student: str, bridge: str, teacher_family: str, teacher: str | None = None,
                      teacher_vae: str | None = None, clip_l: str | None = None, clip_g: str | None = None,
                      t5: str | None = None, tokenizers: str | None = None, dtype: str = "auto",
-                     student_vae: str | None = None) -> tuple[DistillModels, None]:
+                     student_vae: str | None = None, cpu: bool = False) -> tuple[DistillModels, None]:
     """Student UNet + CLIP-L from the SD1.5 file `student`, the Bridge file, and the teacher (transformer, VAE, text
     encoders) from local files, as the CLI and the ComfyUI node take them. Returns (models, None): unlike
     `demo_models` there are no in-memory base components; the export reads them from `student`."""
@@ -638,8 +639,9 @@ def load_real_models(student: str, bridge: str, teacher_family: str, teacher: st
                          f"{teacher_family} teacher works in {family_space}; use a Bridge trained for this teacher.")
     # Student VAE, teacher, teacher VAE, teacher text encoders: the same loader as Bridge training.
     world = bridge_load_real_models(student, teacher_family, teacher=teacher, teacher_vae=teacher_vae, clip_l=clip_l,
-                                    clip_g=clip_g, t5=t5, tokenizers=tokenizers, student_vae=student_vae, dtype=dtype)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+                                    clip_g=clip_g, t5=t5, tokenizers=tokenizers, student_vae=student_vae, dtype=dtype,
+                                    cpu=cpu)
+    device = loop.default_device(cpu)
     sd15 = loading.load_sd15(student, components=("unet", "text_encoder", "tokenizer"), dtype=torch.float32,
                              device=device)
     bridge_module = bridge_checkpoint.load_bridge(bridge, student_vae=world.student_vae, device=device)

@@ -206,14 +206,19 @@ def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps
     return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
-def make_accelerator(mixed_precision: str = "auto"):
+def make_accelerator(mixed_precision: str = "auto", cpu: bool = False):
     """accelerate's Accelerator for a trainer: "auto" = bf16 on CUDA, full precision on CPU; DDP under
-    `accelerate launch`."""
+    `accelerate launch`. cpu: train on the CPU even where CUDA exists (e.g. ComfyUI started with --cpu)."""
     from accelerate import Accelerator
 
     if mixed_precision == "auto":
-        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
-    return Accelerator(mixed_precision=mixed_precision)
+        mixed_precision = "bf16" if torch.cuda.is_available() and not cpu else "no"
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+def default_device(cpu: bool = False) -> str:
+    """Where models are loaded for training: CUDA when present, unless cpu."""
+    return "cuda" if torch.cuda.is_available() and not cpu else "cpu"
 
 
 # ---------------------------------------------------------------------------------------------- image grids
