@@ -818,3 +818,40 @@ def test_train_bridge_cancel_resume_and_use(comfy, tiny):
         expected = trained(student_latent)  # diffusers decode + the trained projector, in this process
     torch.testing.assert_close(comfy.output_latent("it/trained"), expected, rtol=1e-3, atol=1e-3)
     assert "different student VAE" not in comfy.log_tail(200)  # trained behind this very decoder
+
+
+def _distill_prompt(name: str, steps: int, prompts) -> dict:
+    return {
+        "1": {"class_type": "CSD_DistillStudent", "inputs": {
+            **_tiny_training("sd35_medium"), "bridge_name": "sd15_to_sd35.safetensors", "teacher_family": "sd35_medium",
+            "prompts": prompts, "prompts_file": "", "steps": steps, "batch_size": 1, "resolution": 64,
+            "student_lr": 1e-5, "fake_lr": 1e-4, "guidance": 4.5, "train_seed": 0, "output_name": name,
+            "resume": True}},
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}},
+    }
+
+
+def test_distill_student_cancel_and_resume(comfy):
+    """Cancel after step 2 of 3: interrupted, a training state at step 2 in the run folder, no checkpoint published.
+    Queueing again resumes at step 2 and publishes the SD1.5 single-file checkpoint (original key layout)."""
+    run = comfy.base / "output" / "csd_runs" / "distill_it_distill_cancel"
+    published = comfy.base / "models" / "checkpoints" / "it_distill_cancel.safetensors"
+    prompts = "a red square\na blue circle"
+    prompt = _distill_prompt("it_distill_cancel", 3, ["9", 0])
+    prompt["9"] = {"class_type": "CSDTest_InterruptAt", "inputs": {"text": prompts, "step": 2}}
+    entry = comfy.run(prompt)
+    events = [ev for ev, _ in entry["status"]["messages"]]
+    assert entry["status"]["status_str"] == "error" and "execution_interrupted" in events, _errors(entry)
+    assert _state_step(run / "train_state.safetensors") == 2
+    assert not published.exists()
+
+    entry = comfy.run_ok(_distill_prompt("it_distill_cancel", 3, prompts))
+    assert "3 steps (resumed from 2)" in comfy.log_tail(200)
+    assert entry["outputs"]["2"]["text"] == ["it_distill_cancel.safetensors"]
+    from safetensors import safe_open
+
+    with safe_open(str(published), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("model.diffusion_model.") for k in keys)
+    assert any(k.startswith("first_stage_model.") for k in keys) and any(k.startswith("cond_stage_model.") for k in keys)
