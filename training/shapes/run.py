@@ -42,6 +42,7 @@ DEFAULTS = dict(
     bridge_steps=400, bridge_batch=16, bridge_lr=1e-3, attn_weight=0.1, attn_queries=64,
     projector_width=64, projector_depth=2,
     distill_steps=300, distill_batch=16, student_lr=2e-5, fake_lr=1e-3, fake_rank=16, fake_updates=2,
+    distill_timesteps="uniform", distill_s_min=0.02,
     guidance=0.0,  # real-score CFG; 0: the teacher's own sampling CFG (world.json)
     eval_samples=300, eval_batch=100, grid_prompts=6, grid_seeds=2,
 )
@@ -234,7 +235,8 @@ def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dic
     cfg = DistillConfig(
         out_dir=out_dir, prompts=training_prompts(), negative_prompt="", val_prompts=grid_prompts(4),
         val_seeds=[0, 1], steps=steps, batch_size=settings["distill_batch"], resolution=models.STUDENT_RESOLUTION,
-        loss="dmd", guidance=guidance, timesteps="uniform", s_max=s_max, student_lr=settings["student_lr"],
+        loss="dmd", guidance=guidance, timesteps=settings["distill_timesteps"],
+        s_min=settings["distill_s_min"], s_max=s_max, student_lr=settings["student_lr"],
         fake_lr=settings["fake_lr"], fake_rank=settings["fake_rank"], fake_updates=settings["fake_updates"],
         log_every=max(1, steps // 50), sample_every=steps, ckpt_every=max(1, steps // 5), seed=seed,
         mixed_precision="no", resume=True,
