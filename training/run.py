@@ -1,7 +1,7 @@
 """Command line: `python -m training.run <command> ...` from the repository root.
 
 With no arguments it runs the embedded default: the whole method on the shapes world (Bridge training,
-cross-space distillation, evaluation and a report), on a CPU, in about ten minutes.
+cross-space distillation, evaluation and a report), on a CPU, in about five minutes (2 cores).
 
 Commands:
   shapes    the default run on the shapes world (also what no arguments does)

@@ -1,4 +1,4 @@
-"""The default run: the whole method on the shapes world, on a CPU, in about ten minutes.
+"""The default run: the whole method on the shapes world, on a CPU, in about five minutes (2 cores).
 
     python -m training.run                        # = python -m training.shapes.run (all defaults)
     python -m training.shapes.run --out runs/shapes --world assets/shapes --seed 0
