@@ -76,6 +76,8 @@ def test_stopped_run_resumes_with_the_same_losses_as_an_uninterrupted_run(tmp_pa
     assert os.path.exists(resumed / "train_state.safetensors") and os.path.exists(first["bridge"])
     second = BridgeTrainer(_cfg(resumed, images, **cfg), demo_models()).run()
     assert second["resumed_from"] == 5 and not second["stopped_early"]
+    # Training time counts both invocations: the first one's loop seconds (up to its stop checkpoint) come back.
+    assert 0 < second["train_seconds"] - second["seconds"] <= first["train_seconds"]
     a = [r["loss"] for r in _metrics(straight) if "loss" in r]
     b = [r["loss"] for r in _metrics(resumed) if "loss" in r]
     assert len(a) == len(b) == 12

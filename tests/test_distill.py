@@ -249,6 +249,8 @@ def test_stop_saves_and_resume_repeats_the_uninterrupted_run(tmp_path, trainer_d
     c = closed_form_world()  # a fresh process would rebuild everything from scratch
     second = Distiller(_config(tmp_path / "b", **kw), _models(*c)).run()
     assert second["resumed_from"] == 3 and second["step"] == 6
+    # Training time counts both invocations: the first one's loop seconds (up to its stop checkpoint) come back.
+    assert 0 < second["train_seconds"] - second["seconds"] <= first["train_seconds"]
     rows_a, rows_b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(rows_a, rows_b):

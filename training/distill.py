@@ -186,6 +186,9 @@ class Distiller:
                              f"({models.teacher.space.channels}). Use a Bridge trained for this teacher.")
         self.latent = models.student.latent_size(config.resolution)
         self.timer = None  # set by the benchmark to time the parts of a step
+        # Training-loop seconds summed over invocations (a resumed run counts its earlier ones, from the checkpoint).
+        self._prior_seconds = 0.0
+        self._loop_start: float | None = None
 
     # ---- text ----
     def _cache_key(self) -> str:
@@ -403,7 +406,7 @@ class Distiller:
 
         if not self.accel.is_main_process:
             return
-        extra = {"step": step, "nan_skipped": self.nan_guard.skipped_total}
+        extra = {"step": step, "nan_skipped": self.nan_guard.skipped_total, "train_seconds": self._train_seconds()}
         ema = self.m.student.ema
         if ema is not None:
             extra["ema_step"] = ema.optimization_step
@@ -412,6 +415,9 @@ class Distiller:
                             extra=extra)
         save_student_unet(os.path.join(self.cfg.out_dir, self.STUDENT_FILE), self.m.student,
                           summary=self.summary(step))
+
+    def _train_seconds(self) -> float:
+        return self._prior_seconds + (time.time() - self._loop_start if self._loop_start is not None else 0.0)
 
     def _resume(self) -> int:
         path = os.path.join(self.cfg.out_dir, self.STATE_FILE)
@@ -422,6 +428,7 @@ class Distiller:
         if self.m.student.ema is not None:
             self.m.student.ema.optimization_step = int(extra.get("ema_step", 0))
         self.nan_guard.skipped_total = int(extra.get("nan_skipped", 0))
+        self._prior_seconds = float(extra.get("train_seconds", 0.0))
         return int(extra["step"])
 
     # ---- main loop ----
@@ -443,7 +450,8 @@ class Distiller:
         progress = self.progress or loop.ProgressReporter(total=c.steps, desc="distill", disable=not main)
         progress.start(start)
         result: dict = {"resumed_from": start, "out_dir": c.out_dir}
-        step, t0 = start, time.time()
+        step = start
+        t0 = self._loop_start = time.time()
         with loop.graceful_interrupt(self.stop):
             while step < c.steps:
                 metrics = self.train_step(step)
@@ -463,8 +471,8 @@ class Distiller:
                     result["stopped_early"] = True
                     break
         progress.close()
-        result.update(step=step, seconds=time.time() - t0, nan_skipped=self.nan_guard.skipped_total,
-                      student=os.path.join(c.out_dir, self.STUDENT_FILE))
+        result.update(step=step, seconds=time.time() - t0, train_seconds=self._train_seconds(),
+                      nan_skipped=self.nan_guard.skipped_total, student=os.path.join(c.out_dir, self.STUDENT_FILE))
         return result
 
 

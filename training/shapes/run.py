@@ -183,7 +183,8 @@ def train_bridge(world: "ShapesWorld", out_dir: str, images: str, settings: dict
     )
     t0 = time.perf_counter()
     result = BridgeTrainer(cfg, bridge_models).run()
-    result["wall_s"] = time.perf_counter() - t0  # of this invocation (a resumed run: its remaining steps)
+    # This invocation's set-up plus the training loop's seconds over all invocations (a resumed run included).
+    result["wall_s"] = time.perf_counter() - t0 - result["seconds"] + result["train_seconds"]
     if result.get("stopped_early"):
         return None, result
     bridge = bridge_checkpoint.load_bridge(result["bridge"], student_vae=world.student_vae)
@@ -243,7 +244,8 @@ def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dic
     )
     t0 = time.perf_counter()
     result = Distiller(cfg, dm).run()
-    result["wall_s"] = time.perf_counter() - t0  # of this invocation (a resumed run: its remaining steps)
+    # This invocation's set-up plus the training loop's seconds over all invocations (a resumed run included).
+    result["wall_s"] = time.perf_counter() - t0 - result["seconds"] + result["train_seconds"]
     result["guidance"] = guidance
     if result.get("stopped_early"):
         return None, result
