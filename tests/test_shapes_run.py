@@ -209,7 +209,8 @@ def test_default_run_end_to_end_on_a_quick_world(tmp_path, quick_world):
 
     report = json.loads((out / "report.json").read_text())
     assert report["quick"] is True and report["seed"] == 1
-    assert report["rows"] == ["teacher", "student_base", "student_base_one_step", "cross_space"]
+    assert report["rows"] == ["teacher", "student_base", "student_base_one_step", "student_base_start", "cross_space"]
+    assert student.timestep == DEFAULTS["student_timestep"] == 700  # the checkpoint keeps the student's timestep
     for row in report["rows"]:
         r = report["evaluation"][row]
         assert 0 <= r["accuracy"] <= 1 and r["fd"] >= 0 and r["seconds_per_image"] > 0
@@ -281,3 +282,58 @@ def test_default_run_stops_on_ctrl_c_and_the_same_command_resumes(tmp_path, quic
     assert report["bridge"]["resumed_from"] == 2 and report["bridge"]["steps"] == 6
     with pytest.raises(ValueError, match="another world, seed or settings"):
         shapes_run.main(args[:-1] + ["7"])
+
+
+def test_regression_probe_fits_its_pairs_and_reports(tmp_path):
+    """The probe's student learns the (noise -> 25-step sample) map it is given, and the command prints its table."""
+    import json
+
+    import torch.nn.functional as F
+
+    from training.shapes.probe import main, regression_pairs, train_regression
+    from training.shapes.run import training_prompts
+    from training.student import OneStepStudent
+
+    world = models.load_shapes_world(register=False)
+    prompts = training_prompts()[:8]
+    idx, noise, target = pairs = regression_pairs(world, prompts, 16, seed=0)
+    assert noise.shape == target.shape == (16, 4, 8, 8)
+    # The targets are the student base's own default sampling from that noise.
+    torch.testing.assert_close(target[:2], world.sample_student([prompts[i] for i in idx[:2]], noise=noise[:2]))
+    hidden = world.encode_student_prompts(prompts)[idx]
+
+    def error(unet):
+        student = OneStepStudent(unet, space=world.student_space, schedule=world.config["student_schedule"],
+                                 timestep=700)
+        with torch.no_grad():
+            return F.mse_loss(student.forward_model(noise, hidden), target).item()
+
+    before = error(world.student_unet)
+    trained = train_regression(world, prompts, pairs, steps=30, batch_size=8, lr=1e-4, seed=0, progress=False,
+                               timestep=700)
+    assert error(trained) < 0.5 * before
+    assert not trained.training and not any(p.requires_grad for p in trained.parameters())
+    assert all(p.requires_grad is False for p in world.student_unet.parameters())  # the base stays untouched
+
+    out = tmp_path / "probe.json"
+    assert main(["--steps", "2", "--pairs", "8", "--eval", "8", "--lr", "1e-4", "--timesteps", "999", "700",
+                 "--threads", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for row in ("student_base_one_step_t999", "regression_t999_lr0.0001", "student_base_one_step_t700",
+                "regression_t700_lr0.0001"):
+        assert 0 <= result[row]["accuracy"] <= 1 and result[row]["fd"] >= 0
+    assert result["regression_t700_lr0.0001"]["train_s"] > 0 and result["settings"]["steps"] == 2
+
+
+def test_student_rows_at_999_are_the_one_step_base_sampler_noise_for_noise():
+    from training.shapes.evaluate import base_generators, eval_generator
+    from training.shapes.run import start_rows, student_generator
+
+    world = models.load_shapes_world(register=False)
+    prompts = ["a red circle on a blue background, center", "a green square on a white background, top left"]
+    base = base_generators(world)["student_base_one_step"](prompts, eval_generator(3))
+    torch.testing.assert_close(student_generator(world, world.student_unet)(prompts, eval_generator(3)), base,
+                               atol=1e-4, rtol=0)
+    assert start_rows(world, {"student_timestep": 999}) == {}
+    at_700 = start_rows(world, {"student_timestep": 700})["student_base_start"](prompts, eval_generator(3))
+    assert at_700.shape == base.shape and not torch.allclose(at_700, base, atol=1e-2)

@@ -3,7 +3,8 @@
     python -m training.shapes.benchmark --seeds 0 1 2 --out runs/shapes-benchmark   # writes docs/shapes_benchmark.md
 
 Rows, all on the same held-out prompts and evaluation seeds (one evaluation seed per training seed):
-  teacher (its 20 steps + CFG)      student base (25 DDIM steps + CFG)      student base, one step
+  teacher (its 20 steps + CFG)      student base (25 DDIM steps + CFG)      student base, one step (t = 999)
+  student base, one step at the distilled students' input timestep (their starting point; if not 999)
   same-space: one-step student distilled from the student base itself (SwiftBrush/DMD style: the eps UNet as an
               exact rectified-flow teacher, `adapters.EpsFlowTeacher`, identity "Bridge")
   cross-space: distilled from the teacher through the trained Bridge (the method)
@@ -29,8 +30,8 @@ import time
 
 from .run import DEFAULTS, QUICK, add_setting_arguments
 
-ROWS = ("teacher", "student_base", "student_base_one_step", "same_space", "cross_space", "cross_space_no_attn",
-        "round_trip", "student_vae_ceiling")
+ROWS = ("teacher", "student_base", "student_base_one_step", "student_base_start", "same_space", "cross_space",
+        "cross_space_no_attn", "round_trip", "student_vae_ceiling")
 TASKS = ("base", "same_space", "cross_space", "cross_space_no_attn", "round_trip")  # "base": the 3 untrained rows
 DEFAULT_DOC = os.path.join("docs", "shapes_benchmark.md")
 
@@ -71,7 +72,8 @@ def run_task(task: str, seed: int, out: str, world_dir: str, settings: dict, thr
     training_s: dict[str, float] = {}
     extra: dict = {}
     if task == "base":
-        rows = dict(base_generators(world), student_vae_ceiling=student_vae_ceiling(world))
+        rows = dict(base_generators(world), **shapes_run.start_rows(world, settings),
+                    student_vae_ceiling=student_vae_ceiling(world))
     else:
         bridge = None
         if task in ("cross_space", "cross_space_no_attn"):
@@ -94,7 +96,7 @@ def run_task(task: str, seed: int, out: str, world_dir: str, settings: dict, thr
         training_s["distill"] = res["wall_s"]
         extra["distill_last_metrics"] = res.get("last_metrics")
         extra["guidance"] = res["guidance"]
-        rows = {task: shapes_run.student_generator(world, unet)}
+        rows = {task: shapes_run.student_generator(world, unet, settings["student_timestep"])}
     evaluation = evaluate_generators(world, rows, n=settings["eval_samples"], seed=seed,
                                      batch_size=settings["eval_batch"])
     result = {"task": task, "seed": seed, "threads": threads, "rows": {
@@ -169,6 +171,8 @@ def findings(table: dict) -> list[str]:
     compare("cross_space", "same_space", "Cross-space vs same-space distillation")
     compare("cross_space", "student_base_one_step", "Cross-space vs the one-step student base")
     compare("same_space", "student_base_one_step", "Same-space vs the one-step student base")
+    compare("cross_space", "student_base_start", "Cross-space vs its starting point (the base at the student's timestep)")
+    compare("same_space", "student_base_start", "Same-space vs its starting point (the base at the student's timestep)")
     compare("cross_space", "cross_space_no_attn", "Bridge with vs without attention fidelity")
     compare("cross_space", "round_trip", "Trained Bridge vs the exact round trip")
     compare("cross_space", "teacher", "Cross-space student vs its teacher")
@@ -184,7 +188,7 @@ def markdown(summary: dict, notes: str | None = None) -> str:
         f"Regenerate with `{s['command']}`. World `{s['world']}`; seeds {s['seeds']} (each seed: its own Bridge and "
         f"distillation runs and its own evaluation seed); {s['settings']['eval_samples']} held-out prompts per seed; "
         f"{s['jobs']} tasks at once with {s['threads']} CPU thread(s) each; benchmark wall time "
-        f"{s['wall_s'] / 60:.1f} min.",
+        f"{s['wall_s'] / 60:.1f} min (all its invocations).",
         "",
         "| row | prompt accuracy | Fréchet distance (judge) | training wall time (s) | latency (ms/image) |",
         "|---|---|---|---|---|",
@@ -194,7 +198,8 @@ def markdown(summary: dict, notes: str | None = None) -> str:
             continue
         e = table[row]
         train = (_pm(e["training_s"], 0) if e["training_s"] else
-                 "— (pretrained)" if row in ("teacher", "student_base", "student_base_one_step") else "—")
+                 "— (pretrained)" if row in ("teacher", "student_base", "student_base_one_step", "student_base_start")
+                 else "—")
         lines.append(f"| {labels[row]} | {_pm(e['accuracy'], 3)} | {_pm(e['fd'], 2)} | {train} | "
                      f"{_pm(e['latency_ms'], 2)} |")
     st = s["settings"]
@@ -284,12 +289,19 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
                 results.append(fut.result())
                 task, seed = futures[fut]
                 print(f"[benchmark] done: {task} seed {seed}", flush=True)
+    # Summed over invocations, so a resumed (or re-aggregated) benchmark reports what it cost in all.
+    wall_path = os.path.join(out, "wall_s.json")
     wall = time.perf_counter() - t0
+    if os.path.exists(wall_path):
+        with open(wall_path, encoding="utf-8") as f:
+            wall += float(json.load(f)["wall_s"])
+    with open(wall_path, "w", encoding="utf-8") as f:
+        json.dump({"wall_s": wall}, f)
 
     summary = {
         "format": "shapes-benchmark", "quick": quick, "world": os.path.abspath(world_dir), "seeds": seeds,
         "jobs": jobs, "threads": threads, "settings": settings, "wall_s": wall, "command": command,
-        "row_labels": {row: shapes_run.row_label(row, world) for row in ROWS},
+        "row_labels": {row: shapes_run.row_label(row, world, settings) for row in ROWS},
         "table": aggregate(results, seeds), "results": results,
     }
     with open(os.path.join(out, "benchmark.json"), "w", encoding="utf-8") as f:

@@ -43,6 +43,10 @@ DEFAULTS = dict(
     projector_width=64, projector_depth=2,
     distill_steps=300, distill_batch=16, student_lr=2e-5, fake_lr=1e-3, fake_rank=16, fake_updates=2,
     distill_timesteps="uniform", distill_s_min=0.02,
+    # The one-step student's input timestep. SD1.5 practice is 999, but there x0 = (z - 0.998 eps) / 0.068 amplifies
+    # the tiny UNet's eps errors ~15x: in the same budget it fits even paired targets far worse than at 700
+    # (`python -m training.shapes.probe`), and DMD only improves it from 700 (docs/shapes_benchmark.md).
+    student_timestep=700,
     guidance=0.0,  # real-score CFG; 0: the teacher's own sampling CFG (world.json)
     eval_samples=300, eval_batch=100, grid_prompts=6, grid_seeds=2,
 )
@@ -55,6 +59,7 @@ ROW_LABELS = {
     "teacher": "teacher ({steps} steps, CFG {cfg:g})",
     "student_base": "student base ({steps} steps, CFG {cfg:g})",
     "student_base_one_step": "student base, one step",
+    "student_base_start": "student base, one step at t = {student_timestep} (the distillation's start)",
     "same_space": "one-step, distilled same-space (from the student base)",
     "cross_space": "one-step, distilled cross-space (through the Bridge)",
     "cross_space_no_attn": "ablation: Bridge without attention fidelity",
@@ -193,7 +198,7 @@ def train_bridge(world: "ShapesWorld", out_dir: str, images: str, settings: dict
 
 # ---------------------------------------------------------------------------------------------- stage 2: distillation
 
-def distill_models(world: "ShapesWorld", mode: str, bridge=None):
+def distill_models(world: "ShapesWorld", mode: str, bridge=None, student_timestep: int = 999):
     """DistillModels for `mode`: "cross" (shapes teacher through `bridge`: the trained Bridge or a RoundTripBridge)
     or "same" (the student base as an eps-as-flow teacher in the student's own space, identity "Bridge").
     The student is a fresh trainable copy of the student base UNet; teachers get their own copies (fake LoRA)."""
@@ -203,7 +208,7 @@ def distill_models(world: "ShapesWorld", mode: str, bridge=None):
 
     schedule = world.config["student_schedule"]
     unet = copy.deepcopy(world.student_unet).requires_grad_(True)
-    student = OneStepStudent(unet, space=world.student_space, schedule=schedule)
+    student = OneStepStudent(unet, space=world.student_space, schedule=schedule, timestep=student_timestep)
     if mode == "cross":
         if bridge is None:
             raise ValueError('Cross-space distillation needs a Bridge (the trained one or a RoundTripBridge).')
@@ -226,7 +231,7 @@ def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dic
     from ..distill import DistillConfig, Distiller
     from . import models
 
-    dm = distill_models(world, mode, bridge)
+    dm = distill_models(world, mode, bridge, settings["student_timestep"])
     if mode == "same":
         guidance = float(settings["guidance"] or world.config["student_sampling"]["cfg"])
         s_max = min(0.98, dm.teacher.s_max)  # the UNet's schedule ends at t = 999 (s ~ 0.936)
@@ -254,9 +259,22 @@ def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dic
 
 # ---------------------------------------------------------------------------------------------- stage 3: evaluation
 
-def student_generator(world: "ShapesWorld", unet):
-    """A one-step student UNet as an evaluation row (same noise and sampler as the one-step student base)."""
-    return lambda p, g: world.decode_student(world.sample_student(p, generator=g, steps=1, cfg=1.0, unet=unet))
+def student_generator(world: "ShapesWorld", unet, timestep: int = 999):
+    """A one-step student UNet (input timestep `timestep`) as an evaluation row. It draws its noise as
+    `world.sample_student` does, so at 999 it is the one-step student base's sampler, noise for noise."""
+    from ..student import OneStepStudent
+    from . import models
+
+    student = OneStepStudent(unet, space=world.student_space, schedule=world.config["student_schedule"],
+                             timestep=timestep)
+
+    @torch.no_grad()
+    def run(prompts, generator):
+        noise = torch.randn((len(prompts), 4, models.STUDENT_RESOLUTION // 8, models.STUDENT_RESOLUTION // 8),
+                            generator=generator)
+        return world.decode_student(student.forward_model(noise, world.encode_student_prompts(prompts)))
+
+    return run
 
 
 def sample_grid(world: "ShapesWorld", path: str, rows: dict, prompts: list[str], seeds: list[int]) -> str:
@@ -271,10 +289,16 @@ def sample_grid(world: "ShapesWorld", path: str, rows: dict, prompts: list[str],
     return loop.save_image_grid(images, path, labels=list(rows))
 
 
-def row_label(name: str, world: "ShapesWorld") -> str:
+def row_label(name: str, world: "ShapesWorld", settings: dict | None = None) -> str:
     t, s = world.config["teacher_sampling"], world.config["student_sampling"]
-    spec = {"teacher": t, "student_base": s}.get(name, {})
+    spec = {"teacher": t, "student_base": s, "student_base_start": settings or DEFAULTS}.get(name, {})
     return ROW_LABELS.get(name, name).format(**spec)
+
+
+def start_rows(world: "ShapesWorld", settings: dict) -> dict:
+    """The one-step student base at the distillation's input timestep, when that is not the usual 999."""
+    ts = settings["student_timestep"]
+    return {} if ts == 999 else {"student_base_start": student_generator(world, world.student_unet, ts)}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -283,7 +307,7 @@ def _fmt(x, digits=3):
     return "—" if x is None else f"{x:.{digits}f}"
 
 
-def report_markdown(report: dict, world: "ShapesWorld") -> str:
+def report_markdown(report: dict) -> str:
     ev = report["evaluation"]
     lines = [
         "# Shapes world: default run" + (" (QUICK: numbers are meaningless)" if report["quick"] else ""),
@@ -298,7 +322,7 @@ def report_markdown(report: dict, world: "ShapesWorld") -> str:
     for name in report["rows"]:
         r = ev[name]
         train = report["training_s"].get(name)
-        lines.append(f"| {row_label(name, world)} | {_fmt(r['accuracy'])} | {_fmt(r.get('fd'), 2)} | "
+        lines.append(f"| {report['row_labels'][name]} | {_fmt(r['accuracy'])} | {_fmt(r.get('fd'), 2)} | "
                      f"{_fmt(train, 0) if train is not None else '— (pretrained)'} | {r['seconds_per_image'] * 1000:.2f} |")
     t = report["timings_s"]
     lines += [
@@ -397,12 +421,14 @@ def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, qui
 
     _log("4/4 evaluating with the judge")
     t0 = time.perf_counter()
-    rows = dict(base_generators(world), cross_space=student_generator(world, student_unet))
+    rows = dict(base_generators(world), **start_rows(world, settings),
+                cross_space=student_generator(world, student_unet, settings["student_timestep"]))
     evaluation = evaluate_generators(world, rows, n=settings["eval_samples"], seed=seed,
                                      batch_size=settings["eval_batch"], progress=True)
     prompts = grid_prompts(settings["grid_prompts"])
     seeds = list(range(settings["grid_seeds"]))
-    grid_rows = {"one-step before": rows["student_base_one_step"], "one-step after": rows["cross_space"],
+    before = rows.get("student_base_start", rows["student_base_one_step"])  # the distillation's start
+    grid_rows = {"one-step before": before, "one-step after": rows["cross_space"],
                  "teacher": rows["teacher"]}
     sample_grid(world, os.path.join(out, "grid.png"), grid_rows, prompts, seeds)
     timings["evaluation"] = time.perf_counter() - t0
@@ -411,7 +437,7 @@ def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, qui
     report = {
         "format": "shapes-run", "quick": quick, "world": os.path.abspath(world_dir), "seed": seed,
         "threads": torch.get_num_threads(), "settings": settings, "timings_s": timings,
-        "rows": list(rows), "row_labels": {name: row_label(name, world) for name in rows},
+        "rows": list(rows), "row_labels": {name: row_label(name, world, settings) for name in rows},
         "training_s": {"cross_space": bridge_result["wall_s"] + distill_result["wall_s"]},
         "evaluation": evaluation,
         "bridge": {"path": "bridge.safetensors", "steps": bridge_result["step"],
@@ -425,11 +451,11 @@ def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, qui
     }
     _write_json(os.path.join(out, "report.json"), report)
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
-        f.write(report_markdown(report, world))
+        f.write(report_markdown(report))
     _log(f"done in {timings['total']:.0f}s: {os.path.join(out, 'report.md')}")
     for name in rows:
         r = evaluation[name]
-        _log(f"  {row_label(name, world)}: prompt accuracy {r['accuracy']:.3f}, FD {r.get('fd', float('nan')):.2f}")
+        _log(f"  {report['row_labels'][name]}: prompt accuracy {r['accuracy']:.3f}, FD {r.get('fd', float('nan')):.2f}")
     return report
 
 
