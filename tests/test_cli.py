@@ -1,5 +1,6 @@
 """`python -m training.run`: dispatch, help, and a start-up path that does not load torch for --help."""
 
+import os
 import subprocess
 import sys
 
@@ -37,3 +38,14 @@ def test_unknown_command_is_refused(capsys):
 def test_bridge_without_models_or_demo_says_what_to_give(tmp_path):
     with pytest.raises(SystemExit, match="--demo"):
         main(["bridge", "--images", str(tmp_path), "--out", str(tmp_path / "run")])
+
+
+def test_bad_input_from_the_command_line_is_one_error_line_not_a_traceback(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text('{"world": "another world"}')  # a folder of another run: refused, kept
+    proc = subprocess.run([sys.executable, "-m", "training.run", "shapes", "--out", str(out)], capture_output=True,
+                          text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "--fresh" in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "run.json").read_text() == '{"world": "another world"}'

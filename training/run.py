@@ -64,4 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message names the fix, a traceback adds nothing
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
