@@ -49,3 +49,12 @@ def test_bad_input_from_the_command_line_is_one_error_line_not_a_traceback(tmp_p
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "--fresh" in proc.stderr and "Traceback" not in proc.stderr
     assert (out / "run.json").read_text() == '{"world": "another world"}'
+
+
+def test_options_without_a_command_go_to_the_default_run(monkeypatch):
+    import training.shapes.run as shapes_run
+
+    seen = []
+    monkeypatch.setattr(shapes_run, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["--fresh", "--seed", "3"]) == 0 and main([]) == 0 and main(["shapes", "--quick"]) == 0
+    assert seen == [["--fresh", "--seed", "3"], [], ["--quick"]]

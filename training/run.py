@@ -50,10 +50,12 @@ def build_parser(load_commands: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] == "shapes":
+    # No command (options only, e.g. --fresh) is the embedded default, the shapes run; --help lists the commands.
+    default = not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help"))
+    if default or argv[0] == "shapes":
         from .shapes.run import main as shapes_main
 
-        return int(shapes_main(argv[1:]) or 0)
+        return int(shapes_main(argv if default else argv[1:]) or 0)
     chosen = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(load_commands=chosen)
     args = parser.parse_args(argv)
