@@ -34,6 +34,8 @@ ROWS = ("teacher", "student_base", "student_base_one_step", "student_base_start"
         "cross_space_no_attn", "round_trip", "student_vae_ceiling")
 TASKS = ("base", "same_space", "cross_space", "cross_space_no_attn", "round_trip")  # "base": the 3 untrained rows
 DEFAULT_DOC = os.path.join("docs", "shapes_benchmark.md")
+# The hand-written analysis of the result (what was tried and why the table looks as it does), linked from the table.
+INVESTIGATION = "shapes_investigation.md"
 
 
 def _result_path(out: str, seed: int, task: str) -> str:
@@ -224,6 +226,7 @@ def markdown(summary: dict, notes: str | None = None) -> str:
             lines.append(f"- {labels[row]}: {e['shape']:.3f} / {e['colour']:.3f} / {e['background']:.3f} / "
                          f"{e['position']:.3f}")
     lines += ["", "## Findings (computed from the table)", ""] + findings(table)
+    lines += ["", f"Why the table looks as it does, and what was tried: [{INVESTIGATION}]({INVESTIGATION})."]
     if notes:
         lines += ["", notes.strip()]
     return "\n".join(lines) + "\n"
