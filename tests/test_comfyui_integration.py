@@ -779,6 +779,17 @@ def test_training_nodes_in_object_info(comfy):
     assert "sd15_to_sd35.safetensors" in info["CSD_DistillStudent"]["input"]["required"]["bridge_name"][1]["options"]
 
 
+def _cancel_at_step_2(comfy, prompt: dict, text: str, run, published) -> None:
+    """Queue `prompt` with its text input (node "9") cancelling the queue at step 2: the prompt ends interrupted, the
+    run folder holds a training state at step 2 and nothing is published."""
+    prompt["9"] = {"class_type": "CSDTest_InterruptAt", "inputs": {"text": text, "step": 2}}
+    entry = comfy.run(prompt)
+    events = [ev for ev, _ in entry["status"]["messages"]]
+    assert entry["status"]["status_str"] == "error" and "execution_interrupted" in events, _errors(entry)
+    assert _state_step(run / "train_state.safetensors") == 2
+    assert not published.exists()
+
+
 def test_train_bridge_cancel_resume_and_use(comfy, tiny):
     """Cancel after step 2 of 3: the prompt ends as interrupted, the run folder holds a training state at step 2 and
     nothing is published. Queueing again resumes at step 2 and finishes: the Bridge lands in models/bridges, loads
@@ -787,13 +798,7 @@ def test_train_bridge_cancel_resume_and_use(comfy, tiny):
 
     run = comfy.base / "output" / "csd_runs" / "bridge_it_cancel"
     published = comfy.base / "models" / "bridges" / "it_cancel.safetensors"
-    prompt = _train_bridge_prompt("it_cancel", 3, ["9", 0])
-    prompt["9"] = {"class_type": "CSDTest_InterruptAt", "inputs": {"text": TRAIN_IMAGES, "step": 2}}
-    entry = comfy.run(prompt)
-    events = [ev for ev, _ in entry["status"]["messages"]]
-    assert entry["status"]["status_str"] == "error" and "execution_interrupted" in events, _errors(entry)
-    assert _state_step(run / "train_state.safetensors") == 2
-    assert not published.exists()
+    _cancel_at_step_2(comfy, _train_bridge_prompt("it_cancel", 3, ["9", 0]), TRAIN_IMAGES, run, published)
 
     entry = comfy.run_ok(_train_bridge_prompt("it_cancel", 3, TRAIN_IMAGES))
     assert "3 steps (resumed from 2)" in comfy.log_tail(200)
@@ -840,13 +845,7 @@ def test_distill_student_cancel_and_resume(comfy):
     run = comfy.base / "output" / "csd_runs" / "distill_it_distill_cancel"
     published = comfy.base / "models" / "checkpoints" / "it_distill_cancel.safetensors"
     prompts = "a red square\na blue circle"
-    prompt = _distill_prompt("it_distill_cancel", 3, ["9", 0])
-    prompt["9"] = {"class_type": "CSDTest_InterruptAt", "inputs": {"text": prompts, "step": 2}}
-    entry = comfy.run(prompt)
-    events = [ev for ev, _ in entry["status"]["messages"]]
-    assert entry["status"]["status_str"] == "error" and "execution_interrupted" in events, _errors(entry)
-    assert _state_step(run / "train_state.safetensors") == 2
-    assert not published.exists()
+    _cancel_at_step_2(comfy, _distill_prompt("it_distill_cancel", 3, ["9", 0]), prompts, run, published)
 
     entry = comfy.run_ok(_distill_prompt("it_distill_cancel", 3, prompts))
     assert "3 steps (resumed from 2)" in comfy.log_tail(200)

@@ -326,9 +326,6 @@ class BridgeTrainer:
             return val, im.convert("RGB")
 
     # ---- checkpoints ----
-    def _train_seconds(self) -> float:
-        return self._prior_seconds + (time.time() - self._loop_start if self._loop_start is not None else 0.0)
-
     def _summary(self, step: int) -> dict:
         return {"steps": step, "config": asdict(self.cfg), "models": self.m.description,
                 "nan_skipped": self.nan_guard.skipped_total, "processes": self.accel.num_processes,
@@ -342,7 +339,7 @@ class BridgeTrainer:
             os.path.join(self.cfg.out_dir, self.STATE_FILE),
             modules={"projector": projector}, optimizers={"opt": self.opt}, schedulers={"sched": self.sched},
             extra={"step": step, "nan_skipped": self.nan_guard.skipped_total, "config": asdict(self.cfg),
-                   "train_seconds": self._train_seconds()},
+                   "train_seconds": self.clock.seconds()},
         )
         bridge_ckpt.save_bridge(os.path.join(self.cfg.out_dir, self.BRIDGE_FILE), self._plain_bridge(projector),
                                 training_summary=self._summary(step),
@@ -362,8 +359,7 @@ class BridgeTrainer:
         self.sched = loop.lr_schedule(self.opt, cfg.warmup_steps, cfg.steps)
         self.nan_guard = loop.NaNGuard(cfg.max_nan_steps)
         self.last_val = None
-        # Training-loop seconds summed over invocations (a resumed run counts its earlier ones, from the checkpoint).
-        self._prior_seconds, self._loop_start = 0.0, None
+        self.clock = loop.TrainClock()
         start = 0
         state_path = os.path.join(cfg.out_dir, self.STATE_FILE)
         if cfg.resume and os.path.exists(state_path):
@@ -371,7 +367,7 @@ class BridgeTrainer:
                                         {"sched": self.sched})
             start = int(extra["step"])
             self.nan_guard.skipped_total = int(extra.get("nan_skipped", 0))
-            self._prior_seconds = float(extra.get("train_seconds", 0.0))
+            self.clock.resume(extra.get("train_seconds", 0.0))
         self.bridge.projector, self.opt = self.accel.prepare(self.bridge.projector, self.opt)
         log = (loop.JsonlLogger(os.path.join(cfg.out_dir, "metrics.jsonl"), resume_step=start)
                if self.accel.is_main_process else None)
@@ -379,7 +375,7 @@ class BridgeTrainer:
                                                           disable=not self.accel.is_main_process)
         progress.start(start)
         step = start
-        t0 = self._loop_start = time.time()
+        t0 = self.clock.start()
         result = {"resumed_from": start, "stopped_early": False}
         try:
             with loop.graceful_interrupt(self.stop):
@@ -406,6 +402,7 @@ class BridgeTrainer:
             raise
         finally:
             progress.close()
-        result.update(step=step, seconds=time.time() - t0, train_seconds=self._train_seconds(),
-                      nan_skipped=self.nan_guard.skipped_total, bridge=os.path.join(cfg.out_dir, self.BRIDGE_FILE), out_dir=cfg.out_dir)
+        result.update(step=step, seconds=time.time() - t0, train_seconds=self.clock.seconds(),
+                      nan_skipped=self.nan_guard.skipped_total, bridge=os.path.join(cfg.out_dir, self.BRIDGE_FILE),
+                      out_dir=cfg.out_dir)
         return result

@@ -186,9 +186,7 @@ class Distiller:
                              f"({models.teacher.space.channels}). Use a Bridge trained for this teacher.")
         self.latent = models.student.latent_size(config.resolution)
         self.timer = None  # set by the benchmark to time the parts of a step
-        # Training-loop seconds summed over invocations (a resumed run counts its earlier ones, from the checkpoint).
-        self._prior_seconds = 0.0
-        self._loop_start: float | None = None
+        self.clock = loop.TrainClock()
 
     # ---- text ----
     def _cache_key(self) -> str:
@@ -406,7 +404,7 @@ class Distiller:
 
         if not self.accel.is_main_process:
             return
-        extra = {"step": step, "nan_skipped": self.nan_guard.skipped_total, "train_seconds": self._train_seconds()}
+        extra = {"step": step, "nan_skipped": self.nan_guard.skipped_total, "train_seconds": self.clock.seconds()}
         ema = self.m.student.ema
         if ema is not None:
             extra["ema_step"] = ema.optimization_step
@@ -415,9 +413,6 @@ class Distiller:
                             extra=extra)
         save_student_unet(os.path.join(self.cfg.out_dir, self.STUDENT_FILE), self.m.student,
                           summary=self.summary(step))
-
-    def _train_seconds(self) -> float:
-        return self._prior_seconds + (time.time() - self._loop_start if self._loop_start is not None else 0.0)
 
     def _resume(self) -> int:
         path = os.path.join(self.cfg.out_dir, self.STATE_FILE)
@@ -428,7 +423,7 @@ class Distiller:
         if self.m.student.ema is not None:
             self.m.student.ema.optimization_step = int(extra.get("ema_step", 0))
         self.nan_guard.skipped_total = int(extra.get("nan_skipped", 0))
-        self._prior_seconds = float(extra.get("train_seconds", 0.0))
+        self.clock.resume(extra.get("train_seconds", 0.0))
         return int(extra["step"])
 
     # ---- main loop ----
@@ -451,7 +446,7 @@ class Distiller:
         progress.start(start)
         result: dict = {"resumed_from": start, "out_dir": c.out_dir}
         step = start
-        t0 = self._loop_start = time.time()
+        t0 = self.clock.start()
         with loop.graceful_interrupt(self.stop):
             while step < c.steps:
                 metrics = self.train_step(step)
@@ -471,7 +466,7 @@ class Distiller:
                     result["stopped_early"] = True
                     break
         progress.close()
-        result.update(step=step, seconds=time.time() - t0, train_seconds=self._train_seconds(),
+        result.update(step=step, seconds=time.time() - t0, train_seconds=self.clock.seconds(),
                       nan_skipped=self.nan_guard.skipped_total, student=os.path.join(c.out_dir, self.STUDENT_FILE))
         return result
 

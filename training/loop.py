@@ -1,5 +1,5 @@
-"""Small pieces shared by both trainers: per-step randomness, NaN guard, metrics log, stop/interrupt handling,
-progress reporting, LR schedule, autocast and image grids.
+"""Small pieces shared by both trainers: per-step randomness, NaN guard, metrics log, training clock, stop/interrupt
+handling, progress reporting, LR schedule, autocast, image grids and atomic JSON files.
 
 Heavy imports (tqdm, PIL, diffusers) happen inside the functions that need them.
 """
@@ -13,6 +13,7 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -102,6 +103,35 @@ class JsonlLogger:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
+
+
+class TrainClock:
+    """Training-loop seconds summed over invocations: a resumed run continues from the seconds its checkpoint saved
+    (`resume`), so reported training time does not shrink to the steps left after an interruption."""
+
+    def __init__(self):
+        self.prior = 0.0
+        self._start: float | None = None
+
+    def resume(self, seconds: float) -> None:
+        self.prior = float(seconds)
+
+    def start(self) -> float:
+        self._start = time.time()
+        return self._start
+
+    def seconds(self) -> float:
+        return self.prior + (time.time() - self._start if self._start is not None else 0.0)
+
+
+def write_json(path, data) -> None:
+    """Write JSON atomically (temp file + os.replace): an interruption never leaves a truncated file."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- stopping

@@ -28,6 +28,7 @@ import os
 import sys
 import time
 
+from ..loop import write_json
 from .run import DEFAULTS, QUICK, add_setting_arguments
 
 ROWS = ("teacher", "student_base", "student_base_one_step", "student_base_start", "same_space", "cross_space",
@@ -104,11 +105,7 @@ def run_task(task: str, seed: int, out: str, world_dir: str, settings: dict, thr
     result = {"task": task, "seed": seed, "threads": threads, "rows": {
         name: dict(evaluation[name], training_s=sum(training_s.values()) if training_s else None)
         for name in rows}, "training_s": training_s, **extra}
-    path = _result_path(out, seed, task)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2, default=str)
-    os.replace(tmp, path)
+    write_json(_result_path(out, seed, task), result)
     return result
 
 
@@ -262,8 +259,7 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
             if json.load(f) != identity:
                 raise ValueError(f"{out} holds results of a benchmark with other settings or another world; use "
                                  "another --out or --fresh.")
-    with open(settings_path, "w", encoding="utf-8") as f:
-        json.dump(identity, f, indent=2)
+    write_json(settings_path, identity)
 
     t0 = time.perf_counter()
     for seed in seeds:  # rendered once here, so parallel tasks never write the same folder
@@ -298,8 +294,7 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
     if os.path.exists(wall_path):
         with open(wall_path, encoding="utf-8") as f:
             wall += float(json.load(f)["wall_s"])
-    with open(wall_path, "w", encoding="utf-8") as f:
-        json.dump({"wall_s": wall}, f)
+    write_json(wall_path, {"wall_s": wall})
 
     summary = {
         "format": "shapes-benchmark", "quick": quick, "world": os.path.abspath(world_dir), "seeds": seeds,
@@ -307,8 +302,7 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
         "row_labels": {row: shapes_run.row_label(row, world, settings) for row in ROWS},
         "table": aggregate(results, seeds), "results": results,
     }
-    with open(os.path.join(out, "benchmark.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, default=str)
+    write_json(os.path.join(out, "benchmark.json"), summary)
     text = markdown(summary, notes)
     if doc:
         os.makedirs(os.path.dirname(os.path.abspath(doc)), exist_ok=True)

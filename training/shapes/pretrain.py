@@ -44,12 +44,6 @@ QUICK = dict(DEFAULTS, judge_steps=2, judge_batch=16, student_vae_steps=2, teach
              teacher_cfg=4.0, student_cfg=4.0, eval_samples=8)
 
 
-def _write_json(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _count(model) -> int:
@@ -179,6 +173,7 @@ def pretrain(out: str, quick: bool = False, seed: int = 0, threads: int = 1, job
     from safetensors.torch import save_file
 
     from .. import _bridge
+    from ..loop import write_json
     from . import models, text
     from .evaluate import evaluate_world, select_cfg
     from .render import render, sample_scenes
@@ -301,7 +296,7 @@ def pretrain(out: str, quick: bool = False, seed: int = 0, threads: int = 1, job
         "quick": quick,
         "seed": seed,
     }
-    _write_json(os.path.join(out, "world.json"), world_config)
+    write_json(os.path.join(out, "world.json"), world_config)
 
     log("== evaluation of the saved world")
     t0 = time.perf_counter()
@@ -314,11 +309,11 @@ def pretrain(out: str, quick: bool = False, seed: int = 0, threads: int = 1, job
             log(f"  {who} CFG {best} (validation accuracy by CFG: "
                 + ", ".join(f"{c}: {s['accuracy']:.2f}" for c, s in scores.items()) + ")")
             world.config[f"{who}_sampling"]["cfg"] = best
-    _write_json(os.path.join(out, "world.json"), world.config)
+    write_json(os.path.join(out, "world.json"), world.config)
     report["evaluation"] = evaluate_world(world, n=cfg["eval_samples"], seed=seed)
     report["timings_s"]["evaluation"] = round(time.perf_counter() - t0, 1)
     report["total_s"] = round(time.perf_counter() - t_start, 1)
-    _write_json(os.path.join(out, "report.json"), report)
+    write_json(os.path.join(out, "report.json"), report)
     log(_summary(report))
     return report
 

@@ -2,25 +2,26 @@
 
     python -m training.shapes.probe            # prints a table; --json FILE saves it
 
-The benchmark finds that DMD does not improve the one-step student in the CPU budget (300 steps, batch 16). This
-probe separates the two possible causes. It trains the same one-step student (copy of the student base, same
-`OneStepStudent` parameterisation at t = 999, same optimiser, steps and batch) by plain regression on paired
-targets: noise z -> the student base's own 25-step DDIM sample from z (DMD1's regression loss, same space). If
-regression reaches a high prompt accuracy in the same budget, the student and the budget suffice, and what is
-missing is the signal DMD's distribution-level gradient carries at this batch size; if it does not, the budget
-(or the parameterisation) is the limit.
+DMD barely improves the one-step student in the CPU budget (300 steps, batch 16). This probe separates the possible
+causes. It trains the same one-step student (copy of the student base, `OneStepStudent` at each given input timestep,
+same optimiser, steps and batch) by plain regression on paired targets: noise z -> the student base's own 25-step
+DDIM sample from z (DMD1's regression loss, same space). If regression reaches a high prompt accuracy in the same
+budget, the student and the budget suffice, and what is missing is the signal DMD's distribution-level gradient
+carries at this batch size; if it does not, the budget (or the parameterisation) is the limit. Results and their
+reading: docs/shapes_investigation.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import time
 
 import torch
 import torch.nn.functional as F
+
+from ..loop import write_json
 
 
 def regression_pairs(world, prompts: list[str], n: int, seed: int, batch_size: int = 128):
@@ -118,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     results = probe(a.world, a.steps, a.batch_size, tuple(a.lr), tuple(a.timesteps), a.pairs, a.eval, a.seed)
     print(markdown(results))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(a.json, results)
     return 0
 
 

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import loop
+
 if TYPE_CHECKING:
     from .models import ShapesWorld
 
@@ -45,7 +47,7 @@ DEFAULTS = dict(
     distill_timesteps="uniform", distill_s_min=0.02,
     # The one-step student's input timestep. SD1.5 practice is 999, but there x0 = (z - 0.998 eps) / 0.068 amplifies
     # the tiny UNet's eps errors ~15x: in the same budget it fits even paired targets far worse than at 700
-    # (`python -m training.shapes.probe`), and DMD only improves it from 700 (docs/shapes_benchmark.md).
+    # (`python -m training.shapes.probe`), and DMD only improves it from 700 (docs/shapes_investigation.md).
     student_timestep=700,
     guidance=0.0,  # real-score CFG; 0: the teacher's own sampling CFG (world.json)
     eval_samples=300, eval_batch=100, grid_prompts=6, grid_seeds=2,
@@ -72,12 +74,6 @@ def _log(msg: str) -> None:
     print(f"[shapes] {msg}", flush=True)
 
 
-def _write_json(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -111,7 +107,7 @@ def render_images(folder: str, n: int, seed: int = 0) -> str:
             Image.fromarray(arr).save(name + ".png")
             with open(name + ".txt", "w", encoding="utf-8") as f:
                 f.write(captions[start + i] + "\n")
-    _write_json(stamp, info)
+    loop.write_json(stamp, info)
     return folder
 
 
@@ -279,7 +275,6 @@ def student_generator(world: "ShapesWorld", unet, timestep: int = 999):
 
 def sample_grid(world: "ShapesWorld", path: str, rows: dict, prompts: list[str], seeds: list[int]) -> str:
     """PNG grid: one column per (prompt, seed), one row per generator (label: row name)."""
-    from .. import loop
     from .evaluate import eval_generator
 
     images = []
@@ -393,7 +388,7 @@ def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, qui
             if json.load(f) != identity:
                 raise ValueError(f"{out} holds a run with another world, seed or settings; pass another --out, or "
                                  "--fresh to start over there.")
-    _write_json(identity_path, identity)
+    loop.write_json(identity_path, identity)
     timings: dict[str, float] = {}
 
     _log(f"loading the shapes world from {world_dir}")
@@ -449,7 +444,7 @@ def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, qui
         "grid": {"path": "grid.png", "rows": list(grid_rows), "prompts": prompts, "seeds": seeds},
         "versions": _versions(),
     }
-    _write_json(os.path.join(out, "report.json"), report)
+    loop.write_json(os.path.join(out, "report.json"), report)
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
         f.write(report_markdown(report))
     _log(f"done in {timings['total']:.0f}s: {os.path.join(out, 'report.md')}")
