@@ -28,18 +28,24 @@ def display_name(space: LatentSpace) -> str:
     return _DISPLAY.get(space.name, space.name)
 
 
-def decode_to_image01(vae: "AutoencoderKL", z_raw: torch.Tensor) -> torch.Tensor:
-    """Raw latent -> RGB image in [0,1], NCHW: what ComfyUI's VAE.decode returns (there as NHWC)."""
-    image = vae.decode(z_raw.to(vae.dtype)).sample
-    return ((image.float() + 1) / 2).clamp(0, 1)
+def decode_to_image01(vae: "AutoencoderKL", z_raw: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
+    """Raw latent -> RGB image in [0,1], NCHW: what ComfyUI's VAE.decode returns (there as NHWC).
+
+    straight_through (training only): the forward value is the same clamped image, but the backward passes
+    the gradient of saturated pixels as if there were no clamp (the plain clamp zeroes it)."""
+    image = (vae.decode(z_raw.to(vae.dtype)).sample.float() + 1) / 2
+    if straight_through:
+        return image + (image.clamp(0, 1) - image).detach()
+    return image.clamp(0, 1)
 
 
 def exact_round_trip(z_s_raw: torch.Tensor, student_vae: "AutoencoderKL", teacher_vae: "AutoencoderKL", k: int = 2,
-                     upsample: str = "bicubic") -> torch.Tensor:
+                     upsample: str = "bicubic", straight_through: bool = False) -> torch.Tensor:
     """The exact reference the Bridge approximates: E_t(upsample_k(D_s(z_s))) -> teacher RAW latent.
 
-    Uses the latent distribution's mean (deterministic), like the Bridge targets."""
-    image = decode_to_image01(student_vae, z_s_raw)
+    Uses the latent distribution's mean (deterministic), like the Bridge targets. straight_through: see
+    decode_to_image01 (training only)."""
+    image = decode_to_image01(student_vae, z_s_raw, straight_through=straight_through)
     if k != 1:
         image = F.interpolate(image, scale_factor=k, mode=upsample, align_corners=False).clamp(0, 1)
     return teacher_vae.encode((image * 2 - 1).to(teacher_vae.dtype)).latent_dist.mean
@@ -140,13 +146,14 @@ class Bridge(nn.Module):
             raise ValueError(f"Images must be floating point in [0,1]; got {img.dtype}. Divide uint8 images by 255.")
 
     # ---- the mapping ----
-    def decode_student(self, z_s_raw: torch.Tensor) -> torch.Tensor:
-        """Student raw latent [B,C_s,h,w] -> image01 [B,3,8h,8w] through the frozen decoder."""
+    def decode_student(self, z_s_raw: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
+        """Student raw latent [B,C_s,h,w] -> image01 [B,3,8h,8w] through the frozen decoder (straight_through: see
+        decode_to_image01; training only)."""
         self.check_student_latent(z_s_raw)
         if self.student_vae is None:
             raise ValueError("This Bridge has no student VAE: pass student_vae=... (e.g. to load_bridge), or decode "
                              "the latent yourself and call project_image.")
-        return decode_to_image01(self.student_vae, z_s_raw)
+        return decode_to_image01(self.student_vae, z_s_raw, straight_through=straight_through)
 
     def project_image_model(self, image01: torch.Tensor) -> torch.Tensor:
         """Decoded image [B,3,H,W] in [0,1] -> teacher MODEL-space latent [B,C_t,H/d,W/d] (what losses use).
@@ -162,9 +169,10 @@ class Bridge(nn.Module):
         """Decoded image -> teacher RAW latent (what the teacher VAE decodes, what ComfyUI LATENTs hold)."""
         return self.teacher_space.to_raw(self.project_image_model(image01))
 
-    def forward_model(self, z_s_raw: torch.Tensor) -> torch.Tensor:
-        """Student raw latent -> teacher MODEL-space latent."""
-        return self.project_image_model(self.decode_student(z_s_raw))
+    def forward_model(self, z_s_raw: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
+        """Student raw latent -> teacher MODEL-space latent (straight_through: the decoded image's clamp passes
+        gradients, for distillation)."""
+        return self.project_image_model(self.decode_student(z_s_raw, straight_through=straight_through))
 
     def forward(self, z_s_raw: torch.Tensor) -> torch.Tensor:
         """Student raw latent -> teacher RAW latent [B,C_t,k*h,k*w]."""

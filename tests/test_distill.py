@@ -191,15 +191,18 @@ def _metrics(out_dir):
         return [json.loads(line) for line in f]
 
 
-def test_distillation_moves_bridged_samples_to_the_teacher_distribution(tmp_path, trainer_deps):
+@pytest.mark.parametrize("options", [{}, dict(grad_norm="student", grad_clip_relative=2.0, straight_through_clamp=True)],
+                         ids=["dmd2", "bridge-options"])
+def test_distillation_moves_bridged_samples_to_the_teacher_distribution(tmp_path, trainer_deps, options):
     """Issue 3 "Correctness": 60 steps (~10 s) of DMD against the closed-form teacher through the Bridge at
-    least halve the mean error and cut the covariance error by a third, and the fake score's loss falls."""
+    least halve the mean error and cut the covariance error by a third, and the fake score's loss falls; also
+    with the distiller's Bridge options (student-space normalisation, running-norm clip, straight-through clamp)."""
     from training.distill import Distiller
 
     student, bridge, teacher = closed_form_world(n_target=4096)
     mean0, cov0 = _bridged_errors(student, bridge, teacher)
     assert mean0 > 0.3 and cov0 > 0.5  # a real distance to cover
-    result = Distiller(_config(tmp_path), _models(student, bridge, teacher)).run()
+    result = Distiller(_config(tmp_path, **options), _models(student, bridge, teacher)).run()
     assert result["step"] == 60 and not result.get("stopped_early")
     student.eval()
     mean1, cov1 = _bridged_errors(student, bridge, teacher)
@@ -234,11 +237,12 @@ class _StopAt:
         pass
 
 
-def test_stop_saves_and_resume_repeats_the_uninterrupted_run(tmp_path, trainer_deps):
+@pytest.mark.parametrize("options", [{}, dict(grad_norm="both", grad_clip_relative=1.5)], ids=["dmd2", "running-clip"])
+def test_stop_saves_and_resume_repeats_the_uninterrupted_run(tmp_path, trainer_deps, options):
     from training import loop
     from training.distill import Distiller
 
-    kw = dict(steps=6, batch_size=4, fake_updates=2, ema_decay=0.9)
+    kw = dict(steps=6, batch_size=4, fake_updates=2, ema_decay=0.9, **options)  # the clip's running norm resumes too
     a = closed_form_world()
     Distiller(_config(tmp_path / "a", **kw), _models(*a)).run()
 
@@ -396,3 +400,73 @@ def test_nan_steps_are_skipped_and_counted_then_training_stops(tmp_path, trainer
     with pytest.raises(Exception, match="(?i)nan|non-finite"):
         Distiller(_config(tmp_path / "b", steps=10, batch_size=2, fake_updates=1, max_nan_steps=3),
                   _models(student, bridge, teacher)).run()
+
+
+def test_pull_back_statistics_and_student_space_normalisation(tmp_path):
+    """grad_norm "student": each sample's gradient arriving at the student's latent is rescaled to the batch's mean
+    norm before it flows into the student; the per-sample norm statistics are logged either way."""
+    from training import loop
+    from training.distill import DistillConfig, Distiller
+
+    base = torch.randn(2, 4, 3, 3)
+    g = torch.randn(2, 4, 3, 3)
+    g[1] *= 4 / g[1].norm() * g[0].norm()  # sample 1's pulled-back gradient is 4x sample 0's
+    for mode in ("teacher", "student"):
+        d = Distiller.__new__(Distiller)
+        d.cfg = DistillConfig(out_dir=str(tmp_path), prompts=["a"], grad_norm=mode)
+        d.accel = loop.make_accelerator("no", cpu=True)
+        a = torch.nn.Parameter(torch.ones(2, 1, 1, 1))
+        z = a * base
+        z_in = z.detach().requires_grad_(True)
+        z_in.grad = g.clone()
+        metrics = {}
+        d._pull_back(z, z_in, metrics)
+        norms = g.flatten(1).norm(dim=1)
+        assert metrics["pullback_norm_max_over_median"] == pytest.approx(float(norms.max() / norms.median()))
+        assert metrics["pullback_norm_cv"] == pytest.approx(float(norms.std() / norms.mean()), rel=1e-5)
+        scale = norms.mean() / norms if mode == "student" else torch.ones(2)
+        expected = (g * base).flatten(1).sum(1) * scale
+        torch.testing.assert_close(a.grad.flatten(), expected)
+
+
+def test_running_norm_clip_cuts_only_outliers(tmp_path):
+    from training.distill import CLIP_EMA, DistillConfig, Distiller
+
+    d = Distiller.__new__(Distiller)
+    d.cfg = DistillConfig(out_dir=str(tmp_path), prompts=["a"], grad_clip_relative=2.0)
+    d.clip_norm = [0.0, 0]
+    assert d._clip_threshold() == float("inf")  # nothing to compare with yet
+    d.clip_norm = [(1 - CLIP_EMA) * 3.0, 1]  # one step of norm 3: the bias-corrected mean is 3
+    assert d._clip_threshold() == pytest.approx(6.0)
+    d.cfg = DistillConfig(out_dir=str(tmp_path), prompts=["a"], grad_clip=1.0)
+    assert d._clip_threshold() == 1.0  # fixed clip when the relative one is off
+
+
+def test_straight_through_clamp_passes_saturated_gradients():
+    from bridge.model import decode_to_image01
+    from training.tiny import tiny_vae
+
+    vae = tiny_vae(4).requires_grad_(False)
+    z = (torch.randn(1, 4, 2, 2) * 30).requires_grad_(True)  # large latents: many saturated pixels
+    plain = decode_to_image01(vae, z)
+    st = decode_to_image01(vae, z, straight_through=True)
+    torch.testing.assert_close(plain, st)  # the same forward value
+    saturated = (plain == 0) | (plain == 1)
+    assert saturated.any()
+    (g_plain,) = torch.autograd.grad(plain.sum(), z)
+    (g_st,) = torch.autograd.grad(st.sum(), z)
+    assert not torch.allclose(g_plain, g_st)  # the clamp's zero gradient on saturated pixels is gone
+    raw = (vae.decode(z).sample + 1) / 2
+    (g_raw,) = torch.autograd.grad(raw.sum(), z)
+    torch.testing.assert_close(g_st, g_raw)  # backward as if there were no clamp
+
+
+def test_time_budget_ends_the_run_and_a_finished_run_stays_finished(tmp_path, trainer_deps):
+    from training.distill import Distiller
+
+    kw = dict(steps=1000, batch_size=2, fake_updates=1, max_train_seconds=1e-6)
+    first = Distiller(_config(tmp_path, **kw), _models(*closed_form_world())).run()
+    assert first["time_budget_reached"] and first["step"] == 1  # at least one step, then the budget ends it
+    assert (tmp_path / "student_unet.safetensors").exists() and (tmp_path / "train_state.safetensors").exists()
+    again = Distiller(_config(tmp_path, **kw), _models(*closed_form_world())).run()
+    assert again["resumed_from"] == 1 and again["step"] == 1

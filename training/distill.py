@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
 
 
 # ---------------------------------------------------------------------------------------------- config
+
+GRAD_NORMS = ("teacher", "student", "both")
+CLIP_EMA = 0.9  # running mean of the student gradient norm for grad_clip_relative
 
 @dataclass
 class DistillConfig:
@@ -66,6 +70,18 @@ class DistillConfig:
     fake_updates: int = 5  # fake-score steps per student step (DMD2: 5)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    # Coping with the Bridge's Jacobian (docs/shapes_investigation.md): it weights samples very unequally once the
+    # teacher-space gradient is pulled back into the student's latent space.
+    # grad_norm: where the per-sample normalisation acts. "teacher": DMD2's (p_real - p_fake) / mean|p_real| in
+    # teacher space; "student": the raw DMD direction, and every sample's gradient pulled back through the Bridge
+    # rescaled to the batch's mean norm (equal weight per sample); "both": DMD2's, then that.
+    grad_norm: str = "teacher"
+    # > 0: the clip threshold is this factor x a running mean of past (clipped) student gradient norms instead of
+    # the fixed grad_clip, so it only cuts outliers instead of being active on every step.
+    grad_clip_relative: float = 0.0
+    # Straight-through clamp of the decoded student image in the training path (forward clamps to [0, 1], backward
+    # passes the gradient of saturated pixels too); inference keeps the plain clamp.
+    straight_through_clamp: bool = False
     log_every: int = 10
     sample_every: int = 250
     ckpt_every: int = 500
@@ -74,6 +90,9 @@ class DistillConfig:
     cpu: bool = False  # train on the CPU even where CUDA exists
     gradient_checkpointing: bool = False
     resume: bool = True
+    # > 0: stop once the training loop has run this many seconds (over all invocations); `steps` is then a cap.
+    # For comparisons at equal wall time.
+    max_train_seconds: float = 0.0
     cache_dir: str | None = None  # default <out_dir>/cache
     max_nan_steps: int = 5
 
@@ -89,6 +108,12 @@ class DistillConfig:
             p.append(f"resolution must be a positive multiple of 8 (SD1.5 pixels per latent), got {self.resolution}")
         if self.loss not in dmd.LOSSES:
             p.append(f"loss must be one of {', '.join(dmd.LOSSES)}, got {self.loss!r}")
+        if self.grad_norm not in GRAD_NORMS:
+            p.append(f"grad_norm must be one of {', '.join(GRAD_NORMS)}, got {self.grad_norm!r}")
+        if self.grad_norm != "teacher" and self.loss != "dmd":
+            p.append(f"grad_norm {self.grad_norm!r} needs loss 'dmd' (VSD has its own weighting)")
+        if not (self.grad_clip > 0 and self.grad_clip_relative >= 0):
+            p.append(f"need grad_clip > 0 and grad_clip_relative >= 0, got {self.grad_clip}, {self.grad_clip_relative}")
         if self.timesteps not in dmd.TIMESTEP_DISTS:
             p.append(f"timesteps must be one of {', '.join(dmd.TIMESTEP_DISTS)}, got {self.timesteps!r}")
         if not 0 <= self.s_min < self.s_max <= 1:
@@ -99,6 +124,8 @@ class DistillConfig:
                 p.append(f"a guidance range is [low, high] with low <= high, got {list(g)}")
         elif not isinstance(g, (int, float)):
             p.append(f"guidance must be a number or [low, high], got {g!r}")
+        if self.max_train_seconds < 0:
+            p.append(f"max_train_seconds must be >= 0 (0: no time budget), got {self.max_train_seconds}")
         for name in ("student_lr", "fake_lr"):
             if getattr(self, name) <= 0:
                 p.append(f"{name} must be > 0, got {getattr(self, name)}")
@@ -250,6 +277,27 @@ class Distiller:
         self.opt_student = torch.optim.AdamW(self.student_params, lr=c.student_lr, weight_decay=c.weight_decay)
         self.opt_fake = torch.optim.AdamW(self.fake_params, lr=c.fake_lr, weight_decay=c.weight_decay)
         self.nan_guard = loop.NaNGuard(c.max_nan_steps)
+        self.clip_norm = [0.0, 0]  # running mean of clipped gradient norms (bias-corrected EMA), its count
+
+    def _clip_threshold(self) -> float:
+        c = self.cfg
+        if not c.grad_clip_relative:
+            return c.grad_clip
+        ema, n = self.clip_norm
+        return float("inf") if n == 0 else c.grad_clip_relative * ema / (1 - CLIP_EMA ** n)
+
+    def _pull_back(self, z: torch.Tensor, z_in: torch.Tensor, metrics: dict) -> None:
+        """Backpropagate the Bridge-side gradient (in z_in.grad) into the student, per-sample normalised in student
+        space when configured; record the per-sample pull-back norm statistics."""
+        g = z_in.grad.float()
+        norms = g.flatten(1).norm(dim=1)
+        med = norms.median().clamp_min(1e-12)
+        metrics.update(pullback_norm_mean=norms.mean().item(),
+                       pullback_norm_cv=(norms.std() / norms.mean().clamp_min(1e-12)).item() if len(norms) > 1 else 0.0,
+                       pullback_norm_max_over_median=(norms.max() / med).item())
+        if self.cfg.grad_norm in ("student", "both"):
+            g = g * (norms.mean() / norms.clamp_min(1e-12)).view(-1, *([1] * (g.ndim - 1)))
+        self.accel.backward(z, gradient=g.to(z.dtype))
 
     def _state_modules(self) -> dict[str, nn.Module]:
         mods = {"student": self.accel.unwrap_model(self.generator), "fake": _Params(self.fake_params)}
@@ -309,11 +357,14 @@ class Distiller:
         metrics: dict[str, float] = {}
 
         # -- student (generator) update --
+        # The graph is cut at the student's latent z: the Bridge's backward gives the per-sample gradient in student
+        # space (logged; normalised there with grad_norm "student"/"both"), which then flows into the student.
         with self.accel.autocast():
             with self._phase("student_forward"):
                 z = self.generator(noise, s_emb)
+            z_in = z.detach().requires_grad_(True)
             with self._phase("decode_project"):
-                x = self.m.bridge.forward_model(z).float()
+                x = self.m.bridge.forward_model(z_in, straight_through=c.straight_through_clamp).float()
         s, _, x_s = self._noise(x, g)
         guidance = dmd.sample_guidance(c.batch_size, c.guidance_arg, generator=g, device=g.device)
         if isinstance(guidance, torch.Tensor):
@@ -323,20 +374,26 @@ class Distiller:
                 x0_real = teacher.predict_x0(x_s, s, t_cond, neg_cond=neg, guidance=guidance).float()
             with self._phase("fake_teacher"), teacher.fake():
                 x0_fake = teacher.predict_x0(x_s, s, t_cond).float()
-        loss, grad = dmd.distribution_matching_loss(c.loss, x, x0_real, x0_fake, s)
+        loss, grad = dmd.distribution_matching_loss(c.loss, x, x0_real, x0_fake, s,
+                                                    normalise=c.grad_norm in ("teacher", "both"))
         # The gradient's nan_to_num would hide a diverged teacher (e.g. a bf16 overflow) as a zero gradient:
         # non-finite teacher outputs make the step a NaN step too.
         if not self._all_finite(loss + 0 * (x0_real.sum() + x0_fake.sum())):
             self.opt_student.zero_grad(set_to_none=True)
             return None
         with self._phase("backward"):
-            self.accel.backward(loss)
-            gn = self.accel.clip_grad_norm_(self.student_params, c.grad_clip)
+            self.accel.backward(loss)  # into z_in only: the Bridge is frozen
+            self._pull_back(z, z_in, metrics)
+            threshold = self._clip_threshold()
+            gn = float(self.accel.clip_grad_norm_(self.student_params, threshold))
             self.opt_student.step()
             self.opt_student.zero_grad(set_to_none=True)
             self.m.student.ema_step()
-        metrics.update(loss=loss.item(), grad_abs=grad.abs().mean().item(), student_grad_norm=float(gn),
-                       sample_std=x.detach().std().item())
+        if c.grad_clip_relative and math.isfinite(gn):
+            ema, n = self.clip_norm
+            self.clip_norm = [CLIP_EMA * ema + (1 - CLIP_EMA) * min(gn, threshold), n + 1]
+        metrics.update(loss=loss.item(), grad_abs=grad.abs().mean().item(), student_grad_norm=gn,
+                       clipped=float(gn > threshold), sample_std=x.detach().std().item())
 
         # -- fake score updates --
         fake_losses = []
@@ -404,7 +461,8 @@ class Distiller:
 
         if not self.accel.is_main_process:
             return
-        extra = {"step": step, "nan_skipped": self.nan_guard.skipped_total, "train_seconds": self.clock.seconds()}
+        extra = {"step": step, "nan_skipped": self.nan_guard.skipped_total, "train_seconds": self.clock.seconds(),
+                 "clip_norm": list(self.clip_norm)}
         ema = self.m.student.ema
         if ema is not None:
             extra["ema_step"] = ema.optimization_step
@@ -423,8 +481,17 @@ class Distiller:
         if self.m.student.ema is not None:
             self.m.student.ema.optimization_step = int(extra.get("ema_step", 0))
         self.nan_guard.skipped_total = int(extra.get("nan_skipped", 0))
+        ema, n = extra.get("clip_norm", [0.0, 0])
+        self.clip_norm = [float(ema), int(n)]
         self.clock.resume(extra.get("train_seconds", 0.0))
         return int(extra["step"])
+
+    def _out_of_time(self) -> bool:
+        """The time budget is spent (on any process: all stop at the same step, or DDP would hang)."""
+        if not self.cfg.max_train_seconds:
+            return False
+        spent = torch.tensor([float(self.clock.seconds() >= self.cfg.max_train_seconds)], device=self.device)
+        return bool(self.accel.reduce(spent, reduction="sum").item() > 0)
 
     # ---- main loop ----
     def prepare(self) -> int:
@@ -448,7 +515,7 @@ class Distiller:
         step = start
         t0 = self.clock.start()
         with loop.graceful_interrupt(self.stop):
-            while step < c.steps:
+            while step < c.steps and not (step > 0 and self._out_of_time()):  # at least one step
                 metrics = self.train_step(step)
                 step += 1
                 if log is not None and metrics is not None and (step % c.log_every == 0 or step == c.steps):
@@ -456,11 +523,17 @@ class Distiller:
                 preview = None
                 if main and (step % c.sample_every == 0 or step == c.steps):
                     preview = self.preview(step, os.path.join(c.out_dir, "samples", f"step_{step:06d}.png"))
-                if step % c.ckpt_every == 0 or step == c.steps:
+                out_of_time = self._out_of_time()
+                if main and out_of_time and step % c.sample_every and step != c.steps:
+                    preview = self.preview(step, os.path.join(c.out_dir, "samples", f"step_{step:06d}.png"))
+                if step % c.ckpt_every == 0 or step == c.steps or out_of_time:
                     self.save(step)
                 progress.update(step, metrics or {}, preview)
                 if metrics is not None:
                     result["last_metrics"] = metrics
+                if out_of_time:
+                    result["time_budget_reached"] = True
+                    break
                 if self.stop.is_set():
                     self.save(step)
                     result["stopped_early"] = True
@@ -538,7 +611,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--fake-alpha", type=float, help="LoRA alpha of the fake score (default = rank)")
     t.add_argument("--fake-updates", type=int, default=5, help="fake-score steps per student step")
     t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--grad-clip", type=float, default=DistillConfig.grad_clip,
+                   help="student gradient-norm clip (fixed; see --grad-clip-relative)")
+    t.add_argument("--grad-norm", default=DistillConfig.grad_norm, choices=GRAD_NORMS,
+                   help="per-sample gradient normalisation: teacher = DMD2's, in teacher space; student = after the "
+                        "pull-back through the Bridge, every sample to the batch's mean norm; both")
+    t.add_argument("--grad-clip-relative", type=float, default=DistillConfig.grad_clip_relative,
+                   help="> 0: clip at this factor x the running mean gradient norm instead of --grad-clip")
+    t.add_argument("--straight-through-clamp", action=argparse.BooleanOptionalAction,
+                   default=DistillConfig.straight_through_clamp,
+                   help="training only: the decoded image's [0,1] clamp passes gradients of saturated pixels")
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--sample-every", type=int, help="preview grid every N steps (default 250; 20 with --demo)")
     t.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps")
@@ -573,7 +655,9 @@ def config_from_args(args, prompts: list[str]) -> DistillConfig:
         timesteps=args.timesteps, s_min=args.s_min, s_max=args.s_max, student_lr=args.student_lr,
         student_lora_rank=args.student_lora_rank, ema_decay=args.ema_decay, fake_lr=args.fake_lr,
         fake_rank=args.fake_rank, fake_alpha=args.fake_alpha, fake_updates=args.fake_updates,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip, log_every=args.log_every,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_norm=args.grad_norm,
+        grad_clip_relative=args.grad_clip_relative, straight_through_clamp=args.straight_through_clamp,
+        log_every=args.log_every,
         sample_every=args.sample_every or (20 if demo else 250), ckpt_every=args.ckpt_every, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         resume=not args.restart, cache_dir=args.cache_dir,

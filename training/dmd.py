@@ -65,11 +65,16 @@ def sample_guidance(n: int, guidance, generator: torch.Generator | None = None, 
     return lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
 
 
-def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
-    """DMD2-normalised gradient (p_real - p_fake) / mean(|p_real|), per sample, NaN/inf zeroed."""
+def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, normalise: bool = True) -> torch.Tensor:
+    """DMD2-normalised gradient (p_real - p_fake) / mean(|p_real|), per sample, NaN/inf zeroed.
+
+    normalise False: the raw direction p_real - p_fake = x0_fake - x0_real (for a normalisation that acts
+    later, in the student's space)."""
     x, x0_real, x0_fake = x.detach().float(), x0_real.detach().float(), x0_fake.detach().float()
     p_real = x - x0_real
     p_fake = x - x0_fake
+    if not normalise:
+        return torch.nan_to_num(p_real - p_fake, nan=0.0, posinf=0.0, neginf=0.0)
     dims = list(range(1, x.ndim))
     norm = p_real.abs().mean(dim=dims, keepdim=True)
     return torch.nan_to_num((p_real - p_fake) / norm, nan=0.0, posinf=0.0, neginf=0.0)
@@ -89,10 +94,11 @@ def loss_from_gradient(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 def distribution_matching_loss(kind: str, x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor,
-                               s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, grad) for `kind` "dmd" or "vsd"; x carries the generator's graph, the x0s are detached."""
+                               s: torch.Tensor, normalise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, grad) for `kind` "dmd" or "vsd"; x carries the generator's graph, the x0s are detached.
+    normalise: DMD2's teacher-space normaliser (DMD only)."""
     if kind == "dmd":
-        grad = dmd_gradient(x, x0_real, x0_fake)
+        grad = dmd_gradient(x, x0_real, x0_fake, normalise=normalise)
     elif kind == "vsd":
         grad = vsd_gradient(x0_real, x0_fake, s)
     else:

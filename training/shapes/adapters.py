@@ -176,8 +176,8 @@ class IdentityBridge(nn.Module):
         self.k = 1
         self.student_vae = student_vae.requires_grad_(False).eval()
 
-    def forward_model(self, z_s_raw: torch.Tensor) -> torch.Tensor:
-        return self.student_space.to_model(z_s_raw)
+    def forward_model(self, z_s_raw: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
+        return self.student_space.to_model(z_s_raw)  # no decode, no clamp
 
     def forward(self, z_s_raw: torch.Tensor) -> torch.Tensor:
         return z_s_raw
@@ -202,8 +202,9 @@ class RoundTripBridge(nn.Module):
         self.student_vae = student_vae.requires_grad_(False).eval()
         self.teacher_vae = teacher_vae.requires_grad_(False).eval()
 
-    def forward_model(self, z_s_raw: torch.Tensor) -> torch.Tensor:
-        return self.teacher_space.to_model(self.forward(z_s_raw).float())
+    def forward_model(self, z_s_raw: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
+        return self.teacher_space.to_model(bridge_model.exact_round_trip(
+            z_s_raw, self.student_vae, self.teacher_vae, self.k, straight_through=straight_through).float())
 
     def forward(self, z_s_raw: torch.Tensor) -> torch.Tensor:
         return bridge_model.exact_round_trip(z_s_raw, self.student_vae, self.teacher_vae, self.k)
