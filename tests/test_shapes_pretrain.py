@@ -28,8 +28,8 @@ def test_quick_pretrain_writes_a_loadable_world(quick_world):
         assert not any(f.endswith((".bin", ".pt", ".ckpt", ".pkl")) for f in os.listdir(folder)), name
     report = json.loads((quick_world / "report.json").read_text())
     assert report["quick"] is True
-    for stage in ("text_encoders", "judge", "student_vae", "teacher_vae", "latents", "teacher", "student_base",
-                  "evaluation"):
+    for stage in ("text_encoders", "judge", "student_vae", "teacher_vae", "latents", "teacher_phase1",
+                  "teacher_phase2", "teacher_phase3", "student_base", "evaluation"):
         assert report["timings_s"][stage] >= 0
     assert report["total_s"] >= max(report["wall_s"].values())
     for row in ("teacher", "student_base", "student_base_one_step"):
@@ -76,28 +76,53 @@ def test_training_stages_are_deterministic():
         assert torch.equal(pa, pb), name
 
 
-def test_continue_teacher_gives_the_full_rebuilds_teacher(tmp_path):
-    """--continue-teacher on a world built without the second phase == the full two-phase rebuild."""
+def test_only_reruns_stages_and_gives_the_full_rebuilds_world(tmp_path):
+    """--only teacher_phase3 student_base on a world built without them == the full rebuild (weights equal)."""
     from safetensors.torch import load_file
 
-    def teacher(folder):
-        return load_file(str(folder / "teacher_transformer" / "diffusion_pytorch_model.safetensors"))
+    def weights(folder, name):
+        f = next(x for x in os.listdir(folder / name) if x.endswith(".safetensors"))
+        return load_file(str(folder / name / f))
 
-    full, continued = tmp_path / "full", tmp_path / "continued"
+    full, partial = tmp_path / "full", tmp_path / "partial"
     assert pretrain_main(["--out", str(full), "--quick", "--jobs", "1"]) == 0
-    assert pretrain_main(["--out", str(continued), "--quick", "--jobs", "1", "--teacher-finetune-steps", "0"]) == 0
-    first_phase = teacher(continued)
-    assert pretrain_main(["--out", str(continued), "--quick", "--jobs", "1", "--continue-teacher"]) == 0
-    a, b = teacher(full), teacher(continued)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert any(not torch.equal(first_phase[k], b[k]) for k in b)  # the second phase did train
-    report = json.loads((continued / "report.json").read_text())
-    assert "first_phase_evaluation" in report["continued"]
-    # Settings that shaped the first phase must match: otherwise it would not be the same teacher.
-    with pytest.raises(ValueError, match="continue-teacher needs the settings"):
-        pretrain_main(["--out", str(continued), "--quick", "--jobs", "1", "--continue-teacher", "--teacher-lr", "0.5"])
+    assert pretrain_main(["--out", str(partial), "--quick", "--jobs", "1", "--teacher-phase3-steps", "0",
+                          "--student-caption-noise", ""]) == 0
+    before = weights(partial, "teacher_transformer")
+    assert pretrain_main(["--out", str(partial), "--quick", "--jobs", "1", "--only", "teacher_phase3",
+                          "student_base"]) == 0
+    for name in ("teacher_transformer", "student_unet"):
+        a, b = weights(full, name), weights(partial, name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    assert any(not torch.equal(before[k], v) for k, v in weights(partial, "teacher_transformer").items())
+    report = json.loads((partial / "report.json").read_text())
+    assert report["rebuilt_stages"] == ["teacher_phase3", "student_base"]
+    # A kept stage's settings must match: otherwise it would not be the same world.
+    with pytest.raises(ValueError, match="--only needs the settings"):
+        pretrain_main(["--out", str(partial), "--quick", "--jobs", "1", "--only", "student_base", "--teacher-lr", "0.5"])
+    # A teacher phase starts from the one before: rerunning phase 2 alone would leave phase 3 stale.
+    with pytest.raises(ValueError, match="every phase after"):
+        pretrain_main(["--out", str(partial), "--quick", "--jobs", "1", "--only", "teacher_phase2"])
+
+
+def test_student_captions_carry_no_information_about_the_noisy_attribute():
+    """The knowledge gap: the student base's background word is independent of the image's background, every
+    caption stays valid, and the other attributes are untouched."""
+    from training.shapes.pretrain import noisy_captions
+    from training.shapes.render import parse_caption, sample_scenes
+
+    scenes = sample_scenes(3000, "train", seed=7)
+    noisy = [parse_caption(c) for c in noisy_captions(scenes, "background", seed=11)]
+    true = [scenes.attributes(i) for i in range(len(scenes))]
+    for a, b in zip(noisy, true):
+        assert (a["shape"], a["colour"], a["position"]) == (b["shape"], b["colour"], b["position"])
+        assert a["background"] != a["colour"]
+    agree = sum(a["background"] == b["background"] for a, b in zip(noisy, true)) / len(true)
+    assert agree == pytest.approx(1 / 5, abs=0.03)  # chance among the 5 colours a background can take
+    with pytest.raises(ValueError, match="student_caption_noise"):
+        noisy_captions(scenes, "size", seed=0)
 
 
 SHIPPED = os.path.isdir(os.path.join(models.DEFAULT_DIR, "judge"))
@@ -113,7 +138,14 @@ def test_shipped_world_meets_its_targets():
     assert ev["teacher"]["accuracy"] >= 0.9
     assert ev["student_base"]["accuracy"] < ev["teacher"]["accuracy"] - 0.03
     assert ev["student_base_one_step"]["accuracy"] < 0.5
+    # The knowledge gap (world version 2): the student base draws the background at chance (1 in 5 colours) while
+    # the teacher gets it right, and the teacher is at least as good as the student base on every attribute.
     world = models.load_shapes_world(register=False)
+    assert world.config["version"] == 2 and world.config["knowledge_gap"]["attribute"] == "background"
+    assert ev["student_base"]["background"] <= 0.2 + 0.1
+    assert ev["teacher"]["background"] >= 0.9
+    for attribute in ("shape", "colour", "background", "position"):
+        assert ev["teacher"][attribute] >= ev["student_base"][attribute], attribute
     from training.shapes.evaluate import evaluate_generators
 
     teacher_only = {"teacher": lambda p, g: world.decode_teacher(world.sample_teacher(p, generator=g))}
