@@ -1,6 +1,7 @@
 """Shapes world: the benchmark's adapters (eps UNet as a flow teacher, identity and round-trip bridges) against
 the UNet's own DDPM/DDIM math, and the default run end to end on a quick world."""
 
+import json
 import os
 
 import pytest
@@ -209,7 +210,11 @@ def test_default_run_end_to_end_on_a_quick_world(tmp_path, quick_world):
 
     report = json.loads((out / "report.json").read_text())
     assert report["quick"] is True and report["seed"] == 1
-    assert report["rows"] == ["teacher", "student_base", "student_base_one_step", "student_base_start", "cross_space"]
+    assert report["rows"] == ["teacher", "student_base", "student_base_one_step", "student_base_start", "cross_space",
+                              "same_space"]
+    assert report["training_s"]["same_space"] > 0
+    metrics = [json.loads(line) for line in (out / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert {"pullback_norm_cv", "pullback_norm_max_over_median", "clipped"} <= set(metrics[-1])
     assert student.timestep == DEFAULTS["student_timestep"] == 700  # the checkpoint keeps the student's timestep
     for row in report["rows"]:
         r = report["evaluation"][row]
@@ -222,9 +227,9 @@ def test_default_run_end_to_end_on_a_quick_world(tmp_path, quick_world):
     for label in report["row_labels"].values():
         assert label in md
     with Image.open(out / "grid.png") as grid:
-        # 3 rows (before, after, teacher) x (prompts x seeds) columns, at least 64 px per cell.
+        # 4 rows (before, after cross-space, same-space, teacher) x (prompts x seeds) columns, >= 64 px per cell.
         cells = report["settings"]["grid_prompts"] * report["settings"]["grid_seeds"]
-        assert grid.width >= cells * 64 and grid.height >= 3 * 64
+        assert grid.width >= cells * 64 and grid.height >= 4 * 64
     assert len(os.listdir(out / "data" / "images")) == 2 * report["settings"]["n_images"] + 1  # png + txt, stamp
 
 
@@ -233,22 +238,36 @@ def test_benchmark_table_has_every_row_and_resumes(tmp_path, quick_world):
     from training.shapes.benchmark import ROWS, benchmark
 
     out, doc = tmp_path / "bench", tmp_path / "bench.md"
-    summary = benchmark([0], str(out), quick_world, doc=str(doc), jobs=1, threads=1, quick=True)
-    assert set(summary["table"]) == set(ROWS)
-    for row in ROWS:
+    options = dict(distill_clip_relative=0.0, distill_timesteps="uniform")  # two options on: their ablations run
+    summary = benchmark([0], str(out), quick_world, doc=str(doc), jobs=1, threads=1, quick=True, **options)
+    expected = set(ROWS) - {"off_clip", "off_timesteps"}  # options that are off have no "off" row
+    assert set(summary["table"]) == expected
+    for row in expected:
         assert 0 <= summary["table"][row]["accuracy"]["mean"] <= 1
-    for row in ("same_space", "cross_space", "cross_space_no_attn", "round_trip"):
+        assert 0 <= summary["table"][row]["mean_attributes"]["mean"] <= 1
+    for row in ("same_space", "cross_space", "synthetic", "cross_space_no_attn", "round_trip", "off_all"):
         assert summary["table"][row]["training_s"]["mean"] > 0
-    no_attn = next(r for r in summary["results"] if r["task"] == "cross_space_no_attn")
-    assert "bridge" in no_attn["training_s"]
+    by_task = {r["task"]: r for r in summary["results"]}
+    assert "bridge" in by_task["cross_space_no_attn"]["training_s"]
+    assert by_task["cross_space"]["training_s"]["bridge"] == by_task["bridge"]["training_s"]["bridge"]  # shared
+    # Equal wall time: same-space and the baseline get the cross-space row's training time as their budget.
+    cross = sum(by_task["cross_space"]["training_s"].values())
+    for task in ("same_space", "synthetic"):
+        assert by_task[task]["time_budget_s"] == pytest.approx(cross)
+    assert {"teacher_samples", "finetune", "distill"} <= set(by_task["synthetic"]["training_s"])
     text = doc.read_text()
-    for label in summary["row_labels"].values():
-        assert label in text
+    for row in expected:
+        assert summary["row_labels"][row] in text
+    assert "knowledge gap" in text.lower()
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert {r["name"] for r in rows} == expected
+    for r in rows:
+        assert r["seeds"][0]["seed"] == 0 and set(r["seeds"][0]) >= {"accuracy", "background", "fd", "training_s"}
     # Finished tasks are kept: a second call only re-aggregates.
     results = sorted((out / "seed0").glob("*/result.json"))
-    assert len(results) == 5
+    assert len(results) == 10
     stamps = [p.stat().st_mtime_ns for p in results]
-    again = benchmark([0], str(out), quick_world, doc=str(doc), jobs=1, threads=1, quick=True)
+    again = benchmark([0], str(out), quick_world, doc=str(doc), jobs=1, threads=1, quick=True, **options)
     assert again["table"]["cross_space"]["accuracy"] == summary["table"]["cross_space"]["accuracy"]
     assert [p.stat().st_mtime_ns for p in results] == stamps
     with pytest.raises(ValueError, match="other settings"):

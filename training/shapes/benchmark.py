@@ -1,22 +1,26 @@
-"""The shapes-world benchmark: does cross-space distillation transfer the teacher's knowledge?
+"""The shapes-world benchmark (v2): does cross-space distillation transfer knowledge the student lacks?
 
-    python -m training.shapes.benchmark --seeds 0 1 2 --out runs/shapes-benchmark   # writes docs/shapes_benchmark.md
+    python -m training.shapes.benchmark --seeds 0 1 2 --out runs/shapes-benchmark
+        # writes docs/shapes_benchmark.md and docs/shapes_benchmark.json
 
-Rows, all on the same held-out prompts and evaluation seeds (one evaluation seed per training seed):
-  teacher (its 20 steps + CFG)      student base (25 DDIM steps + CFG)      student base, one step (t = 999)
+The world's student base never learnt one attribute (world.json `knowledge_gap`: its training captions carried a
+random background word), while the teacher draws it right. Rows, all on the same held-out prompts and evaluation
+seeds (one evaluation seed per training seed):
+  teacher (its own steps + CFG)     student base (DDIM steps + CFG)     student base, one step (t = 999)
   student base, one step at the distilled students' input timestep (their starting point; if not 999)
-  same-space: one-step student distilled from the student base itself (SwiftBrush/DMD style: the eps UNet as an
-              exact rectified-flow teacher, `adapters.EpsFlowTeacher`, identity "Bridge")
+  same-space: one-step student distilled from the student base itself (`adapters.EpsFlowTeacher`)
   cross-space: distilled from the teacher through the trained Bridge (the method)
-  ablations: a Bridge trained without attention fidelity (attn_weight 0); the exact round trip
-             E_t(upsample(D_s(z))) in place of the Bridge (`adapters.RoundTripBridge`)
-Columns: prompt accuracy, Fréchet distance (judge features), training wall time, latency; mean ± std over seeds.
-Every distilled row uses the same Distiller, DMD loss, schedule and settings as the default run
-(`training.shapes.run`), only the teacher / Bridge differ.
+  synthetic-data baseline: teacher samples -> student VAE -> student base fine-tuned on them -> same-space
+  ablations: Bridge without attention fidelity; the exact round trip instead of the Bridge; each of the
+             distiller's Bridge options switched off (one at a time, and all together = the DMD2 distiller as is)
+Same-space and the synthetic baseline get the SAME TRAINING WALL TIME as the cross-space row of their seed (Bridge
+training + distillation), not the same step count. Columns: prompt accuracy, accuracy on the attribute the student
+base lacks (the headline), mean attribute accuracy, per-attribute accuracy, FD, training wall time; mean ± std.
 
-Each (seed, row) is one task, run in up to --jobs worker processes with --threads torch threads each; a task's
-result is saved as <out>/seed<S>/<row>/result.json, so an interrupted benchmark resumes where it stopped
-(--fresh starts over).
+Each (seed, task) is one task, run in up to --jobs worker processes with --threads torch threads each, in three
+phases (Bridges and untrained rows; rows that need the seed's Bridge; rows that need the cross-space row's wall
+time); a task's result is saved as <out>/seed<S>/<task>/result.json, so an interrupted benchmark resumes where it
+stopped (--fresh starts over).
 """
 
 from __future__ import annotations
@@ -31,16 +35,53 @@ import time
 from ..loop import write_json
 from .run import DEFAULTS, QUICK, add_setting_arguments
 
+# The distiller's Bridge options and their "off" values (DMD2 as is): one ablation row per option that is on.
+OPTION_OFF = {
+    "grad_norm": {"distill_grad_norm": "teacher"},
+    "clip": {"distill_clip_relative": 0.0, "distill_grad_clip": 1.0},
+    "timesteps": {"distill_timesteps": "uniform"},
+    "straight_through": {"straight_through_clamp": False},
+}
+OPTION_LABELS = {
+    "grad_norm": "per-sample normalisation in student space",
+    "clip": "running-norm gradient clip",
+    "timesteps": "the teacher's own noise levels",
+    "straight_through": "straight-through clamp",
+}
 ROWS = ("teacher", "student_base", "student_base_one_step", "student_base_start", "same_space", "cross_space",
-        "cross_space_no_attn", "round_trip", "student_vae_ceiling")
-TASKS = ("base", "same_space", "cross_space", "cross_space_no_attn", "round_trip")  # "base": the 3 untrained rows
+        "synthetic", "cross_space_no_attn", "round_trip", *(f"off_{o}" for o in OPTION_OFF), "off_all",
+        "student_vae_ceiling")
+PRETRAINED = ("teacher", "student_base", "student_base_one_step", "student_base_start", "student_vae_ceiling")
+ATTRIBUTES = ("shape", "colour", "background", "position")
 DEFAULT_DOC = os.path.join("docs", "shapes_benchmark.md")
 # The hand-written analysis of the result (what was tried and why the table looks as it does), linked from the table.
 INVESTIGATION = "shapes_investigation.md"
 
 
+def option_overrides(settings: dict) -> dict[str, dict]:
+    """{ablation task: settings overrides} for each distiller option that is on in `settings`, and "off_all"
+    (every one off) when more than one is on."""
+    on = {name: off for name, off in OPTION_OFF.items() if any(settings[k] != v for k, v in off.items())}
+    out = {f"off_{name}": off for name, off in on.items()}
+    if len(on) > 1:
+        out["off_all"] = {k: v for off in on.values() for k, v in off.items()}
+    return out
+
+
+def phases(settings: dict) -> list[tuple[str, ...]]:
+    """Tasks in dependency order: each phase needs only results of the phases before it."""
+    return [("bridge", "base", "round_trip", "cross_space_no_attn"),
+            ("cross_space", *option_overrides(settings)),
+            ("same_space", "synthetic")]
+
+
 def _result_path(out: str, seed: int, task: str) -> str:
     return os.path.join(out, f"seed{seed}", task, "result.json")
+
+
+def _load_result(out: str, seed: int, task: str) -> dict:
+    with open(_result_path(out, seed, task), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def student_vae_ceiling(world):
@@ -59,10 +100,15 @@ def student_vae_ceiling(world):
     return run
 
 
+def _stopped(task: str, seed: int):
+    return KeyboardInterrupt(f"{task} seed {seed} stopped; run the benchmark again to resume it")
+
+
 def run_task(task: str, seed: int, out: str, world_dir: str, settings: dict, threads: int) -> dict:
     """One (seed, task): train what the row needs, evaluate it, save and return its result."""
     import torch
 
+    from .._bridge import checkpoint as bridge_checkpoint
     from . import models
     from . import run as shapes_run
     from .adapters import RoundTripBridge
@@ -74,31 +120,58 @@ def run_task(task: str, seed: int, out: str, world_dir: str, settings: dict, thr
     os.makedirs(folder, exist_ok=True)
     training_s: dict[str, float] = {}
     extra: dict = {}
+    images = os.path.join(out, "data", f"seed{seed}")
+    ablations = option_overrides(settings)
     if task == "base":
         rows = dict(base_generators(world), **shapes_run.start_rows(world, settings),
                     student_vae_ceiling=student_vae_ceiling(world))
+    elif task == "bridge":  # the seed's cross-space Bridge, shared by the rows that use it
+        bridge, res = shapes_run.train_bridge(world, folder, images, settings, seed)
+        if bridge is None:
+            raise _stopped(task, seed)
+        result = {"task": task, "seed": seed, "threads": threads, "rows": {}, "bridge": res["bridge"],
+                  "training_s": {"bridge": res["wall_s"]}, "bridge_val": (res.get("last_val") or {}).get("val")}
+        write_json(_result_path(out, seed, task), result)
+        return result
     else:
-        bridge = None
-        if task in ("cross_space", "cross_space_no_attn"):
-            images = os.path.join(out, "data", f"seed{seed}")
-            attn = settings["attn_weight"] if task == "cross_space" else 0.0
+        bridge, budget, base_unet, task_settings = None, 0.0, None, settings
+        if task in ("cross_space", *ablations):
+            shared = _load_result(out, seed, "bridge")
+            bridge = bridge_checkpoint.load_bridge(shared["bridge"], student_vae=world.student_vae)
+            training_s["bridge"] = shared["training_s"]["bridge"]
+            task_settings = dict(settings, **ablations.get(task, {}))
+        elif task == "cross_space_no_attn":
             bridge, res = shapes_run.train_bridge(world, os.path.join(folder, "bridge"), images, settings, seed,
-                                                  attn_weight=attn)
+                                                  attn_weight=0.0)
             if bridge is None:
-                raise KeyboardInterrupt(f"{task} seed {seed} stopped; run the benchmark again to resume it")
+                raise _stopped(task, seed)
             training_s["bridge"] = res["wall_s"]
             extra["bridge_val"] = (res.get("last_val") or {}).get("val")
         elif task == "round_trip":
             bridge = RoundTripBridge(world.student_vae, world.teacher_vae, world.student_space, world.teacher_space,
                                      world.k)
-        mode = "same" if task == "same_space" else "cross"
-        unet, res = shapes_run.distill_student(world, os.path.join(folder, "distill"), mode, settings, seed,
-                                               bridge=bridge)
+        elif task in ("same_space", "synthetic"):
+            budget = sum(_load_result(out, seed, "cross_space")["training_s"].values())
+            extra["time_budget_s"] = budget
+            if task == "synthetic":
+                data = shapes_run.synthetic_data(world, os.path.join(folder, "synthetic.safetensors"),
+                                                 settings["synthetic_images"], seed)
+                base_unet, finetune_s = shapes_run.finetune_student_base(world, os.path.join(folder, "base"), data,
+                                                                         settings, seed)
+                training_s.update(teacher_samples=data["seconds"], finetune=finetune_s)
+                budget = budget - data["seconds"] - finetune_s
+                if budget <= 0:  # sampling + fine-tuning alone overran: one distillation step, and say so
+                    extra["over_budget_s"] = -budget
+                    budget = 1e-6
+        else:
+            raise ValueError(f"Unknown benchmark task {task!r}.")
+        mode = "same" if task in ("same_space", "synthetic") else "cross"
+        unet, res = shapes_run.distill_student(world, os.path.join(folder, "distill"), mode, task_settings, seed,
+                                               bridge=bridge, time_budget_s=budget, base_unet=base_unet)
         if unet is None:
-            raise KeyboardInterrupt(f"{task} seed {seed} stopped; run the benchmark again to resume it")
+            raise _stopped(task, seed)
         training_s["distill"] = res["wall_s"]
-        extra["distill_last_metrics"] = res.get("last_metrics")
-        extra["guidance"] = res["guidance"]
+        extra.update(distill_steps=res["step"], distill_last_metrics=res.get("last_metrics"), guidance=res["guidance"])
         rows = {task: shapes_run.student_generator(world, unet, settings["student_timestep"])}
     evaluation = evaluate_generators(world, rows, n=settings["eval_samples"], seed=seed,
                                      batch_size=settings["eval_batch"])
@@ -115,31 +188,47 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return m, sd
 
 
+def _mean_attributes(r: dict) -> float:
+    return sum(r[a] for a in ATTRIBUTES) / len(ATTRIBUTES)
+
+
 def aggregate(results: list[dict], seeds: list[int]) -> dict:
-    """{row: {metric: {"mean", "std", "values"}}} over seeds for accuracy, fd, training_s, latency_ms."""
+    """{row: {metric: {"mean", "std", "values"}}} over seeds: accuracy, each attribute, mean_attributes, fd,
+    training_s, latency_ms (None where a row has no such figure)."""
     table: dict = {}
+    getters = {"accuracy": lambda r: r["accuracy"], **{a: (lambda r, a=a: r[a]) for a in ATTRIBUTES},
+               "mean_attributes": _mean_attributes, "fd": lambda r: r.get("fd"),
+               "training_s": lambda r: r.get("training_s"), "latency_ms": lambda r: r["seconds_per_image"] * 1000}
     for row in ROWS:
-        per_seed = []
-        for seed in seeds:
-            for r in results:
-                if r["seed"] == seed and row in r["rows"]:
-                    per_seed.append(r["rows"][row])
+        per_seed = [r["rows"][row] for seed in seeds for r in results if r["seed"] == seed and row in r["rows"]]
         if not per_seed:
             continue
         entry = {}
-        for metric, get in (("accuracy", lambda r: r["accuracy"]), ("fd", lambda r: r.get("fd")),
-                            ("training_s", lambda r: r.get("training_s")),
-                            ("latency_ms", lambda r: r["seconds_per_image"] * 1000)):
+        for metric, get in getters.items():
             vals = [get(r) for r in per_seed]
             if any(v is None for v in vals):
                 entry[metric] = None
                 continue
             m, sd = _mean_std(vals)
             entry[metric] = {"mean": m, "std": sd, "values": vals}
-        for attr in ("shape", "colour", "background", "position"):
-            entry[attr] = _mean_std([r[attr] for r in per_seed])[0]
         table[row] = entry
     return table
+
+
+def json_rows(summary: dict) -> list[dict]:
+    """The table as docs/shapes_benchmark.json: one entry per row with its label and every seed's figures."""
+    out = []
+    for row, entry in summary["table"].items():
+        seeds = []
+        for i, seed in enumerate(summary["seeds"]):
+            if entry["accuracy"] is None or i >= len(entry["accuracy"]["values"]):
+                continue
+            seeds.append({"seed": seed, **{m: (entry[m]["values"][i] if entry[m] else None)
+                                           for m in ("accuracy", *ATTRIBUTES, "mean_attributes", "fd", "training_s")}})
+        out.append({"name": row, "label": summary["row_labels"][row],
+                    "mean": {m: (entry[m]["mean"] if entry[m] else None) for m in entry},
+                    "std": {m: (entry[m]["std"] if entry[m] else None) for m in entry}, "seeds": seeds})
+    return out
 
 
 def _pm(entry, digits: int) -> str:
@@ -148,81 +237,101 @@ def _pm(entry, digits: int) -> str:
     return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
 
 
-def findings(table: dict) -> list[str]:
-    """Plain statements comparing the rows the issue's expectation is about (computed, not written by hand)."""
+def findings(table: dict, gap: str | None) -> list[str]:
+    """Plain statements comparing the rows the expectation is about (computed, not written by hand)."""
     out = []
-
-    def acc(row):
-        return table[row]["accuracy"]
 
     def compare(a, b, what):
         if a not in table or b not in table:
             return
-        da = acc(a)["mean"] - acc(b)["mean"]
-        noise = math.sqrt(acc(a)["std"] ** 2 + acc(b)["std"] ** 2)
-        verdict = ("clearly higher" if da > 2 * noise and da > 0.02 else
-                   "clearly lower" if -da > 2 * noise and -da > 0.02 else "within noise")
-        fa, fb = table[a].get("fd"), table[b].get("fd")
-        fd = (f"; FD {fa['mean']:.2f} vs {fb['mean']:.2f}" if fa and fb else "")
-        out.append(f"- {what}: prompt accuracy {acc(a)['mean']:.3f} vs {acc(b)['mean']:.3f} "
-                   f"({da:+.3f}, {verdict}){fd}.")
+        parts = []
+        for metric, name in ((gap, f"{gap} accuracy (the student base's gap)") if gap else (None, None),
+                             ("accuracy", "prompt accuracy"), ("mean_attributes", "mean attribute accuracy")):
+            if metric is None:
+                continue
+            ea, eb = table[a][metric], table[b][metric]
+            d = ea["mean"] - eb["mean"]
+            noise = math.sqrt(ea["std"] ** 2 + eb["std"] ** 2)
+            verdict = ("clearly higher" if d > 2 * noise and d > 0.02 else
+                       "clearly lower" if -d > 2 * noise and -d > 0.02 else "within noise")
+            parts.append(f"{name} {ea['mean']:.3f} vs {eb['mean']:.3f} ({d:+.3f}, {verdict})")
+        out.append(f"- {what}: " + "; ".join(parts) + ".")
 
-    compare("cross_space", "same_space", "Cross-space vs same-space distillation")
-    compare("cross_space", "student_base_one_step", "Cross-space vs the one-step student base")
-    compare("same_space", "student_base_one_step", "Same-space vs the one-step student base")
-    compare("cross_space", "student_base_start", "Cross-space vs its starting point (the base at the student's timestep)")
-    compare("same_space", "student_base_start", "Same-space vs its starting point (the base at the student's timestep)")
+    compare("cross_space", "same_space", "Cross-space vs same-space distillation (equal wall time)")
+    compare("cross_space", "synthetic", "Cross-space vs the synthetic-data baseline (equal wall time)")
+    compare("cross_space", "student_base_start", "Cross-space vs its starting point")
+    compare("same_space", "student_base_start", "Same-space vs its starting point")
     compare("cross_space", "cross_space_no_attn", "Bridge with vs without attention fidelity")
     compare("cross_space", "round_trip", "Trained Bridge vs the exact round trip")
+    for o in OPTION_OFF:
+        compare("cross_space", f"off_{o}", f"Distiller with vs without {OPTION_LABELS[o]}")
+    compare("cross_space", "off_all", "Distiller with its Bridge options vs DMD2 as is")
     compare("cross_space", "teacher", "Cross-space student vs its teacher")
     return out
 
 
+def row_labels(world, settings: dict) -> dict:
+    from . import run as shapes_run
+
+    labels = {row: shapes_run.row_label(row, world, settings) for row in ROWS}
+    labels["same_space"] = "one-step, distilled same-space (from the student base; equal wall time)"
+    labels["synthetic"] = ("synthetic-data baseline: teacher samples -> student VAE -> fine-tuned base -> same-space "
+                           "(equal wall time)")
+    for o in OPTION_OFF:
+        labels[f"off_{o}"] = f"ablation: cross-space without {OPTION_LABELS[o]}"
+    labels["off_all"] = "ablation: cross-space with the DMD2 distiller as is (every Bridge option off)"
+    return labels
+
+
 def markdown(summary: dict, notes: str | None = None) -> str:
     s = summary
-    table, labels = s["table"], s["row_labels"]
+    table, labels, gap = s["table"], s["row_labels"], s.get("gap")
     lines = [
         "# Shapes-world benchmark" + (" (QUICK: numbers are meaningless)" if s["quick"] else ""),
         "",
-        f"Regenerate with `{s['command']}`. World `{s['world']}`; seeds {s['seeds']} (each seed: its own Bridge and "
-        f"distillation runs and its own evaluation seed); {s['settings']['eval_samples']} held-out prompts per seed; "
-        f"{s['jobs']} tasks at once with {s['threads']} CPU thread(s) each; benchmark wall time "
-        f"{s['wall_s'] / 60:.1f} min (all its invocations).",
+        f"Regenerate with `{s['command']}`. World `{os.path.basename(s['world'])}` (version {s.get('world_version')}); "
+        f"seeds {s['seeds']} (each seed: its own Bridge and distillation runs and its own evaluation seed); "
+        f"{s['settings']['eval_samples']} held-out prompts per seed; {s['jobs']} tasks at once with {s['threads']} CPU "
+        f"thread(s) each; benchmark wall time {s['wall_s'] / 60:.1f} min (all its invocations). The same figures, "
+        "per seed: `shapes_benchmark.json`.",
         "",
-        "| row | prompt accuracy | Fréchet distance (judge) | training wall time (s) | latency (ms/image) |",
-        "|---|---|---|---|---|",
+        (f"**The knowledge gap:** the student base was trained with a random {gap} word in its captions, so it draws "
+         f"the {gap} at chance; the teacher was trained on the true captions. Only the teacher can teach it: the "
+         f"**{gap}** column is the headline." if gap else "This world has no knowledge gap."),
+        "",
+        f"| row | prompt accuracy | {gap or 'gap'} (headline) | mean attribute | shape / colour / background / position "
+        "| Fréchet distance (judge) | training wall time (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in ROWS:
         if row not in table:
             continue
         e = table[row]
-        train = (_pm(e["training_s"], 0) if e["training_s"] else
-                 "— (pretrained)" if row in ("teacher", "student_base", "student_base_one_step", "student_base_start")
-                 else "—")
-        lines.append(f"| {labels[row]} | {_pm(e['accuracy'], 3)} | {_pm(e['fd'], 2)} | {train} | "
-                     f"{_pm(e['latency_ms'], 2)} |")
+        train = (_pm(e["training_s"], 0) if e["training_s"] else "— (pretrained)" if row in PRETRAINED else "—")
+        per_attr = " / ".join(f"{e[a]['mean']:.2f}" for a in ATTRIBUTES)
+        lines.append(f"| {labels[row]} | {_pm(e['accuracy'], 3)} | {_pm(e[gap], 3) if gap else '—'} | "
+                     f"{_pm(e['mean_attributes'], 3)} | {per_attr} | {_pm(e['fd'], 2)} | {train} |")
     st = s["settings"]
     lines += [
         "",
-        "Mean ± standard deviation over seeds. Training wall time: Bridge training + distillation (the round-trip "
-        "and same-space rows need no Bridge). Latency: generation + decoding per image at batch "
-        f"{st['eval_batch']}.",
+        "Mean ± standard deviation over seeds. Training wall time: Bridge training + distillation; for the "
+        "synthetic baseline teacher sampling + fine-tuning + distillation. Same-space and the synthetic baseline train "
+        "for the cross-space row's wall time of their seed (a time budget, not a step count).",
         "",
         f"Settings: Bridge {st['bridge_steps']} steps at batch {st['bridge_batch']} on {st['n_images']} rendered "
         f"images (projector width {st['projector_width']}, depth {st['projector_depth']}, attention weight "
         f"{st['attn_weight']}); distillation {st['distill_steps']} student steps at batch {st['distill_batch']}, "
         f"DMD loss, {st['fake_updates']} fake-score updates per step (LoRA rank {st['fake_rank']}, lr "
-        f"{st['fake_lr']}), student lr {st['student_lr']}, real-score CFG = each teacher's own sampling CFG.",
+        f"{st['fake_lr']}), student lr {st['student_lr']}, student timestep {st['student_timestep']}, real-score CFG = "
+        f"each teacher's own sampling CFG; distiller options: grad_norm {st['distill_grad_norm']}, timesteps "
+        f"{st['distill_timesteps']}, clip {st['distill_grad_clip']} (relative {st['distill_clip_relative']}), "
+        f"straight-through clamp {st['straight_through_clamp']}. Synthetic baseline: {st['synthetic_images']} teacher "
+        f"samples, {st['synthetic_finetune_steps']} fine-tuning steps at batch {st['synthetic_batch']}, lr "
+        f"{st['synthetic_lr']}.",
         "",
-        "Per-attribute accuracy (shape / colour / background / position), mean over seeds:",
+        "## Findings (computed from the table)",
         "",
-    ]
-    for row in ROWS:
-        if row in table:
-            e = table[row]
-            lines.append(f"- {labels[row]}: {e['shape']:.3f} / {e['colour']:.3f} / {e['background']:.3f} / "
-                         f"{e['position']:.3f}")
-    lines += ["", "## Findings (computed from the table)", ""] + findings(table)
+    ] + findings(table, gap)
     lines += ["", f"Why the table looks as it does, and what was tried: [{INVESTIGATION}]({INVESTIGATION})."]
     if notes:
         lines += ["", notes.strip()]
@@ -264,30 +373,28 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
     t0 = time.perf_counter()
     for seed in seeds:  # rendered once here, so parallel tasks never write the same folder
         shapes_run.render_images(os.path.join(out, "data", f"seed{seed}"), settings["n_images"], seed)
-    results, todo = [], []
-    for seed in seeds:
-        for task in TASKS:
-            path = _result_path(out, seed, task)
-            if os.path.exists(path):
-                with open(path, encoding="utf-8") as f:
-                    results.append(json.load(f))
-            else:
-                todo.append((task, seed))
-    # Longest first (Bridge + distillation), so the workers finish together.
-    todo.sort(key=lambda ts: (ts[0] not in ("cross_space", "cross_space_no_attn"), ts[0] == "base", ts[1]))
-    print(f"[benchmark] {len(results)} task(s) already done, {len(todo)} to run with {jobs} job(s)", flush=True)
-    if jobs == 1:
-        for task, seed in todo:
-            print(f"[benchmark] {task} seed {seed}", flush=True)
-            results.append(run_task(task, seed, out, world_dir, settings, threads))
-    else:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(run_task, task, seed, out, world_dir, settings, threads): (task, seed)
-                       for task, seed in todo}
-            for fut in futures:
-                results.append(fut.result())
-                task, seed = futures[fut]
-                print(f"[benchmark] done: {task} seed {seed}", flush=True)
+    results = []
+    for number, tasks in enumerate(phases(settings), 1):
+        todo = []
+        for seed in seeds:
+            for task in tasks:
+                if os.path.exists(_result_path(out, seed, task)):
+                    results.append(_load_result(out, seed, task))
+                else:
+                    todo.append((task, seed))
+        print(f"[benchmark] phase {number}: {len(todo)} task(s) to run with {jobs} job(s)", flush=True)
+        if jobs == 1:
+            for task, seed in todo:
+                print(f"[benchmark] {task} seed {seed}", flush=True)
+                results.append(run_task(task, seed, out, world_dir, settings, threads))
+        elif todo:
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+                futures = {pool.submit(run_task, task, seed, out, world_dir, settings, threads): (task, seed)
+                           for task, seed in todo}
+                for fut in futures:
+                    results.append(fut.result())
+                    task, seed = futures[fut]
+                    print(f"[benchmark] done: {task} seed {seed}", flush=True)
     # Summed over invocations, so a resumed (or re-aggregated) benchmark reports what it cost in all.
     wall_path = os.path.join(out, "wall_s.json")
     wall = time.perf_counter() - t0
@@ -296,18 +403,23 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
             wall += float(json.load(f)["wall_s"])
     write_json(wall_path, {"wall_s": wall})
 
+    gap = (world.config.get("knowledge_gap") or {}).get("attribute")
     summary = {
-        "format": "shapes-benchmark", "quick": quick, "world": os.path.abspath(world_dir), "seeds": seeds,
-        "jobs": jobs, "threads": threads, "settings": settings, "wall_s": wall, "command": command,
-        "row_labels": {row: shapes_run.row_label(row, world, settings) for row in ROWS},
+        "format": "shapes-benchmark", "version": 2, "quick": quick, "world": os.path.abspath(world_dir),
+        "world_version": world.config.get("version"), "gap": gap, "seeds": seeds, "jobs": jobs, "threads": threads,
+        "settings": settings, "wall_s": wall, "command": command, "row_labels": row_labels(world, settings),
         "table": aggregate(results, seeds), "results": results,
     }
+    summary["rows"] = json_rows(summary)
     write_json(os.path.join(out, "benchmark.json"), summary)
     text = markdown(summary, notes)
     if doc:
         os.makedirs(os.path.dirname(os.path.abspath(doc)), exist_ok=True)
         with open(doc, "w", encoding="utf-8") as f:
             f.write(text)
+        write_json(os.path.splitext(doc)[0] + ".json",
+                   {k: summary[k] for k in ("format", "version", "world_version", "gap", "seeds", "settings",
+                                            "wall_s", "command", "rows")})
     print(text, flush=True)
     return summary
 

@@ -44,17 +44,29 @@ DEFAULTS = dict(
     bridge_steps=400, bridge_batch=16, bridge_lr=1e-3, attn_weight=0.1, attn_queries=64,
     projector_width=64, projector_depth=2,
     distill_steps=300, distill_batch=16, student_lr=2e-5, fake_lr=1e-3, fake_rank=16, fake_updates=2,
-    distill_timesteps="uniform", distill_s_min=0.02,
+    distill_s_min=0.02,
+    # The distiller's options for the Bridge's Jacobian (DistillConfig; docs/shapes_investigation.md): DMD2's
+    # normaliser and then equal per-sample weight in student space, a clip that cuts only outliers (2x the running
+    # norm; the fixed 1.0 was active on every step), the teacher's own noise levels (it saw s < 0.2 in 0.7% of its
+    # training, DMD's uniform draw puts 19% there) and a straight-through clamp. Each is an ablation row of the
+    # benchmark.
+    distill_timesteps="teacher", distill_grad_norm="both", distill_grad_clip=1.0, distill_clip_relative=2.0,
+    straight_through_clamp=True,
     # The one-step student's input timestep. SD1.5 practice is 999, but there x0 = (z - 0.998 eps) / 0.068 amplifies
     # the tiny UNet's eps errors ~15x: in the same budget it fits even paired targets far worse than at 700
     # (`python -m training.shapes.probe`), and DMD only improves it from 700 (docs/shapes_investigation.md).
     student_timestep=700,
     guidance=0.0,  # real-score CFG; 0: the teacher's own sampling CFG (world.json)
     eval_samples=300, eval_batch=100, grid_prompts=6, grid_seeds=2,
+    same_space_row=True,  # the default run also distils same-space (same steps, not equal time), for comparison
+    # The synthetic-data baseline (benchmark): teacher samples -> student VAE -> fine-tune the student base on them
+    # (multi-step objective) -> same-space distillation, all in the cross-space row's wall time.
+    synthetic_images=800, synthetic_finetune_steps=200, synthetic_batch=64, synthetic_lr=2e-4,
 )
 # The same pipeline with a handful of steps: checks everything end to end, not quality.
 QUICK = dict(DEFAULTS, n_images=24, bridge_steps=4, bridge_batch=4, distill_steps=3, distill_batch=2, fake_updates=1,
-             projector_width=16, projector_depth=1, eval_samples=8, eval_batch=8, grid_prompts=2, grid_seeds=2)
+             projector_width=16, projector_depth=1, eval_samples=8, eval_batch=8, grid_prompts=2, grid_seeds=2,
+             synthetic_images=8, synthetic_finetune_steps=2, synthetic_batch=4)
 DEFAULT_OUT = os.path.join("runs", "shapes")
 
 ROW_LABELS = {
@@ -62,7 +74,7 @@ ROW_LABELS = {
     "student_base": "student base ({steps} steps, CFG {cfg:g})",
     "student_base_one_step": "student base, one step",
     "student_base_start": "student base, one step at t = {student_timestep} (the distillation's start)",
-    "same_space": "one-step, distilled same-space (from the student base)",
+    "same_space": "one-step, distilled same-space (from the student base, same steps)",
     "cross_space": "one-step, distilled cross-space (through the Bridge)",
     "cross_space_no_attn": "ablation: Bridge without attention fidelity",
     "round_trip": "ablation: exact round trip E_t(up(D_s(z))) instead of the Bridge",
@@ -194,23 +206,25 @@ def train_bridge(world: "ShapesWorld", out_dir: str, images: str, settings: dict
 
 # ---------------------------------------------------------------------------------------------- stage 2: distillation
 
-def distill_models(world: "ShapesWorld", mode: str, bridge=None, student_timestep: int = 999):
+def distill_models(world: "ShapesWorld", mode: str, bridge=None, student_timestep: int = 999, base_unet=None):
     """DistillModels for `mode`: "cross" (shapes teacher through `bridge`: the trained Bridge or a RoundTripBridge)
     or "same" (the student base as an eps-as-flow teacher in the student's own space, identity "Bridge").
-    The student is a fresh trainable copy of the student base UNet; teachers get their own copies (fake LoRA)."""
+    The student is a fresh trainable copy of the student base UNet (or of `base_unet`, e.g. the synthetic-data
+    baseline's fine-tuned base, which is then also the same-space teacher); teachers get their own copies."""
     from ..distill import DistillModels
     from ..student import OneStepStudent
     from .adapters import EpsFlowTeacher, IdentityBridge
 
     schedule = world.config["student_schedule"]
-    unet = copy.deepcopy(world.student_unet).requires_grad_(True)
+    base = world.student_unet if base_unet is None else base_unet
+    unet = copy.deepcopy(base).requires_grad_(True)
     student = OneStepStudent(unet, space=world.student_space, schedule=schedule, timestep=student_timestep)
     if mode == "cross":
         if bridge is None:
             raise ValueError('Cross-space distillation needs a Bridge (the trained one or a RoundTripBridge).')
         teacher, encode_teacher, teacher_vae = shapes_teacher(world, own_copy=True), teacher_text(world), world.teacher_vae
     elif mode == "same":
-        teacher = EpsFlowTeacher(copy.deepcopy(world.student_unet), world.student_space, schedule)
+        teacher = EpsFlowTeacher(copy.deepcopy(base), world.student_space, schedule)
         bridge, encode_teacher, teacher_vae = IdentityBridge(world.student_space, world.student_vae), student_text(world), None
     else:
         raise ValueError(f"Unknown distillation mode {mode!r}; use 'cross' or 'same'.")
@@ -221,27 +235,35 @@ def distill_models(world: "ShapesWorld", mode: str, bridge=None, student_timeste
 
 
 def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dict, seed: int = 0,
-                    bridge=None) -> tuple[torch.nn.Module, dict]:
+                    bridge=None, time_budget_s: float = 0.0, base_unet=None) -> tuple[torch.nn.Module, dict]:
     """Distiller run, resuming a stopped run in out_dir; returns (the distilled UNet, merged and frozen, result),
-    or (None, result) when it was stopped (Ctrl-C) before the end."""
+    or (None, result) when it was stopped (Ctrl-C) before the end.
+
+    time_budget_s > 0: train for that many seconds of training time instead of distill_steps steps (the
+    benchmark's equal-wall-time rows)."""
     from ..distill import DistillConfig, Distiller
     from . import models
 
-    dm = distill_models(world, mode, bridge, settings["student_timestep"])
+    dm = distill_models(world, mode, bridge, settings["student_timestep"], base_unet=base_unet)
     if mode == "same":
         guidance = float(settings["guidance"] or world.config["student_sampling"]["cfg"])
         s_max = min(0.98, dm.teacher.s_max)  # the UNet's schedule ends at t = 999 (s ~ 0.936)
     else:
         guidance, s_max = teacher_cfg(world, settings), 0.98
     steps = settings["distill_steps"]
+    if time_budget_s:
+        steps = 100 * steps  # a cap only: the time budget ends the run
     cfg = DistillConfig(
         out_dir=out_dir, prompts=training_prompts(), negative_prompt="", val_prompts=grid_prompts(4),
         val_seeds=[0, 1], steps=steps, batch_size=settings["distill_batch"], resolution=models.STUDENT_RESOLUTION,
         loss="dmd", guidance=guidance, timesteps=settings["distill_timesteps"],
         s_min=settings["distill_s_min"], s_max=s_max, student_lr=settings["student_lr"],
         fake_lr=settings["fake_lr"], fake_rank=settings["fake_rank"], fake_updates=settings["fake_updates"],
-        log_every=max(1, steps // 50), sample_every=steps, ckpt_every=max(1, steps // 5), seed=seed,
-        mixed_precision="no", resume=True,
+        grad_norm=settings["distill_grad_norm"], grad_clip=settings["distill_grad_clip"],
+        grad_clip_relative=settings["distill_clip_relative"], straight_through_clamp=settings["straight_through_clamp"],
+        log_every=max(1, settings["distill_steps"] // 50), sample_every=steps,
+        ckpt_every=max(1, settings["distill_steps"] // 5), seed=seed, mixed_precision="no", resume=True,
+        max_train_seconds=time_budget_s,
     )
     t0 = time.perf_counter()
     result = Distiller(cfg, dm).run()
@@ -251,6 +273,68 @@ def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dic
     if result.get("stopped_early"):
         return None, result
     return dm.student.merged_unet(), result
+
+
+# ---------------------------------------------------------------------------------------------- synthetic-data baseline
+
+def synthetic_data(world: "ShapesWorld", path: str, n: int, seed: int = 0) -> dict:
+    """The baseline a user would pick instead of a Bridge: n teacher samples (its own sampler and CFG) of random
+    prompts, decoded, resized to the student's resolution, encoded with the student VAE (model space). Saved to
+    `path` (complete or absent), reused when present. Returns {"latents", "prompts", "seconds"}."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file, save_file
+
+    from . import models
+    from .render import all_captions
+    from .trainers import encode_latents
+
+    if os.path.exists(path):
+        data = load_file(path)
+        with open(path + ".json", encoding="utf-8") as f:
+            meta = json.load(f)
+        return {"latents": data["latents"], "prompts": meta["prompts"], "seconds": meta["seconds"]}
+    t0 = time.perf_counter()
+    captions = all_captions()
+    g = torch.Generator().manual_seed(200_000 + seed)
+    prompts = [captions[int(i)] for i in torch.randint(len(captions), (n,), generator=g)]
+    latents = []
+    for i in range(0, n, 100):
+        images = world.decode_teacher(world.sample_teacher(prompts[i : i + 100], generator=g))
+        small = F.interpolate(images, size=(models.STUDENT_RESOLUTION,) * 2, mode="area")
+        latents.append(world.student_space.to_model(encode_latents(world.student_vae, small)))
+    seconds = time.perf_counter() - t0
+    tmp = path + ".tmp"
+    save_file({"latents": torch.cat(latents).contiguous()}, tmp)
+    loop.write_json(path + ".json", {"prompts": prompts, "seconds": seconds})
+    os.replace(tmp, path)  # last: the data counts as present only when both files are
+    return {"latents": torch.cat(latents), "prompts": prompts, "seconds": seconds}
+
+
+def finetune_student_base(world: "ShapesWorld", folder: str, data: dict, settings: dict, seed: int = 0):
+    """The student base fine-tuned on the synthetic pairs (caption, latent) with its own multi-step objective
+    (`trainers.train_student`, SD1.5 schedule). Saved in `folder`, reused when present. Returns (unet, seconds)."""
+    from diffusers import UNet2DConditionModel
+
+    from .trainers import train_student
+
+    stamp = os.path.join(folder, "finetune.json")
+    if os.path.exists(stamp):
+        with open(stamp, encoding="utf-8") as f:
+            seconds = json.load(f)["seconds"]
+        return UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32).eval(), seconds
+    t0 = time.perf_counter()
+    prompts = data["prompts"]
+    unique = sorted(set(prompts))
+    index = torch.tensor([unique.index(p) for p in prompts])
+    hidden = world.encode_student_prompts(unique)
+    empty = world.encode_student_prompts([""])
+    unet = train_student(copy.deepcopy(world.student_unet).requires_grad_(True), data["latents"], index, hidden, empty,
+                         world.config["student_schedule"], settings["synthetic_finetune_steps"],
+                         batch_size=settings["synthetic_batch"], lr=settings["synthetic_lr"], seed=seed, log=None)
+    seconds = time.perf_counter() - t0
+    unet.save_pretrained(folder)
+    loop.write_json(stamp, {"seconds": seconds})  # last: the fine-tune counts as done only with its stamp
+    return unet, seconds
 
 
 # ---------------------------------------------------------------------------------------------- stage 3: evaluation
@@ -311,18 +395,26 @@ def report_markdown(report: dict) -> str:
         f"{ev['prompts']} held-out prompts (evaluation seed {ev['seed']}). Every figure below was measured in this "
         "run.",
         "",
-        "| row | prompt accuracy | Fréchet distance (judge) | training wall time (s) | latency (ms/image) |",
-        "|---|---|---|---|---|",
+    ]
+    gap = report.get("gap")
+    if gap:
+        lines += [f"The student base never learnt the **{gap}** (its training captions carried a random {gap} word); "
+                  f"the teacher draws it right. The {gap} column shows whether distillation taught it.", ""]
+    lines += [
+        f"| row | prompt accuracy | {gap or 'gap'} accuracy | Fréchet distance (judge) | training wall time (s) | "
+        "latency (ms/image) |",
+        "|---|---|---|---|---|---|",
     ]
     for name in report["rows"]:
         r = ev[name]
         train = report["training_s"].get(name)
-        lines.append(f"| {report['row_labels'][name]} | {_fmt(r['accuracy'])} | {_fmt(r.get('fd'), 2)} | "
-                     f"{_fmt(train, 0) if train is not None else '— (pretrained)'} | {r['seconds_per_image'] * 1000:.2f} |")
+        lines.append(f"| {report['row_labels'][name]} | {_fmt(r['accuracy'])} | {_fmt(r[gap]) if gap else '—'} | "
+                     f"{_fmt(r.get('fd'), 2)} | {_fmt(train, 0) if train is not None else '— (pretrained)'} | "
+                     f"{r['seconds_per_image'] * 1000:.2f} |")
     t = report["timings_s"]
     lines += [
         "",
-        "Training wall time of the distilled row = Bridge training + distillation. Latency: wall time of "
+        "Training wall time of the cross-space row = Bridge training + distillation. Latency: wall time of "
         f"generation + decoding per image at batch {report['settings']['eval_batch']}.",
         "",
         "Per-attribute accuracy (shape / colour / background / position):",
@@ -414,16 +506,27 @@ def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, qui
     shutil.copyfile(distill_result["student"], os.path.join(out, "student_unet.safetensors"))
     timings["distillation"] = distill_result["wall_s"]
 
+    same_unet, same_result = None, None
+    if settings["same_space_row"]:
+        _log("3b/4 distilling a same-space one-step student from the student base, for comparison")
+        same_unet, same_result = distill_student(world, os.path.join(out, "distill_same"), "same", settings, seed)
+        if same_unet is None:
+            return _stopped(out, "same-space distillation", same_result)
+        timings["same_space_distillation"] = same_result["wall_s"]
+
     _log("4/4 evaluating with the judge")
     t0 = time.perf_counter()
     rows = dict(base_generators(world), **start_rows(world, settings),
                 cross_space=student_generator(world, student_unet, settings["student_timestep"]))
+    if same_unet is not None:
+        rows["same_space"] = student_generator(world, same_unet, settings["student_timestep"])
     evaluation = evaluate_generators(world, rows, n=settings["eval_samples"], seed=seed,
                                      batch_size=settings["eval_batch"], progress=True)
     prompts = grid_prompts(settings["grid_prompts"])
     seeds = list(range(settings["grid_seeds"]))
     before = rows.get("student_base_start", rows["student_base_one_step"])  # the distillation's start
-    grid_rows = {"one-step before": before, "one-step after": rows["cross_space"],
+    grid_rows = {"one-step before": before, "one-step after (cross-space)": rows["cross_space"],
+                 **({"one-step same-space": rows["same_space"]} if "same_space" in rows else {}),
                  "teacher": rows["teacher"]}
     sample_grid(world, os.path.join(out, "grid.png"), grid_rows, prompts, seeds)
     timings["evaluation"] = time.perf_counter() - t0
@@ -433,7 +536,9 @@ def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, qui
         "format": "shapes-run", "quick": quick, "world": os.path.abspath(world_dir), "seed": seed,
         "threads": torch.get_num_threads(), "settings": settings, "timings_s": timings,
         "rows": list(rows), "row_labels": {name: row_label(name, world, settings) for name in rows},
-        "training_s": {"cross_space": bridge_result["wall_s"] + distill_result["wall_s"]},
+        "training_s": {"cross_space": bridge_result["wall_s"] + distill_result["wall_s"],
+                       **({"same_space": same_result["wall_s"]} if same_result else {})},
+        "gap": (world.config.get("knowledge_gap") or {}).get("attribute"),
         "evaluation": evaluation,
         "bridge": {"path": "bridge.safetensors", "steps": bridge_result["step"],
                    "resumed_from": bridge_result["resumed_from"],
@@ -455,11 +560,13 @@ def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, qui
 
 
 def add_setting_arguments(parser: argparse.ArgumentParser, defaults: dict, quick: dict) -> None:
-    """--<setting> overrides for every entry of `defaults` (shared with the benchmark)."""
+    """--<setting> overrides for every entry of `defaults` (shared with the benchmark); booleans as
+    --<setting> / --no-<setting>."""
     g = parser.add_argument_group("settings")
     for key, value in defaults.items():
-        g.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None,
-                       help=f"default {value} (quick {quick[key]})")
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(value, bool) else dict(type=type(value))
+        g.add_argument(f"--{key.replace('_', '-')}", default=None, help=f"default {value} (quick {quick[key]})",
+                       **kind)
 
 
 def main(argv: list[str] | None = None) -> int:
