@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -290,13 +291,23 @@ def _folder_group(folder: str) -> str:
                          f"{', '.join(n for names in PIPELINES.values() for n in names)}.")
 
 
+def _reason(e: Exception) -> str:
+    """A library error's message without its hints for developers (`ignore_mismatched_sizes=True`,
+    `low_cpu_mem_usage`, issue links): the fix for a wrong-size file is the right file, not random weights."""
+    parts = re.split(r"(?<=\.)\s+|\n+", str(e))
+    return " ".join(p.strip() for p in parts if p.strip() and not any(h in p for h in _DEV_HINTS))
+
+
+_DEV_HINTS = ("ignore_mismatched_sizes", "low_cpu_mem_usage", "github.com/")
+
+
 def _from_folder(cls, folder: str, subfolder: str, dtype, device):
     if not os.path.isdir(os.path.join(folder, subfolder)):
         raise ModelLoadError(f"The diffusers folder {folder!r} has no {subfolder}/ subfolder.")
     try:
         model = cls.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"Loading {subfolder}/ from {folder!r} failed: {e}") from e
+        raise ModelLoadError(f"Loading {subfolder}/ from {folder!r} failed: {_reason(e)}") from e
     return model.to(device) if device is not None else model
 
 
@@ -319,7 +330,7 @@ def _single_file(cls, tensors: dict, path: str, config: str, subfolder: str, dty
                                      local_files_only=True)
     except (KeyError, IndexError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"{os.path.basename(path)!r} does not fit the {what} config in {config!r} (wrong model "
-                             f"or size?): {type(e).__name__}: {e}") from e
+                             f"or size?): {_reason(e)}") from e
     _no_meta(model, what, path)
     return model.to(device) if device is not None else model
 
