@@ -19,7 +19,9 @@ import re
 
 log = logging.getLogger(__name__)
 
-_PACK = __name__.split(".")[0]  # the package ComfyUI made of the pack folder (dots in its path are replaced)
+# The package ComfyUI made of the pack folder (named after its path); "nodes._errors" when imported from the checkout.
+_ROOT = __name__.removesuffix(".nodes._errors")
+_SUBPACKAGES = ("bridge", "training", "nodes")
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIREMENTS = os.path.join(PACK_DIR, "requirements.txt")
 
@@ -40,7 +42,7 @@ def clean_errors(execute):
         try:
             return execute(cls, *args, **kwargs)
         except Exception as e:
-            if type(e).__module__.split(".")[0] != _PACK:
+            if type(e).__module__.removeprefix(_ROOT + ".").split(".")[0] not in _SUBPACKAGES:
                 raise
             try:
                 clean = _builtin_class(type(e))(str(e))
