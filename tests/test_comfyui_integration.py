@@ -13,6 +13,10 @@ of comfy.supported_models, ComfyUI's key conversions and detection, strict weigh
 tiny config. The same pack turns saved tensors into CONDITIONING, since tiny text encoders would need the same
 treatment and the nodes under test only see CONDITIONING.
 
+The training nodes load with the library, which reads SD1.5 single files with the pack's shipped real-size configs;
+the pack is linked in with tiny configs in place of training/configs/sd15, so the templates' student single file
+(a tiny one under its real name) goes through the same loading code, with ComfyUI's real bundled tokenizer.
+
 COMFYUI_PYTHON picks the interpreter that runs ComfyUI (default: this one); see docs/comfyui.md.
 """
 
@@ -437,7 +441,7 @@ def _serve(base: Path, env: dict):
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     server = Comfy(f"http://127.0.0.1:{port}", base, log)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 420  # a start takes 20 s on a quiet machine, minutes on a busy one
         while True:
             if proc.poll() is not None:
                 raise AssertionError(f"ComfyUI exited with {proc.returncode}:\n{server.log_tail()}")
