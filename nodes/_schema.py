@@ -7,7 +7,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from .specs import DIFFUSERS, NONE, In, NodeSpec, Out
+from .specs import DIFFUSERS, DIFFUSERS_MARK, NONE, In, NodeSpec, Out
 
 _BUILTIN = {
     "MODEL": io.Model,
@@ -50,10 +50,11 @@ def _diffusers_models() -> dict[str, str]:
 
 def folder_files(folder: str | tuple[str, ...]) -> list[str]:
     """The files of one ComfyUI model folder, or of several merged (first folder first, no repeats); the
-    `diffusers` folder contributes its model folders."""
+    `diffusers` folder contributes its model folders, marked as such."""
     names: list[str] = []
     for f in _folders(folder):
-        found = sorted(_diffusers_models()) if f == DIFFUSERS else folder_paths.get_filename_list(f)
+        found = ([n + DIFFUSERS_MARK for n in sorted(_diffusers_models())] if f == DIFFUSERS
+                 else folder_paths.get_filename_list(f))
         names += [n for n in found if n not in names]
     return names
 
@@ -63,7 +64,9 @@ def resolve_file(folder: str | tuple[str, ...], name: str | None) -> str | None:
     if not name or name == NONE:
         return None
     for f in _folders(folder):
-        path = _diffusers_models().get(name) if f == DIFFUSERS else folder_paths.get_full_path(f, name)
+        # A diffusers folder by its listed name, or by its plain name (workflows saved before the mark).
+        path = (_diffusers_models().get(name.removesuffix(DIFFUSERS_MARK)) if f == DIFFUSERS
+                else folder_paths.get_full_path(f, name))
         if path is not None:
             return path
     raise FileNotFoundError(f"{name!r} is not in the models folder(s) {', '.join(_folders(folder))}; refresh the "

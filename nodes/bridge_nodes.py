@@ -16,6 +16,7 @@ from comfy_api.latest import io
 from ..bridge.checkpoint import check_decoder_fingerprint, decoder_fingerprint, load_bridge, read_bridge_metadata
 from ..bridge.model import Bridge, display_name
 from . import specs
+from ._errors import clean_errors
 from ._schema import build_schema
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class LoadBridge(io.ComfyNode):
         return (path, _file_key(path)) if path and os.path.exists(path) else bridge_name
 
     @classmethod
+    @clean_errors
     def execute(cls, bridge_name) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(FOLDER, bridge_name)
         return io.NodeOutput(load_bridge_cached(path))
@@ -129,6 +131,7 @@ class BridgeProject(io.ComfyNode):
         return build_schema(specs.BRIDGE_PROJECT)
 
     @classmethod
+    @clean_errors
     def execute(cls, bridge, vae, latent, chunk_size) -> io.NodeOutput:
         samples = latent["samples"]
         check_student_inputs(bridge, vae, samples)

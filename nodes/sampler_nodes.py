@@ -8,6 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from . import specs
+from ._errors import clean_errors
 from ._schema import build_schema
 
 
@@ -17,6 +18,7 @@ class OneStepSampler(io.ComfyNode):
         return build_schema(specs.ONE_STEP_SAMPLER)
 
     @classmethod
+    @clean_errors
     def execute(cls, model, positive, seed, width, height, batch_size) -> io.NodeOutput:
         if width % 8 or height % 8:
             raise ValueError(f"Width and height must be multiples of 8 (one latent per 8x8 pixels); got "

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 
 from ..training.scoring import TeacherScores, parse_levels, teacher_scores
 from . import specs
+from ._errors import clean_errors
 from ._schema import build_schema
 
 
@@ -61,6 +62,7 @@ class TeacherScore(io.ComfyNode):
         return build_schema(specs.TEACHER_SCORE)
 
     @classmethod
+    @clean_errors
     def execute(cls, model, positive, negative, latent, noise_levels, num_seeds, eval_seed) -> io.NodeOutput:
         samples = latent["samples"]
         check_teacher_latent(model, samples)
@@ -84,6 +86,7 @@ class SelectBest(io.ComfyNode):
         return build_schema(specs.SELECT_BEST)
 
     @classmethod
+    @clean_errors
     def execute(cls, latent, scores, count, rank_by) -> io.NodeOutput:
         samples = latent["samples"]
         if len(scores) != samples.shape[0]:

@@ -22,6 +22,7 @@ RANK_BY = ("combined", "denoise_error", "text_alignment")  # = training.scoring.
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
 NONE = "(none)"  # the "not given" choice of optional model-file combos
 DIFFUSERS = "diffusers"  # ComfyUI's folder of diffusers-format model folders; a combo from it lists the folders
+DIFFUSERS_MARK = " (diffusers folder)"  # how those folders are listed, beside the single files of other folders
 TEACHER_FAMILIES = ("sd35_medium", "sd35_large", "flux_dev", "flux_schnell")  # = training.bridge_cli's (tested)
 
 
@@ -190,8 +191,8 @@ def _teacher_inputs() -> tuple[In, ...]:
         In("teacher_model", "COMBO", folder=("diffusion_models", "checkpoints", DIFFUSERS),
            tooltip="The teacher's diffusion model: a transformer file from models/diffusion_models (e.g. "
                    "flux1-dev.safetensors), a checkpoint from models/checkpoints (e.g. sd3.5_medium.safetensors), or "
-                   "a diffusers folder from models/diffusers (its VAE and text encoders are used where the inputs "
-                   "below are (none))."),
+                   "a diffusers folder from models/diffusers, listed as '<name> (diffusers folder)' (its VAE and text "
+                   "encoders are used where the inputs below are (none))."),
         In("teacher_vae", "COMBO", folder="vae", none_choice=True,
            tooltip="The teacher's VAE from models/vae (e.g. ae.safetensors for Flux). (none): the VAE inside the "
                    "teacher checkpoint or diffusers folder."),
@@ -218,8 +219,8 @@ TRAIN_BRIDGE = NodeSpec(
                 "watch the progress bar and its validation previews.",
     inputs=(
         In("student_checkpoint", "COMBO", folder=("checkpoints", DIFFUSERS), none_choice=True,
-           tooltip="The student's SD1.5 checkpoint (models/checkpoints, or a diffusers folder in models/diffusers): "
-                   "only its VAE is used. (none) when a student_vae file is given."),
+           tooltip="The student's SD1.5 checkpoint (a .safetensors file in models/checkpoints, or a diffusers folder in "
+                   "models/diffusers, listed as '<name> (diffusers folder)'): only its VAE is used. (none) when a student_vae file is given."),
         In("student_vae", "COMBO", folder="vae", none_choice=True,
            tooltip="An SD1.5 VAE file from models/vae; overrides the checkpoint's VAE. The Bridge is tied to this "
                    "decoder."),
@@ -266,8 +267,8 @@ DISTILL_STUDENT = NodeSpec(
                 "output/csd_runs/distill_<output_name>: cancelling saves a resumable state there.",
     inputs=(
         In("student_checkpoint", "COMBO", folder=("checkpoints", DIFFUSERS),
-           tooltip="The SD1.5 checkpoint the student starts from (models/checkpoints, or a diffusers folder in "
-                   "models/diffusers): its UNet is trained; its VAE and CLIP go into the exported checkpoint."),
+           tooltip="The SD1.5 checkpoint the student starts from (a .safetensors file in models/checkpoints, or a "
+                   "diffusers folder in models/diffusers, listed as '<name> (diffusers folder)'): its UNet is trained; its VAE and CLIP go into the exported checkpoint."),
         In("bridge_name", "COMBO", folder="bridges",
            tooltip="A Bridge from models/bridges trained for this student VAE and this teacher (see Train Bridge)."),
         *_teacher_inputs(),

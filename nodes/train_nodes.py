@@ -24,12 +24,16 @@ import torch
 from comfy_api.latest import io, ui
 
 from . import specs
+from ._errors import clean_errors, require
 from ._schema import build_schema, resolve_file
 from .bridge_nodes import FOLDER as BRIDGES_FOLDER
 
 log = logging.getLogger(__name__)
 
 RUNS = "csd_runs"  # under ComfyUI's output directory
+# ComfyUI's code folder, for its bundled tokenizers (SD1.5 / SD3.5 / Flux single files have none). Not found from the
+# pack's own path: with --base-directory (ComfyUI Desktop) custom_nodes lies outside ComfyUI's code.
+COMFY_ROOT = os.path.dirname(os.path.abspath(folder_paths.__file__))
 PREVIEW_MAX_SIZE = 1024  # longest side of the preview sent to the browser
 
 
@@ -71,6 +75,7 @@ def teacher_files(spec: specs.NodeSpec, teacher_model, teacher_vae, clip_l, clip
     chosen = dict(teacher_model=teacher_model, teacher_vae=teacher_vae, clip_l=clip_l, clip_g=clip_g, t5=t5)
     paths = {k: model_path(spec, k, v) for k, v in chosen.items()}
     paths["teacher"] = paths.pop("teacher_model")
+    paths["tokenizers"] = COMFY_ROOT  # where a diffusers folder has none
     return paths
 
 
@@ -159,6 +164,10 @@ def comfy_on_cpu() -> bool:
     return mm.get_torch_device().type == "cpu"
 
 
+def _how(result: dict) -> str:
+    return f"resumed from {result['resumed_from']}" if result["resumed_from"] else "started"
+
+
 def _warmup(steps: int) -> int:
     return min(100, max(1, steps // 10))  # as the CLI: short runs warm up for a tenth of their steps
 
@@ -171,9 +180,11 @@ class TrainBridge(io.ComfyNode):
         return build_schema(specs.TRAIN_BRIDGE, is_output_node=True)
 
     @classmethod
+    @clean_errors
     def execute(cls, student_checkpoint, student_vae, teacher_family, teacher_model, teacher_vae, clip_l, clip_g, t5,
                 images, output_name, steps, batch_size, lr, attn_weight, student_res, train_seed,
                 resume) -> io.NodeOutput:
+        require("Train Bridge")
         from ..training import loop
         from ..training.bridge_cli import load_real_models
         from ..training.bridge_train import BridgeTrainConfig, BridgeTrainer
@@ -201,7 +212,7 @@ class TrainBridge(io.ComfyNode):
             del models
         progress.raise_if_cancelled("Train Bridge", result["step"], out_dir)
         dest = publish(result["bridge"], BRIDGES_FOLDER, name)
-        log.info("Train Bridge: %d steps (resumed from %d); wrote %s", result["step"], result["resumed_from"], dest)
+        log.info("Train Bridge: %d steps (%s); wrote %s", result["step"], _how(result), dest)
         image = preview_image(progress, os.path.join(out_dir, "val"))
         return io.NodeOutput(os.path.basename(dest), image, ui=ui.PreviewImage(image, cls=cls))
 
@@ -212,9 +223,11 @@ class DistillStudent(io.ComfyNode):
         return build_schema(specs.DISTILL_STUDENT, is_output_node=True)
 
     @classmethod
+    @clean_errors
     def execute(cls, student_checkpoint, bridge_name, teacher_family, teacher_model, teacher_vae, clip_l, clip_g, t5,
                 prompts, prompts_file, steps, batch_size, resolution, student_lr, fake_lr, guidance, train_seed,
                 output_name, resume) -> io.NodeOutput:
+        require("Distill Student")
         from ..training import loop
         from ..training.distill import DistillConfig, Distiller, load_real_models, parse_prompts, read_prompts
         from ..training.export import export_sd15
@@ -248,6 +261,6 @@ class DistillStudent(io.ComfyNode):
         # The trained UNet with the base checkpoint's VAE and CLIP, in the original SD1.5 layout.
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         export_sd15(result["student"], student, single_file=dest)
-        log.info("Distill Student: %d steps (resumed from %d); wrote %s", result["step"], result["resumed_from"], dest)
+        log.info("Distill Student: %d steps (%s); wrote %s", result["step"], _how(result), dest)
         image = preview_image(progress, os.path.join(out_dir, "samples"))
         return io.NodeOutput(os.path.basename(dest), image, ui=ui.PreviewImage(image, cls=cls))

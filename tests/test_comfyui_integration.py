@@ -13,11 +13,16 @@ of comfy.supported_models, ComfyUI's key conversions and detection, strict weigh
 tiny config. The same pack turns saved tensors into CONDITIONING, since tiny text encoders would need the same
 treatment and the nodes under test only see CONDITIONING.
 
+The training nodes load with the library, which reads SD1.5 single files with the pack's shipped real-size configs;
+the pack is linked in with tiny configs in place of training/configs/sd15, so the templates' student single file
+(a tiny one under its real name) goes through the same loading code, with ComfyUI's real bundled tokenizer.
+
 COMFYUI_PYTHON picks the interpreter that runs ComfyUI (default: this one); see docs/comfyui.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -316,22 +321,26 @@ def tiny(tmp_path_factory):
     }
     for name, tensors in conds.items():
         paths[name] = _save(files / f"{name}.safetensors", tensors)
-    _save_training_models(base, unet, vae, sd35, vae16)
+    sd15_clip = _save_training_models(base, unet, vae, sd35, vae16)
     teacher_latent = torch.randn(4, 16, 8, 8, generator=g) * 0.8 + 0.1  # raw teacher-space latents
     _save_latent(base / "input" / "teacher.latent", teacher_latent)
     _save_latent(base / "input" / "student.latent", torch.randn(3, 4, 8, 8, generator=g))
     return dict(base=base, paths=paths, conds=conds, unet=unet, vae=vae, sd35=sd35, flux=flux, bridge=bridge,
-                teacher_latent=teacher_latent)
+                teacher_latent=teacher_latent, sd15_clip=sd15_clip)
 
 
 TRAIN_STUDENT, TRAIN_TEACHER, TRAIN_IMAGES = "tiny_sd15", "tiny_sd35", "it_images"
+FOLDER_MARK = " (diffusers folder)"  # how the training nodes list diffusers folders (nodes/specs.py DIFFUSERS_MARK)
+SD15_FILE = "v1-5-pruned-emaonly.safetensors"  # the student checkpoint the templates ship with
+# ComfyUI's own CLIP tokenizer (what SD1.5 single files are tokenized with): its vocabulary size.
+CLIP_VOCAB = 49408
 
 
-def _save_training_models(base: Path, unet, vae, sd35, vae16) -> None:
+def _save_training_models(base: Path, unet, vae, sd35, vae16):
     """What the training nodes load with the library (diffusers classes, not ComfyUI's): the same tiny SD1.5 UNet/VAE
     and SD3.5 transformer/VAE as diffusers folders in models/diffusers (ComfyUI's folder for them; our loaders read
     a folder's own configs, while single files are read with the shipped real-size configs), with tiny text
-    encoders; and a folder of captioned images."""
+    encoders; a folder of captioned images; and the SD1.5 single file of the templates. Returns that file's CLIP."""
     from diffusers import (DDPMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline,
                            StableDiffusionPipeline)
 
@@ -351,14 +360,59 @@ def _save_training_models(base: Path, unet, vae, sd35, vae16) -> None:
         text_encoder_3=tiny.tiny_t5_text(), tokenizer_3=tiny.tiny_t5_tokenizer(),
     ).save_pretrained(folders / TRAIN_TEACHER)
     data.make_synthetic_images(base / "input" / TRAIN_IMAGES, n=6, size=128, seed=0)
+    return _save_sd15_single_file(base, unet, vae)
+
+
+def _save_sd15_single_file(base: Path, unet, vae):
+    """The tiny SD1.5 model as the single-file checkpoint the templates name (original key layout, no tokenizer: the
+    training nodes take ComfyUI's bundled one), and its component configs. The library reads SD1.5 single files with
+    the pack's shipped configs (training/configs/sd15, real sizes); `_link_pack` puts these in their place."""
+    import shutil
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from training import loading
+    from training.export import export_single_file
+
+    configs = base / "tiny_configs" / "sd15"
+    unet.save_config(configs / "unet")
+    vae.save_config(configs / "vae")
+    # A tiny CLIP-L over the real CLIP vocabulary, so ComfyUI's real tokenizer drives it; 77 positions as CLIP-L.
+    real = CLIPTextConfig.from_pretrained(os.path.join(loading.config_dir("sd15"), "text_encoder"))
+    clip = CLIPTextModel(CLIPTextConfig(**{**real.to_dict(), "hidden_size": 32, "intermediate_size": 37,
+                                           "num_hidden_layers": 2, "num_attention_heads": 4,
+                                           "vocab_size": CLIP_VOCAB})).eval()
+    assert clip.config.max_position_embeddings == 77
+    clip.config.save_pretrained(configs / "text_encoder")
+    shutil.copytree(os.path.join(loading.config_dir("sd15"), "scheduler"), configs / "scheduler")
+    (base / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    export_single_file(base / "models" / "checkpoints" / SD15_FILE, unet, vae, clip, dtype=torch.float32)
+    return clip
+
+
+def _link_pack(dest: Path, sd15_configs: Path) -> None:
+    """The pack in custom_nodes: links into this checkout, except that training/configs/sd15 (the configs SD1.5
+    single files are read with) holds the tiny model's configs. So the single-file checkpoint of the templates
+    loads through exactly the code a real one does."""
+    dest.mkdir()
+    for entry in ROOT.iterdir():
+        if entry.name != "training":
+            (dest / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    (dest / "training").mkdir()
+    for entry in (ROOT / "training").iterdir():
+        if entry.name not in ("configs", "__pycache__"):
+            (dest / "training" / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    (dest / "training" / "configs").mkdir()
+    for entry in (ROOT / "training" / "configs").iterdir():
+        target = sd15_configs if entry.name == "sd15" else entry
+        (dest / "training" / "configs" / entry.name).symlink_to(target, target_is_directory=True)
 
 
 def _prepare_base(base: Path) -> None:
     nodes_dir = base / "custom_nodes"
     nodes_dir.mkdir(exist_ok=True)
-    link = nodes_dir / PACK
-    if not link.exists():
-        link.symlink_to(ROOT, target_is_directory=True)
+    if not (nodes_dir / PACK).exists():
+        _link_pack(nodes_dir / PACK, base / "tiny_configs" / "sd15")
     (nodes_dir / "csd_it_fixtures").mkdir(exist_ok=True)
     (nodes_dir / "csd_it_fixtures" / "__init__.py").write_text(FIXTURE_PACK)
     for d in ("input", "output", "user", "temp"):
@@ -372,21 +426,22 @@ def _comfy_cmd(base: Path, *extra: str) -> list[str]:
 def _env() -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("PYTHONPATH", None)  # the pack must load from custom_nodes alone
+    # ... and find ComfyUI's bundled tokenizers itself (custom_nodes is outside ComfyUI's code, as in ComfyUI Desktop).
+    env.pop("COMFYUI_PATH", None)
     return env
 
 
-@pytest.fixture(scope="module")
-def comfy(tiny):
-    base = tiny["base"]
-    _prepare_base(base)
+@contextlib.contextmanager
+def _serve(base: Path, env: dict):
+    """ComfyUI on a free port with `base` as its base directory, until the block ends."""
     port = _free_port()
     log = base / "comfyui.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(_comfy_cmd(base, "--listen", "127.0.0.1", "--port", str(port)), cwd=COMFYUI,
-                                stdout=out, stderr=subprocess.STDOUT, env=_env())
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
     server = Comfy(f"http://127.0.0.1:{port}", base, log)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 420  # a start takes 20 s on a quiet machine, minutes on a busy one
         while True:
             if proc.poll() is not None:
                 raise AssertionError(f"ComfyUI exited with {proc.returncode}:\n{server.log_tail()}")
@@ -404,6 +459,13 @@ def comfy(tiny):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def comfy(tiny):
+    _prepare_base(tiny["base"])
+    with _serve(tiny["base"], _env()) as server:
+        yield server
 
 
 def _lines_about_us(text: str) -> list[str]:
@@ -528,6 +590,87 @@ def test_clear_errors_reach_the_user(comfy, tiny):
     entry = comfy.run(select_other_batch)
     assert entry["status"]["status_str"] == "error"
     assert "scores are for 4 samples but the latent batch has 3" in _errors(entry)
+
+
+def _error(entry: dict) -> dict:
+    return next(d for ev, d in entry["status"]["messages"] if ev == "execution_error")
+
+
+def test_errors_name_the_problem_without_internal_paths(comfy, tiny):
+    """ComfyUI shows a failed node as its exception's module-qualified class name and message; the pack's modules are
+    named after its folder's path, so its errors must leave as builtin classes. A wrong-size single file says so,
+    without diffusers' developer hint (ignore_mismatched_sizes) that would fill the model with random weights."""
+    from training.export import export_single_file
+    from training.tiny import tiny_unet
+
+    (comfy.base / "models" / "bridges" / "it_broken.safetensors").write_bytes(b"not a Bridge at all")
+    entry = comfy.run({
+        "1": {"class_type": "CSD_LoadBridge", "inputs": {"bridge_name": "it_broken.safetensors"}},
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}})
+    err = _error(entry)
+    assert err["exception_type"] == "ValueError" and "it_broken.safetensors" in err["exception_message"], err
+
+    wrong = tiny_unet(norm_num_groups=32, block_out_channels=(32, 32))  # not the width of the SD1.5 config
+    export_single_file(comfy.base / "models" / "checkpoints" / "it_wrong_size.safetensors", wrong, tiny["vae"],
+                       tiny["sd15_clip"])
+    prompt = _distill_prompt("it_wrong_size_out", 1, "a red square")
+    prompt["1"]["inputs"]["student_checkpoint"] = "it_wrong_size.safetensors"
+    err = _error(comfy.run(prompt))
+    message = err["exception_message"]
+    assert err["exception_type"] == "ValueError", err
+    assert "it_wrong_size.safetensors" in message and "does not fit" in message and "expected shape" in message
+    assert "ignore_mismatched_sizes" not in message and "low_cpu_mem_usage" not in message
+    assert PACK not in err["exception_type"] + message and "custom_nodes" not in message
+
+
+BLOCK_IMPORTS = r'''
+"""Test-only sitecustomize: diffusers and peft cannot be imported, as if never installed in ComfyUI's Python."""
+import sys
+
+
+class _NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("diffusers", "peft"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _NotInstalled())
+'''
+
+
+def test_missing_packages_leave_the_pack_loaded_and_named(tiny, tmp_path):
+    """A ComfyUI whose Python lacks diffusers and peft: the pack loads (one line in the log, no import traceback), the
+    nodes that need no training libraries work, and the training nodes say which packages to install and how."""
+    base = tmp_path / "base"
+    base.mkdir()
+    for shared in ("models", "input", "tiny_configs"):
+        (base / shared).symlink_to(tiny["base"] / shared, target_is_directory=True)
+    _prepare_base(base)
+    (tmp_path / "block").mkdir()
+    (tmp_path / "block" / "sitecustomize.py").write_text(BLOCK_IMPORTS)
+    with _serve(base, dict(_env(), PYTHONPATH=str(tmp_path / "block"))) as server:
+        ours = _lines_about_us(server.log.read_text(errors="replace"))
+        # The import-time line and our one warning; no traceback through our files (ComfyUI's own may appear).
+        loaded = [line for line in ours if "seconds" in line and line.rstrip().endswith(PACK)]
+        assert loaded and "IMPORT FAILED" not in loaded[0], ours
+        warning = [line for line in ours if line.startswith("Cross-Space Distillation:")]
+        assert len(warning) == 1 and "Train Bridge and Distill Student need diffusers, peft" in warning[0], ours
+        assert "requirements.txt" in warning[0]
+        assert all(line in loaded + warning or "csd_it_fixtures" in line for line in ours), ours
+
+        server.run_ok({
+            "1": _tiny_student(tiny["paths"]),
+            "2": {"class_type": "LoadLatent", "inputs": {"latent": "student.latent"}},
+            "3": {"class_type": "CSD_LoadBridge", "inputs": {"bridge_name": "sd15_to_sd35.safetensors"}},
+            "4": {"class_type": "CSD_BridgeProject", "inputs": {"bridge": ["3", 0], "vae": ["1", 2],
+                                                                 "latent": ["2", 0], "chunk_size": 4}},
+            "5": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": "it/nodeps"}}})
+        err = _error(server.run(_distill_prompt("it_nodeps", 1, "a red square")))
+        message = err["exception_message"]
+        assert err["exception_type"] == "RuntimeError", err
+        assert "Distill Student needs" in message and "diffusers" in message and "peft" in message
+        assert "pip install -r" in message and "requirements.txt" in message and "accelerate" not in message
 
 
 def _parse_scores(text: str):
@@ -681,7 +824,9 @@ def tinyfy(prompt: dict, p: dict) -> dict:
         elif ct == "CSD_OneStepSampler":
             inp.update(width=64, height=64)
         elif ct in ("CSD_TrainBridge", "CSD_DistillStudent"):
-            inp.update(_tiny_training(inp["teacher_family"]), steps=1, batch_size=1,
+            # The student as the template ships it: the SD1.5 single file (here a tiny one under its name).
+            assert inp["student_checkpoint"] == SD15_FILE, inp["student_checkpoint"]
+            inp.update(_tiny_training(inp["teacher_family"]), student_checkpoint=SD15_FILE, steps=1, batch_size=1,
                        output_name=f"it_workflow_{inp['output_name']}")
             inp.update(images=TRAIN_IMAGES, student_res=64) if ct == "CSD_TrainBridge" else inp.update(resolution=64)
     for nid, node in prompt.items():
@@ -693,12 +838,31 @@ def tinyfy(prompt: dict, p: dict) -> dict:
     return prompt
 
 
+def _check_student_prompts_tokenized_by_comfyui(comfy, tiny, ui: dict) -> None:
+    """Workflow 6 on its single-file student: the prompts went through ComfyUI's bundled CLIP tokenizer (whose config
+    claims 8192 tokens) into 77-token embeddings of the checkpoint's own CLIP, as the library computes them here."""
+    from transformers import CLIPTokenizer
+
+    from training.distill import parse_prompts
+    from training.text import TextCond, encode_sd15
+
+    bundled = Path(COMFYUI) / "comfy" / "sd1_tokenizer"
+    assert json.loads((bundled / "tokenizer_config.json").read_text())["model_max_length"] == 8192
+    node = next(n for n in ui.values() if n["type"] == "CSD_DistillStudent")
+    run = comfy.base / "output" / "csd_runs" / f"distill_it_workflow_{node['widgets_values'][-2]}"
+    cached = TextCond.load(run / "cache" / "student.safetensors")
+    prompts = parse_prompts(node["widgets_values"][8])
+    expected = encode_sd15(prompts, tiny["sd15_clip"], CLIPTokenizer.from_pretrained(bundled))
+    assert cached.prompt_embeds.shape == (len(prompts), 77, 32)
+    torch.testing.assert_close(cached.prompt_embeds, expected.prompt_embeds, rtol=1e-4, atol=1e-5)
+
+
 def _tiny_training(family: str) -> dict:
     """The training nodes' model choices for the tiny diffusers folders (the teacher folder holds its own VAE and
     text encoders, so those inputs are (none))."""
     assert family.startswith("sd35"), "only a tiny SD3.5 teacher folder is prepared"
-    return dict(student_checkpoint=TRAIN_STUDENT, teacher_model=TRAIN_TEACHER, teacher_vae="(none)", clip_l="(none)",
-                clip_g="(none)", t5="(none)")
+    return dict(student_checkpoint=TRAIN_STUDENT + FOLDER_MARK, teacher_model=TRAIN_TEACHER + FOLDER_MARK,
+                teacher_vae="(none)", clip_l="(none)", clip_g="(none)", t5="(none)")
 
 
 def _images(comfy, entry: dict, node_id: str) -> list:
@@ -726,6 +890,10 @@ def test_reference_workflow_runs_on_tiny_models(comfy, tiny, name):
         shown = next(o["text"][0] for o in outputs.values() if "text" in o)
         assert shown.startswith("it_workflow_") and (comfy.base / "models" / folder / shown).is_file()
         assert all(_images(comfy, entry, i) for i in image_nodes)
+        assert f"{'Train Bridge' if name.startswith('5_') else 'Distill Student'}: 1 steps (started)" in \
+            comfy.log_tail(300)
+        if name.startswith("6_"):
+            _check_student_prompts_tokenized_by_comfyui(comfy, tiny, ui)
         return
     for i in image_nodes:
         sizes = _images(comfy, entry, i)
@@ -772,8 +940,9 @@ def test_training_nodes_in_object_info(comfy):
         assert node["output"] == ["STRING", "IMAGE"] and all(node["output_tooltips"])
         # Model choices come from ComfyUI's folders, diffusers model folders included; optional files start
         # with (none).
-        assert TRAIN_STUDENT in required["student_checkpoint"][1]["options"]
-        assert TRAIN_TEACHER in required["teacher_model"][1]["options"]
+        # Files and diffusers folders side by side, the folders marked as such.
+        assert {TRAIN_STUDENT + FOLDER_MARK, SD15_FILE} <= set(required["student_checkpoint"][1]["options"])
+        assert TRAIN_TEACHER + FOLDER_MARK in required["teacher_model"][1]["options"]
         assert "tiny_sd35.safetensors" in required["teacher_model"][1]["options"]  # models/diffusion_models
         assert required["clip_g"][1]["options"][0] == "(none)"
     assert "sd15_to_sd35.safetensors" in info["CSD_DistillStudent"]["input"]["required"]["bridge_name"][1]["options"]

@@ -84,6 +84,21 @@ def test_diffusers_export_gives_the_same_one_step_output(parts, tmp_path):
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_diffusers_export_tokenizer_takes_the_encoders_length(parts, tmp_path):
+    """A tokenizer from ComfyUI's bundle claims 8192 tokens; the exported pipeline's tokenizer says 77, so diffusers'
+    StableDiffusionPipeline (which pads to model_max_length) encodes prompts with the exported folder."""
+    from diffusers import StableDiffusionPipeline
+
+    tok = tiny_clip_tokenizer()
+    tok.model_max_length = 8192
+    folder = export_diffusers(tmp_path / "student", parts["student"].unet, parts["vae"], parts["text_encoder"], tok)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    assert pipe.tokenizer.model_max_length == 77
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt(["a red cube"], "cpu", 1, False)
+    torch.testing.assert_close(embeds, _embed(parts, "a red cube", 1))
+
+
 def test_single_file_export_loads_back_with_from_single_file(parts, tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open

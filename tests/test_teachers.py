@@ -101,6 +101,42 @@ def test_encoders_match_the_diffusers_pipelines():
         encode_for_family("sdxl", PROMPTS, {}, {})
 
 
+def test_prompts_take_the_encoders_length_not_the_tokenizers_claim(tmp_path, monkeypatch):
+    """ComfyUI's bundled tokenizers claim model_max_length 8192: found through COMFYUI_PATH (the fallback for single
+    files), they still give 77 CLIP tokens and the family's T5 length, the same embeddings as 77-token tokenizers."""
+    from training import loading
+
+    def bundled(claim):  # the tokenizers of a ComfyUI checkout whose configs claim `claim` tokens
+        comfy = tmp_path / f"ComfyUI_{claim}"
+        for sub in (("sd1_tokenizer",), ("text_encoders", "t5_tokenizer")):
+            tok = tiny.tiny_clip_tokenizer() if sub[0] == "sd1_tokenizer" else tiny.tiny_t5_tokenizer()
+            tok.model_max_length = claim
+            tok.save_pretrained(comfy.joinpath("comfy", *sub))
+        monkeypatch.setenv("COMFYUI_PATH", str(comfy))
+        return {k: loading.load_tokenizer(k) for k in ("clip_l", "clip_g", "t5")}
+
+    claimed, good = bundled(8192), bundled(77)
+    assert all(t.model_max_length == 8192 for t in claimed.values())
+
+    torch.manual_seed(0)
+    clip_l, clip_g, t5 = tiny.tiny_clip_text("L", with_projection=True), tiny.tiny_clip_text("G"), tiny.tiny_t5_text()
+    clip_plain = tiny.tiny_clip_text("L")
+    prompts = [*PROMPTS, "a very long prompt " * 30]  # past 77 tokens: truncated, not an error
+
+    c = encode_sd15(prompts, clip_plain, claimed["clip_l"])
+    assert c.prompt_embeds.shape == (3, 77, 32)
+    assert torch.equal(c.prompt_embeds, encode_sd15(prompts, clip_plain, good["clip_l"]).prompt_embeds)
+    c = encode_sd3(prompts, clip_l, clip_g, t5, claimed["clip_l"], claimed["clip_g"], claimed["t5"], max_t5_len=32)
+    assert c.prompt_embeds.shape == (3, 77 + 32, 64)
+    expected = encode_sd3(prompts, clip_l, clip_g, t5, good["clip_l"], good["clip_g"], good["t5"], max_t5_len=32)
+    assert torch.equal(c.prompt_embeds, expected.prompt_embeds) and torch.equal(c.pooled, expected.pooled)
+    # Flux without an explicit length: the family's own (flux_schnell: 256 T5 tokens).
+    c = encode_for_family("flux_schnell", prompts, {"clip_l": clip_plain, "t5": t5}, claimed)
+    assert c.prompt_embeds.shape == (3, 256, 64)
+    expected = encode_flux(prompts, clip_plain, t5, good["clip_l"], good["t5"], max_t5_len=256)
+    assert torch.equal(c.prompt_embeds, expected.prompt_embeds) and torch.equal(c.pooled, expected.pooled)
+
+
 # ---------------------------------------------------------------------------------------------- flow math
 
 def test_rectified_flow_conversions():

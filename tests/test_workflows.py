@@ -274,3 +274,30 @@ def test_no_seed_named_widget_without_its_control():
         for i in spec.inputs:
             if i.id in ("seed", "noise_seed"):
                 assert i.control_after_generate, f"{spec.node_id}.{i.id}"
+
+
+def _thumbnails_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("csd_thumbnails", ROOT / "tools" / "thumbnails.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_every_workflow_has_its_thumbnail(path):
+    """ComfyUI's template browser shows <name>.jpg beside each template: a small JPEG of the workflow's graph, as
+    tools/thumbnails.py draws it from the current file (rerun it after changing a workflow)."""
+    import numpy as np
+    from PIL import Image
+
+    thumbs = _thumbnails_module()
+    jpg = thumbs.thumbnail_path(path)
+    assert jpg.is_file(), f"no {jpg.name}: run `python tools/thumbnails.py`"
+    assert 1_000 < jpg.stat().st_size < 60_000
+    with Image.open(jpg) as im:
+        assert im.format == "JPEG" and im.size == thumbs.SIZE
+        saved = np.asarray(im.convert("RGB"), dtype=np.float32)
+    fresh = np.asarray(thumbs.render(json.loads(path.read_text())), dtype=np.float32)
+    assert np.abs(saved - fresh).mean() < 2.0, f"{jpg.name} is stale: run `python tools/thumbnails.py`"

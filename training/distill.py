@@ -730,7 +730,7 @@ def load_real_models(student: str, bridge: str, teacher_family: str, teacher: st
                                     cpu=cpu)
     device = loop.default_device(cpu)
     sd15 = loading.load_sd15(student, components=("unet", "text_encoder", "tokenizer"), dtype=torch.float32,
-                             device=device)
+                             device=device, tokenizer=tokenizers)
     bridge_module = bridge_checkpoint.load_bridge(bridge, student_vae=world.student_vae, device=device)
     text = {"clip": sd15.text_encoder.to(world.student_vae.dtype).eval()}
 

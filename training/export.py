@@ -97,6 +97,8 @@ def export_diffusers(folder, unet: "UNet2DConditionModel", vae, text_encoder, to
     """A StableDiffusionPipeline folder (safetensors) with the student UNet and the base VAE / CLIP-L."""
     from diffusers import StableDiffusionPipeline
 
+    # The pipeline pads prompts to the tokenizer's model_max_length; one from ComfyUI's bundle claims 8192.
+    tokenizer.model_max_length = text_encoder.config.max_position_embeddings
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=one_step_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

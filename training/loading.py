@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -290,13 +291,32 @@ def _folder_group(folder: str) -> str:
                          f"{', '.join(n for names in PIPELINES.values() for n in names)}.")
 
 
+def _reason(e: Exception) -> str:
+    """A library error's message without its hints for developers (`ignore_mismatched_sizes=True`,
+    `low_cpu_mem_usage`, issue links): the fix for a wrong-size file is the right file, not random weights."""
+    text = re.sub(r"^Cannot load .*? because ", "", str(e))  # diffusers names the in-memory weights ''
+    parts = re.split(r"(?<=\.)\s+|\n+", text)
+    return " ".join(p.strip() for p in parts if p.strip() and not any(h in p for h in _DEV_HINTS))
+
+
+def _config_name(config: str) -> str:
+    """' in <folder>' for a user's config folder; the shipped ones are named by what they are, not by their path."""
+    shipped = os.path.relpath(os.path.abspath(config), CONFIG_ROOT)
+    if shipped.startswith(".."):
+        return f" in {config!r}"
+    return f" (the pack's training/configs/{shipped.replace(os.sep, '/')}: the real model's sizes)"
+
+
+_DEV_HINTS = ("ignore_mismatched_sizes", "low_cpu_mem_usage", "github.com/")
+
+
 def _from_folder(cls, folder: str, subfolder: str, dtype, device):
     if not os.path.isdir(os.path.join(folder, subfolder)):
         raise ModelLoadError(f"The diffusers folder {folder!r} has no {subfolder}/ subfolder.")
     try:
         model = cls.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"Loading {subfolder}/ from {folder!r} failed: {e}") from e
+        raise ModelLoadError(f"Loading {subfolder}/ from {folder!r} failed: {_reason(e)}") from e
     return model.to(device) if device is not None else model
 
 
@@ -318,8 +338,8 @@ def _single_file(cls, tensors: dict, path: str, config: str, subfolder: str, dty
         model = cls.from_single_file(tensors, config=config, subfolder=subfolder, torch_dtype=dtype,
                                      local_files_only=True)
     except (KeyError, IndexError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"{os.path.basename(path)!r} does not fit the {what} config in {config!r} (wrong model "
-                             f"or size?): {type(e).__name__}: {e}") from e
+        raise ModelLoadError(f"{os.path.basename(path)!r} does not fit the {what} config{_config_name(config)}: "
+                             f"{_reason(e)} Is it the right model, and the full-size file?") from e
     _no_meta(model, what, path)
     return model.to(device) if device is not None else model
 
@@ -396,13 +416,14 @@ def _text_encoder_from_tensors(tensors: dict, path: str, config: str, subfolder:
     missing = [k for k in expected if k not in sd and not k.endswith(_IGNORED_TEXT_KEYS)]
     if missing or unexpected:
         raise ModelLoadError(
-            f"{os.path.basename(path)!r} does not match the {arch} config in {cfg_path!r}: "
+            f"{os.path.basename(path)!r} does not match the {arch} config{_config_name(cfg_path)}: "
             f"{len(missing)} missing keys (first: {', '.join(missing[:5]) or '-'}), {len(unexpected)} unexpected keys "
             f"(first: {', '.join(unexpected[:5]) or '-'}). Give the right text encoder file (transformers layout).")
     try:
         model.load_state_dict(sd, strict=False, assign=True)
     except RuntimeError as e:
-        raise ModelLoadError(f"{os.path.basename(path)!r} has weights of the wrong shape for {arch} ({cfg_path}): "
+        raise ModelLoadError(f"{os.path.basename(path)!r} has weights of the wrong shape for {arch}"
+                             f"{_config_name(cfg_path)}: "
                              f"{e}") from e
     if is_t5 and hasattr(model, "tie_weights"):
         model.tie_weights()

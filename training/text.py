@@ -10,6 +10,9 @@ The encoders repeat what the diffusers pipelines do (`StableDiffusion3Pipeline.e
 - Flux: T5 hidden states; pooled = CLIP-L `pooler_output`.
 - SD1.5 (the student): CLIP-L last hidden state, 77 tokens.
 
+CLIP prompts are padded and truncated to the encoder's position embeddings (77), T5 prompts to the family's pipeline
+length: never to a tokenizer's `model_max_length`, which ComfyUI's bundled tokenizers give as 8192.
+
 Encoders run under no_grad and return float32 CPU tensors: embeddings are computed once and cached.
 """
 
@@ -108,14 +111,24 @@ def _device(module) -> torch.device:
     return next(module.parameters()).device
 
 
+def clip_length(encoder) -> int:
+    """Tokens a CLIP text encoder takes (77 for every CLIP of SD1.5, SD3.5 and Flux): its position embeddings."""
+    return encoder.config.max_position_embeddings
+
+
+def _clip_ids(prompts: list[str], encoder, tokenizer) -> Tensor:
+    ids = tokenizer(prompts, padding="max_length", max_length=clip_length(encoder), truncation=True,
+                    return_tensors="pt").input_ids
+    return ids.to(_device(encoder))
+
+
 def _clip(prompts: list[str], encoder, tokenizer, hidden: str) -> tuple[Tensor, Tensor]:
     """(hidden states, pooled) of one CLIP encoder on 77-token padded prompts.
 
     hidden: "penultimate" (SD3) or "last" (SD1.5 / unused). Pooled is the projected `text_embeds` when the encoder
     has a projection (CLIPTextModelWithProjection, what the SD3 pipeline reads as output[0]), else `pooler_output`."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    out = encoder(ids.to(_device(encoder)), output_hidden_states=(hidden == "penultimate"))
+    ids = _clip_ids(prompts, encoder, tokenizer)
+    out = encoder(ids, output_hidden_states=(hidden == "penultimate"))
     h = out.hidden_states[-2] if hidden == "penultimate" else out.last_hidden_state
     pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
     return h, pooled
@@ -160,9 +173,7 @@ def encode_sd3(prompts, clip_l, clip_g, t5, tok_l, tok_g, tok_t5, max_t5_len: in
 def encode_flux(prompts, clip_l, t5, tok_l, tok_t5, max_t5_len: int = FLUX_T5_LEN["flux_dev"]) -> TextCond:
     """Flux conditioning, as FluxPipeline.encode_prompt: T5 hidden states, CLIP-L pooler output."""
     prompts = _check_prompts(prompts)
-    ids = tok_l(prompts, padding="max_length", max_length=tok_l.model_max_length, truncation=True,
-                return_tensors="pt").input_ids
-    pooled = clip_l(ids.to(_device(clip_l)), output_hidden_states=False).pooler_output
+    pooled = clip_l(_clip_ids(prompts, clip_l, tok_l), output_hidden_states=False).pooler_output
     return _out(_t5(prompts, t5, tok_t5, max_t5_len), pooled)
 
 
