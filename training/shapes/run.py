@@ -221,9 +221,13 @@ def distill_models(world: "ShapesWorld", mode: str, bridge=None, student_timeste
 
 
 def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dict, seed: int = 0,
-                    bridge=None) -> tuple[torch.nn.Module, dict]:
+                    bridge=None, student_lora_rank: int = 0,
+                    max_train_seconds: float | None = None) -> tuple[torch.nn.Module, dict]:
     """Distiller run, resuming a stopped run in out_dir; returns (the distilled UNet, merged and frozen, result),
-    or (None, result) when it was stopped (Ctrl-C) before the end."""
+    or (None, result) when it was stopped (Ctrl-C) before the end.
+
+    student_lora_rank > 0 trains a LoRA student; max_train_seconds ends training (as finished) once its training
+    loop has run that long, for comparisons at equal wall time (distill_steps is then only an upper bound)."""
     from ..distill import DistillConfig, Distiller
     from . import models
 
@@ -240,11 +244,22 @@ def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dic
         loss="dmd", guidance=guidance, timesteps=settings["distill_timesteps"],
         s_min=settings["distill_s_min"], s_max=s_max, student_lr=settings["student_lr"],
         fake_lr=settings["fake_lr"], fake_rank=settings["fake_rank"], fake_updates=settings["fake_updates"],
+        student_lora_rank=student_lora_rank,
         log_every=max(1, steps // 50), sample_every=steps, ckpt_every=max(1, steps // 5), seed=seed,
         mixed_precision="no", resume=True,
     )
     t0 = time.perf_counter()
-    result = Distiller(cfg, dm).run()
+    stop = loop.StopFlag()
+    distiller = Distiller(cfg, dm, stop=stop)
+    if max_train_seconds is not None:
+        def over_budget(step, total, metrics, preview):
+            if distiller.clock.seconds() >= max_train_seconds:
+                stop.set()
+
+        distiller.progress = loop.ProgressReporter(total=steps, desc="distill", callback=over_budget)
+    result = distiller.run()
+    if max_train_seconds is not None and result.get("stopped_early") and result["train_seconds"] >= max_train_seconds:
+        result["stopped_early"] = False  # the budget, not Ctrl-C, ended it
     # This invocation's set-up plus the training loop's seconds over all invocations (a resumed run included).
     result["wall_s"] = time.perf_counter() - t0 - result["seconds"] + result["train_seconds"]
     result["guidance"] = guidance
