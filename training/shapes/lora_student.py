@@ -3,7 +3,7 @@
     python -m training.shapes.lora_student --out runs/shapes-lora --seed 0 --threads 1   # writes docs/lora_student.md
 
 One Bridge (the default run's settings) and three cross-space distillations through it, with the default run's
-Distiller settings: the full UNet fine-tune for --steps steps, then LoRA students (rank --rank, one per --lora-lr)
+Distiller settings: the full UNet fine-tune for --distill-steps steps, then LoRA students (rank --rank, one per --lora-lr)
 each trained for the full fine-tune's training-loop seconds (however many steps fit). All rows are evaluated by
 the judge on the same held-out prompts and evaluation seed. Stages resume from <out> like the default run.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 
 import torch
@@ -84,9 +85,9 @@ def markdown(report: dict, command: str) -> str:
         "# LoRA student vs full fine-tune (shapes world)", "",
         f"Regenerate with `{command}` ({report['total_s'] / 60:.1f} min on this machine, "
         f"{report['threads']} torch thread(s), one seed: {report['seed']}).", "",
-        "Cross-space distillation through one trained Bridge with the default run's settings (DMD, batch "
-        f"{s['distill_batch']}, {s['fake_updates']} fake-score updates per step, student input timestep "
-        f"t = {s['student_timestep']}). The full fine-tune runs {s['distill_steps']} steps; each LoRA student gets "
+        f"Cross-space distillation through one Bridge ({s['bridge_steps']} steps) with the default run's Distiller "
+        f"settings otherwise (DMD, batch {s['distill_batch']}, {s['fake_updates']} fake-score updates per step, "
+        f"student input timestep t = {s['student_timestep']}). The full fine-tune runs {s['distill_steps']} steps; each LoRA student gets "
         f"the same training-loop wall time ({report['budget_s']:.0f} s) and runs as many steps as fit. Evaluated by "
         f"the judge on {report['evaluation']['prompts']} held-out prompts.", "",
         "| student | trained parameters | steps in the budget | training s | prompt accuracy | Fréchet distance |",
@@ -109,16 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rank", type=int, default=16, help="LoRA rank of the student (default 16)")
     p.add_argument("--lora-lr", type=float, nargs="+", default=[1e-4, 1e-3], help="LoRA learning rates to run")
-    p.add_argument("--steps", type=int, help="full fine-tune steps (default: the default run's distill_steps)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--doc", default=DEFAULT_DOC, help="Markdown file to write ('' none)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke test, not a result")
+    from . import run as shapes_run
+
+    shapes_run.add_setting_arguments(p, shapes_run.DEFAULTS, shapes_run.QUICK)  # distill_steps: the full fine-tune's
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {"distill_steps": args.steps} if args.steps else {}
+    overrides = {k: getattr(args, k) for k in shapes_run.DEFAULTS if getattr(args, k) is not None}
     report = compare(args.out, args.world, args.seed, args.rank, tuple(args.lora_lr), args.quick, **overrides)
-    command = "python -m training.shapes.lora_student " + " ".join(argv if argv is not None else os.sys.argv[1:])
+    command = "python -m training.shapes.lora_student " + " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(report, command.strip())
     print(text)
     if args.doc:
