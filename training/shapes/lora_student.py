@@ -2,8 +2,8 @@
 
     python -m training.shapes.lora_student --out runs/shapes-lora --seed 0 --threads 1   # writes docs/lora_student.md
 
-One Bridge (the default run's settings) and three cross-space distillations through it, with the default run's
-Distiller settings: the full UNet fine-tune for --distill-steps steps, then LoRA students (rank --rank, one per --lora-lr)
+One Bridge and cross-space distillations through it, with the default run's settings (or the --<setting>
+overrides): the full UNet fine-tune for --distill-steps steps, then LoRA students (rank --rank, one per --lora-lr),
 each trained for the full fine-tune's training-loop seconds (however many steps fit). All rows are evaluated by
 the judge on the same held-out prompts and evaluation seed. Stages resume from <out> like the default run.
 """
@@ -98,7 +98,8 @@ def markdown(report: dict, command: str) -> str:
         lines.append(f"| {r['label']} | {r['trained_params']:,} | {r['steps']} | {r['train_seconds']:.0f} | "
                      f"{e['accuracy']:.3f} | {e.get('fd', float('nan')):.2f} |")
     lines += ["", "One seed only (CPU budget): differences of about ±0.015 in prompt accuracy are within the seed "
-                  "spread the three-seed benchmark (docs/shapes_benchmark.md) shows for these rows.", ""]
+                  "spread the three-seed benchmark (docs/shapes_benchmark.md) shows for these rows. Each LoRA run "
+                  "stops at the end of the step that reaches the budget, so it may run up to one step longer.", ""]
     return "\n".join(lines)
 
 
