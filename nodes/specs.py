@@ -263,8 +263,9 @@ DISTILL_STUDENT = NodeSpec(
     description="Distills a one-step SD1.5 student from an SD3.5 / Flux teacher through a trained Bridge "
                 "(distribution matching in the teacher's latent space), with the same trainer as `python -m "
                 "training.run distill`. Writes models/checkpoints/<output_name>.safetensors, a standard SD1.5 "
-                "checkpoint for Load Checkpoint + One-Step Student Sampler. The run folder is "
-                "output/csd_runs/distill_<output_name>: cancelling saves a resumable state there.",
+                "checkpoint for Load Checkpoint + One-Step Student Sampler; with student_lora_rank > 0 also "
+                "models/loras/<output_name>.safetensors, the student as a LoRA for Load LoRA on SD1.5 checkpoints. "
+                "The run folder is output/csd_runs/distill_<output_name>: cancelling saves a resumable state there.",
     inputs=(
         In("student_checkpoint", "COMBO", folder=("checkpoints", DIFFUSERS),
            tooltip="The SD1.5 checkpoint the student starts from (a .safetensors file in models/checkpoints, or a "
@@ -284,7 +285,12 @@ DISTILL_STUDENT = NodeSpec(
         In("resolution", "INT", default=512, min=64, max=4096, step=8,
            tooltip="Student image size in pixels (512 for SD1.5); the teacher sees the bridged latents at twice this."),
         In("student_lr", "FLOAT", default=1e-5, min=1e-9, max=1.0, step=1e-6,
-           tooltip="Learning rate of the student UNet."),
+           tooltip="Learning rate of the student UNet (of its LoRA when student_lora_rank > 0; LoRAs usually "
+                   "want about 10x more)."),
+        In("student_lora_rank", "INT", default=0, min=0, max=1024, step=1,
+           tooltip="0 trains the whole UNet. Above 0, trains a LoRA of this rank on the UNet's attention "
+                   "projections instead and also writes it to models/loras/<output_name>.safetensors, to apply the "
+                   "one-step student to the base model (or a fine-tune of it) with Load LoRA."),
         In("fake_lr", "FLOAT", default=1e-4, min=1e-9, max=1.0, step=1e-6,
            tooltip="Learning rate of the fake-score LoRA on the teacher (it tracks the student's distribution)."),
         In("guidance", "FLOAT", default=4.5, min=0.0, max=30.0, step=0.1,
@@ -305,6 +311,9 @@ DISTILL_STUDENT = NodeSpec(
         Out("preview", "IMAGE", display_name="IMAGE",
             tooltip="The last preview grid: one-step student samples (SD1.5 VAE) and the same through the Bridge "
                     "(teacher VAE)."),
+        Out("lora_name", "STRING", display_name="lora_name",
+            tooltip="File name of the student LoRA in models/loras (for Load LoRA); empty when student_lora_rank "
+                    "is 0."),
     ),
 )
 

@@ -225,8 +225,8 @@ class DistillStudent(io.ComfyNode):
     @classmethod
     @clean_errors
     def execute(cls, student_checkpoint, bridge_name, teacher_family, teacher_model, teacher_vae, clip_l, clip_g, t5,
-                prompts, prompts_file, steps, batch_size, resolution, student_lr, fake_lr, guidance, train_seed,
-                output_name, resume) -> io.NodeOutput:
+                prompts, prompts_file, steps, batch_size, resolution, student_lr, student_lora_rank, fake_lr, guidance,
+                train_seed, output_name, resume) -> io.NodeOutput:
         require("Distill Student")
         from ..training import loop
         from ..training.distill import DistillConfig, Distiller, load_real_models, parse_prompts, read_prompts
@@ -247,8 +247,9 @@ class DistillStudent(io.ComfyNode):
         files = teacher_files(spec, teacher_model, teacher_vae, clip_l, clip_g, t5)
         out_dir = run_dir("distill", name)
         config = DistillConfig(out_dir=out_dir, prompts=prompt_list, steps=steps, batch_size=batch_size,
-                               resolution=resolution, guidance=guidance, student_lr=student_lr, fake_lr=fake_lr,
-                               seed=train_seed, resume=resume, cpu=comfy_on_cpu())
+                               resolution=resolution, guidance=guidance, student_lr=student_lr,
+                               student_lora_rank=student_lora_rank, fake_lr=fake_lr, seed=train_seed, resume=resume,
+                               cpu=comfy_on_cpu())
         config.validate()
         stop = loop.StopFlag()
         progress = ComfyProgress(steps, stop)
@@ -261,6 +262,9 @@ class DistillStudent(io.ComfyNode):
         # The trained UNet with the base checkpoint's VAE and CLIP, in the original SD1.5 layout.
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         export_sd15(result["student"], student, single_file=dest)
-        log.info("Distill Student: %d steps (%s); wrote %s", result["step"], _how(result), dest)
+        lora = publish(result["lora"], "loras", name) if result.get("lora") else None  # the LoRA student's own file
+        log.info("Distill Student: %d steps (%s); wrote %s%s", result["step"], _how(result), dest,
+                 f" and {lora}" if lora else "")
         image = preview_image(progress, os.path.join(out_dir, "samples"))
-        return io.NodeOutput(os.path.basename(dest), image, ui=ui.PreviewImage(image, cls=cls))
+        return io.NodeOutput(os.path.basename(dest), image, os.path.basename(lora) if lora else "",
+                             ui=ui.PreviewImage(image, cls=cls))

@@ -322,11 +322,12 @@ def tiny(tmp_path_factory):
     for name, tensors in conds.items():
         paths[name] = _save(files / f"{name}.safetensors", tensors)
     sd15_clip = _save_training_models(base, unet, vae, sd35, vae16)
+    lora_student = _save_lora_student(base, unet)
     teacher_latent = torch.randn(4, 16, 8, 8, generator=g) * 0.8 + 0.1  # raw teacher-space latents
     _save_latent(base / "input" / "teacher.latent", teacher_latent)
     _save_latent(base / "input" / "student.latent", torch.randn(3, 4, 8, 8, generator=g))
     return dict(base=base, paths=paths, conds=conds, unet=unet, vae=vae, sd35=sd35, flux=flux, bridge=bridge,
-                teacher_latent=teacher_latent, sd15_clip=sd15_clip)
+                teacher_latent=teacher_latent, sd15_clip=sd15_clip, lora_student=lora_student)
 
 
 TRAIN_STUDENT, TRAIN_TEACHER, TRAIN_IMAGES = "tiny_sd15", "tiny_sd35", "it_images"
@@ -334,6 +335,26 @@ FOLDER_MARK = " (diffusers folder)"  # how the training nodes list diffusers fol
 SD15_FILE = "v1-5-pruned-emaonly.safetensors"  # the student checkpoint the templates ship with
 # ComfyUI's own CLIP tokenizer (what SD1.5 single files are tokenized with): its vocabulary size.
 CLIP_VOCAB = 49408
+LORA_FILE = "sd15_one_step_sd35.safetensors"  # named like the LoRA workflow 7 picks
+
+
+def _save_lora_student(base: Path, unet):
+    """A LoRA student of the tiny SD1.5 UNet (rank 4, alpha 8, random non-zero weights) written by the library's
+    export into models/loras; returns the student (its fused UNet is what ComfyUI must reproduce)."""
+    import copy
+
+    from training.export import save_student_lora
+    from training.student import OneStepStudent
+
+    (base / "models" / "loras").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(3)
+    student = OneStepStudent(copy.deepcopy(unet))
+    student.add_lora(rank=4, alpha=8)
+    with torch.no_grad():
+        for p in student.trainable_parameters():
+            p.copy_(0.2 * torch.randn_like(p))
+    save_student_lora(base / "models" / "loras" / LORA_FILE, student.eval())
+    return student
 
 
 def _save_training_models(base: Path, unet, vae, sd35, vae16):
@@ -831,7 +852,10 @@ def tinyfy(prompt: dict, p: dict) -> dict:
             inp.update(images=TRAIN_IMAGES, student_res=64) if ct == "CSD_TrainBridge" else inp.update(resolution=64)
     for nid, node in prompt.items():
         if node["class_type"] == "CLIPTextEncode":
-            fam = family[node["inputs"]["clip"][0]]
+            src = node["inputs"]["clip"][0]
+            while prompt[src]["class_type"] == "LoraLoader":  # Load LoRA passes the checkpoint's CLIP on
+                src = prompt[src]["inputs"]["clip"][0]
+            fam = family[src]
             name = {"sd15": "sd15", "flux": "flux_pos"}.get(fam) or ("sd3_neg" if not node["inputs"]["text"] else
                                                                       "sd3_pos")
             prompt[nid] = {"class_type": "CSDTest_Conditioning", "inputs": {"path": p[name]}}
@@ -881,7 +905,10 @@ def test_reference_workflow_runs_on_tiny_models(comfy, tiny, name):
     workflow = json.loads((ROOT / "workflows" / name).read_text())
     info = comfy.get("/object_info")
     ui = {str(n["id"]): n for n in workflow["nodes"]}
+    before = len(comfy.log.read_text(errors="replace"))
     entry = comfy.run_ok(tinyfy(ui_to_api(workflow, info), tiny["paths"]))
+    if any(n["type"] == "LoraLoader" for n in workflow["nodes"]):
+        assert not _unloaded_lora_keys(comfy, before)  # the student LoRA (models/loras/LORA_FILE) loaded whole
     outputs = entry["outputs"]
     image_nodes = [i for i, n in ui.items() if n["type"] in ("SaveImage", "PreviewImage")]
     assert image_nodes and set(image_nodes) <= set(outputs)
@@ -937,7 +964,8 @@ def test_training_nodes_in_object_info(comfy):
         assert node["output_node"] is True and node["category"] == "cross-space/training"
         required = node["input"]["required"]
         assert all(opts.get("tooltip") for _, opts in required.values()), node_id
-        assert node["output"] == ["STRING", "IMAGE"] and all(node["output_tooltips"])
+        extra = ["STRING"] if node_id == "CSD_DistillStudent" else []  # lora_name
+        assert node["output"] == ["STRING", "IMAGE", *extra] and all(node["output_tooltips"])
         # Model choices come from ComfyUI's folders, diffusers model folders included; optional files start
         # with (none).
         # Files and diffusers folders side by side, the folders marked as such.
@@ -1001,8 +1029,8 @@ def _distill_prompt(name: str, steps: int, prompts) -> dict:
         "1": {"class_type": "CSD_DistillStudent", "inputs": {
             **_tiny_training("sd35_medium"), "bridge_name": "sd15_to_sd35.safetensors", "teacher_family": "sd35_medium",
             "prompts": prompts, "prompts_file": "", "steps": steps, "batch_size": 1, "resolution": 64,
-            "student_lr": 1e-5, "fake_lr": 1e-4, "guidance": 4.5, "train_seed": 0, "output_name": name,
-            "resume": True}},
+            "student_lr": 1e-5, "student_lora_rank": 0, "fake_lr": 1e-4, "guidance": 4.5, "train_seed": 0,
+            "output_name": name, "resume": True}},
         "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
         "3": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}},
     }
@@ -1025,3 +1053,73 @@ def test_distill_student_cancel_and_resume(comfy):
         keys = list(f.keys())
     assert any(k.startswith("model.diffusion_model.") for k in keys)
     assert any(k.startswith("first_stage_model.") for k in keys) and any(k.startswith("cond_stage_model.") for k in keys)
+
+
+# ---------------------------------------------------------------------------------------------- the student as a LoRA
+
+def _unloaded_lora_keys(comfy, before: int) -> list[str]:
+    """ComfyUI's own complaints, in the log since offset `before`, about LoRA keys its key map did not cover."""
+    new = comfy.log.read_text(errors="replace")[before:]
+    return [line for line in new.splitlines() if "lora key not loaded" in line or "NOT LOADED" in line]
+
+
+def _lora_sampler_prompt(lora_name: str, cond: str, prefix: str) -> dict:
+    """Base SD1.5 model -> ComfyUI's Load LoRA -> One-Step Student Sampler, and the base model alone beside it."""
+    p_student = {"class_type": "CSD_OneStepSampler", "inputs": {"model": ["3", 0], "positive": ["2", 0], "seed": 7,
+                                                                 "width": 64, "height": 48, "batch_size": 3}}
+    return {
+        "2": {"class_type": "CSDTest_Conditioning", "inputs": {"path": cond}},
+        "3": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
+                                                      "strength_model": 1.0, "strength_clip": 1.0}},
+        "4": p_student,
+        "5": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": f"{prefix}/lora"}},
+        "6": {"class_type": "CSD_OneStepSampler", "inputs": dict(p_student["inputs"], model=["1", 0])},
+        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"{prefix}/base"}},
+    }
+
+
+def _one_step(unet, tiny) -> torch.Tensor:
+    from training.student import OneStepStudent
+
+    noise = torch.randn((3, 4, 6, 8), generator=torch.manual_seed(7))  # what the sampler draws for seed 7
+    with torch.no_grad():
+        return OneStepStudent(unet)(noise, tiny["conds"]["sd15"]["cond"].expand(3, -1, -1))
+
+
+def test_lora_student_through_comfyuis_lora_loader(comfy, tiny):
+    """The library's LoRA file (kohya layout) on the base tiny SD1.5 model through ComfyUI's own LoraLoader: every key
+    maps (ComfyUI's model_lora_keys_unet; it logs each key it cannot place) and the One-Step Student Sampler gives
+    the fused student's output."""
+    p = tiny["paths"]
+    before = len(comfy.log.read_text(errors="replace"))
+    comfy.run_ok({"1": _tiny_student(p), **_lora_sampler_prompt(LORA_FILE, p["sd15"], "it_lora")})
+    assert not _unloaded_lora_keys(comfy, before)
+    got = comfy.output_latent("it_lora/lora")
+    expected = _one_step(tiny["lora_student"].merged_unet(), tiny)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    assert (got - comfy.output_latent("it_lora/base")).abs().max() > 0.1  # the LoRA changed the model
+
+
+def test_distill_student_lora_is_published_and_applies_to_the_base_model(comfy, tiny):
+    """Distill Student with student_lora_rank > 0 publishes models/loras/<name>.safetensors (and says so in
+    lora_name); Load LoRA with it on the base model reproduces the student the trainer saved (LoRA fused)."""
+    from training.export import load_student_unet
+
+    prompt = _distill_prompt("it_distill_lora", 2, "a red square\na blue circle")
+    prompt["1"]["inputs"].update(student_lora_rank=4, student_lr=1e-2)
+    prompt["4"] = {"class_type": "PreviewAny", "inputs": {"source": ["1", 2]}}
+    entry = comfy.run_ok(prompt)
+    assert entry["outputs"]["4"]["text"] == ["it_distill_lora.safetensors"]
+    assert (comfy.base / "models" / "loras" / "it_distill_lora.safetensors").is_file()
+    assert (comfy.base / "models" / "checkpoints" / "it_distill_lora.safetensors").is_file()
+
+    p = tiny["paths"]
+    before = len(comfy.log.read_text(errors="replace"))
+    comfy.run_ok({"1": _tiny_student(p), **_lora_sampler_prompt("it_distill_lora.safetensors", p["sd15"],
+                                                                  "it_distill_lora")})
+    assert not _unloaded_lora_keys(comfy, before)
+    run = comfy.base / "output" / "csd_runs" / "distill_it_distill_lora"
+    fused = load_student_unet(run / "student_unet.safetensors").unet
+    got = comfy.output_latent("it_distill_lora/lora")
+    torch.testing.assert_close(got, _one_step(fused, tiny), rtol=1e-3, atol=1e-4)
+    assert (got - comfy.output_latent("it_distill_lora/base")).abs().max() > 1e-3  # two steps moved the LoRA

@@ -470,3 +470,30 @@ def test_time_budget_ends_the_run_and_a_finished_run_stays_finished(tmp_path, tr
     assert (tmp_path / "student_unet.safetensors").exists() and (tmp_path / "train_state.safetensors").exists()
     again = Distiller(_config(tmp_path, **kw), _models(*closed_form_world())).run()
     assert again["resumed_from"] == 1 and again["step"] == 1
+
+
+def test_demo_command_with_a_student_lora_writes_the_lora_file(tmp_path, monkeypatch, trainer_deps, capsys):
+    """`distill --student-lora-rank R`: beside the checkpoints, <out>/student_lora.safetensors in the kohya layout
+    (lora_unet_* with lora_down / lora_up / alpha), rank R, every attention projection of the UNet."""
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    from training.run import main
+    from training.tiny import tiny_unet
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="untrained"):
+        assert main(["distill", "--demo", "--steps", "1", "--fake-updates", "1", "--sample-every", "1",
+                     "--student-lora-rank", "4", "--student-lr", "1e-3", "--no-export"]) == 0
+    lora = tmp_path / "runs" / "distill-demo" / "student_lora.safetensors"
+    shown = f"Student LoRA (kohya layout, for the base SD1.5 model): {os.path.join('runs', 'distill-demo', lora.name)}"
+    assert shown in capsys.readouterr().out
+    with safe_open(str(lora), "pt") as f:
+        keys = set(f.keys())
+        assert json.loads(f.metadata()["training_summary"])["steps"] == 1
+        downs = [f.get_tensor(k) for k in keys if k.endswith(".lora_down.weight")]
+    targets = [n for n, _ in tiny_unet().named_modules() if n.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
+    assert {k.split(".")[0] for k in keys} == {"lora_unet_" + n.replace(".", "_") for n in targets}
+    assert all(d.shape[0] == 4 for d in downs)

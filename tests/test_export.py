@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from training.export import (export_diffusers, export_single_file, load_student_unet, read_student_metadata,
-                             save_student_unet)
+                             save_student_lora, save_student_unet)
 from training.student import OneStepStudent
 from training.tiny import tiny_clip_text, tiny_clip_tokenizer, tiny_unet, tiny_vae
 
@@ -53,6 +53,57 @@ def test_student_checkpoint_keeps_lora_and_ema_merged(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(noise, text), expected, atol=2e-3, rtol=1e-4)
         assert (loaded(noise, text) - student(noise, text)).abs().max() > 1e-3  # EMA, not the live weights
+
+
+def test_lora_file_loaded_by_diffusers_reproduces_the_fused_student(parts, tmp_path):
+    """The LoRA file of a LoRA student (kohya layout), loaded by diffusers' `load_lora_weights` into the base UNet,
+    gives the fused student's UNet output; alpha != rank and EMA weights are carried over."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from training.export import one_step_scheduler
+
+    torch.manual_seed(3)
+    base = tiny_unet().eval()
+    student = OneStepStudent(copy.deepcopy(base))
+    student.add_lora(rank=4, alpha=8)
+    student.enable_ema(decay=0.5, warmup=False)
+    with torch.no_grad():
+        for p in student.trainable_parameters():
+            p.add_(0.1 * torch.randn_like(p))  # lora_B starts at zero: make the LoRA do something
+    student.ema_step()
+    with torch.no_grad():
+        for p in student.trainable_parameters():
+            p.add_(0.1 * torch.randn_like(p))  # live weights differ from the EMA the file must hold
+    path = save_student_lora(tmp_path / "student_lora.safetensors", student, summary={"steps": 3})
+    with safe_open(path, "pt") as f:
+        keys = set(f.keys())
+        assert f.metadata()["csd_lora_rank"] == "4" and f.get_tensor(next(k for k in keys if
+                                                                         k.endswith(".alpha"))).item() == 8
+    n_modules = sum(1 for n, _ in base.named_modules() if n.endswith(("to_q", "to_k", "to_v", "to_out.0")))
+    assert len(keys) == 3 * n_modules and all(k.startswith("lora_unet_") for k in keys)
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
+
+    pipe = StableDiffusionPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                                   unet=copy.deepcopy(base), scheduler=one_step_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(path))
+    loaded = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith(".lora_A"))
+    assert loaded == n_modules  # every layer of the file found its module
+    fused = student.merged_unet()  # EMA weights, LoRA fused
+    noise, text, t = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32), torch.full((2,), 999)
+    with torch.no_grad():
+        expected = fused(noise, t, encoder_hidden_states=text).sample
+        got = pipe.unet(noise, t, encoder_hidden_states=text).sample
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+        assert (got - base(noise, t, encoder_hidden_states=text).sample).abs().max() > 1e-2  # the LoRA acts
+        live = student.unet(noise, t, encoder_hidden_states=text).sample
+        assert (got - live).abs().max() > 1e-4  # EMA, not the live weights
+
+    with pytest.raises(ValueError, match="no LoRA"):
+        save_student_lora(tmp_path / "full.safetensors", OneStepStudent(tiny_unet()))
 
 
 def test_student_checkpoint_refuses_other_files(tmp_path):

@@ -51,6 +51,8 @@ CORE = {
     "FluxGuidance": ([("conditioning", "CONDITIONING")], ["CONDITIONING"], [("FLOAT", (0.0, 100.0))]),
     "ConditioningZeroOut": ([("conditioning", "CONDITIONING")], ["CONDITIONING"], []),
     "PreviewAny": ([("source", "*")], [], []),
+    "LoraLoader": ([("model", "MODEL"), ("clip", "CLIP")], ["MODEL", "CLIP"],
+                   [("COMBO", None), ("FLOAT", (-100.0, 100.0)), ("FLOAT", (-100.0, 100.0))]),
 }
 FRONTEND_ONLY = {"MarkdownNote", "Note"}  # notes: no backend node, free widgets
 # The common public file names (what people have in their models folders), by loader.
@@ -61,6 +63,8 @@ MODEL_FILES = {
 }
 # The Bridges the workflows pick (what Train Bridge writes in workflow 5 and its Flux variant).
 BRIDGE_FILES = {"sd15_to_sd35.safetensors", "sd15_to_flux.safetensors"}
+# The student LoRA the LoRA workflow picks (what Distill Student writes in workflow 6 with a student LoRA).
+LORA_FILES = {"sd15_one_step_sd35.safetensors"}
 CONTROL_MODES = {"fixed", "increment", "decrement", "randomize"}
 
 
@@ -115,7 +119,7 @@ def _node_io(node):
 
 def test_the_reference_workflows_exist():
     names = {p.stem for p in WORKFLOWS}
-    for prefix in ("1_", "2_", "3_", "4_", "4b_", "5_", "6_"):
+    for prefix in ("1_", "2_", "3_", "4_", "4b_", "5_", "6_", "7_"):
         assert any(n.startswith(prefix) for n in names), f"missing workflow {prefix}*"
     used = {n["type"] for p in WORKFLOWS for n in json.loads(p.read_text())["nodes"]}
     assert {s.node_id for s in specs.ALL} <= used, "every node of the pack appears in some workflow"
@@ -149,7 +153,7 @@ def test_workflow_is_consistent(path):
         for kind, rule in widgets:
             assert k < len(values), f"{where}: too few widget values"
             if kind == "COMBO" and rule is None:
-                assert values[k] in MODEL_FILES | BRIDGE_FILES | {specs.NONE}, \
+                assert values[k] in MODEL_FILES | BRIDGE_FILES | LORA_FILES | {specs.NONE}, \
                     f"{where}: {values[k]!r} is not a common public file name"
             k = _check_widget(where, kind, rule, values, k)
         assert k == len(values), f"{where}: {len(values)} widget values, schema wants {k}"
@@ -229,6 +233,29 @@ def test_training_workflows_name_a_consistent_teacher():
     assert train["output_name"] + ".safetensors" == distill["bridge_name"]
     assert distill["output_name"] + ".safetensors" != distill["student_checkpoint"]
     assert distill["prompts"].strip() and distill["prompts_file"] == ""
+
+
+def test_lora_workflow_applies_the_lora_distill_student_writes():
+    """Workflow 7: base SD1.5 checkpoint -> Load LoRA (the file workflow 6 writes with a student LoRA, at strength 1)
+    -> One-Step Student Sampler -> VAE Decode."""
+    wfs = {p.name[:2]: json.loads(p.read_text()) for p in WORKFLOWS}
+    distill = _widgets(next(n for n in wfs["6_"]["nodes"] if n["type"] == "CSD_DistillStudent"))
+    assert specs.BY_ID["CSD_DistillStudent"].outputs[2].id == "lora_name"
+    nodes = {n["id"]: n for n in wfs["7_"]["nodes"]}
+    by_type = {n["type"]: n for n in nodes.values()}
+    lora = by_type["LoraLoader"]
+    assert lora["widgets_values"] == [distill["output_name"] + ".safetensors", 1.0, 1.0]
+    links = {l[0]: l for l in wfs["7_"]["links"]}
+
+    def source(node, name):
+        return nodes[links[next(i["link"] for i in node["inputs"] if i["name"] == name)][1]]["type"]
+
+    assert source(lora, "model") == source(lora, "clip") == "CheckpointLoaderSimple"
+    assert source(by_type["CSD_OneStepSampler"], "model") == "LoraLoader"
+    assert source(by_type["CSD_OneStepSampler"], "positive") == "CLIPTextEncode"
+    assert source(by_type["CLIPTextEncode"], "clip") == "LoraLoader"
+    assert source(by_type["VAEDecode"], "samples") == "CSD_OneStepSampler"
+    assert by_type["CheckpointLoaderSimple"]["widgets_values"][0].startswith("v1-5")
 
 
 def test_teacher_families_are_the_libraries():

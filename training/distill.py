@@ -188,6 +188,7 @@ class _Params(nn.Module):
 class Distiller:
     STATE_FILE = "train_state.safetensors"
     STUDENT_FILE = "student_unet.safetensors"
+    LORA_FILE = "student_lora.safetensors"  # written beside STUDENT_FILE when the student is a LoRA
 
     def __init__(self, config: DistillConfig, models: DistillModels,
                  progress: "loop.ProgressReporter | None" = None, stop: "loop.StopFlag | None" = None):
@@ -457,7 +458,7 @@ class Distiller:
                 "nan_skipped": self.nan_guard.skipped_total}
 
     def save(self, step: int) -> None:
-        from .export import save_student_unet
+        from .export import save_student_lora, save_student_unet
 
         if not self.accel.is_main_process:
             return
@@ -471,6 +472,9 @@ class Distiller:
                             extra=extra)
         save_student_unet(os.path.join(self.cfg.out_dir, self.STUDENT_FILE), self.m.student,
                           summary=self.summary(step))
+        if self.m.student.is_lora:
+            save_student_lora(os.path.join(self.cfg.out_dir, self.LORA_FILE), self.m.student,
+                              summary=self.summary(step))
 
     def _resume(self) -> int:
         path = os.path.join(self.cfg.out_dir, self.STATE_FILE)
@@ -541,6 +545,8 @@ class Distiller:
         progress.close()
         result.update(step=step, seconds=time.time() - t0, train_seconds=self.clock.seconds(),
                       nan_skipped=self.nan_guard.skipped_total, student=os.path.join(c.out_dir, self.STUDENT_FILE))
+        if self.m.student.is_lora:
+            result["lora"] = os.path.join(c.out_dir, self.LORA_FILE)
         return result
 
 
@@ -604,7 +610,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--s-min", type=float, default=dmd.S_MIN)
     t.add_argument("--s-max", type=float, default=dmd.S_MAX)
     t.add_argument("--student-lr", type=float, default=1e-5)
-    t.add_argument("--student-lora-rank", type=int, default=0, help="train a LoRA of this rank (0: full UNet)")
+    t.add_argument("--student-lora-rank", type=int, default=0,
+                   help="train a LoRA of this rank on the UNet's attention projections (0: the whole UNet); the run "
+                        "then also writes <out>/student_lora.safetensors, a LoRA for ComfyUI's LoraLoader / "
+                        "diffusers' load_lora_weights on the base SD1.5 checkpoint")
     t.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the student weights (0: off)")
     t.add_argument("--fake-lr", type=float, default=1e-4)
     t.add_argument("--fake-rank", type=int, default=64, help="rank of the fake-score LoRA on the teacher")
@@ -790,4 +799,6 @@ def run(args) -> int:
             export_sd15(models.student, args.student, single_file=out)
         print(f"SD1.5 checkpoint: {out}")
     print(f"Student checkpoint: {result['student']}")
+    if result.get("lora"):
+        print(f"Student LoRA (kohya layout, for the base SD1.5 model): {result['lora']}")
     return 0

@@ -5,10 +5,14 @@
 - `export_sd15`: a standard SD1.5 model: the new UNet with the base model's VAE and CLIP-L, as a single file
   in the original (LDM) key layout that ComfyUI's Load Checkpoint and diffusers' `from_single_file` read,
   and/or as a diffusers folder (StableDiffusionPipeline.save_pretrained, with a one-step Euler scheduler).
+- `save_student_lora`: a LoRA student as a LoRA file in the kohya layout (`lora_unet_<diffusers module>` with
+  `.lora_down.weight` / `.lora_up.weight` / `.alpha`), what ComfyUI's LoraLoader and diffusers' `load_lora_weights`
+  both read, to apply the one-step student to any SD1.5 checkpoint (as LCM-LoRA / Hyper-SD are used).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import TYPE_CHECKING
@@ -46,6 +50,50 @@ def save_student_unet(path, student: OneStepStudent, summary: dict | None = None
         "training_summary": json.dumps(summary or {}, sort_keys=True, default=str),
     }
     bridge_checkpoint.save_safetensors_atomic(path, tensors, metadata)
+
+
+def student_lora_state_dict(student: OneStepStudent, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """The student's LoRA (EMA weights if kept) in the kohya layout, float32 on the CPU.
+
+    peft's own state dict (`lora_A` / `lora_B`, diffusers module names) converted by diffusers'
+    `convert_state_dict_to_kohya`; the `.alpha` entries carry the adapter's real lora_alpha (diffusers writes the
+    rank), so loaders scale by alpha / rank exactly as peft did in training."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+
+    if not student.is_lora:
+        raise ValueError("This student has no LoRA (it fine-tuned the whole UNet): only students distilled with "
+                         "student_lora_rank > 0 (--student-lora-rank) export a LoRA file; use the full checkpoint.")
+    config = student.unet.peft_config["default"]
+    if config.use_rslora or config.rank_pattern or config.alpha_pattern or config.use_dora:
+        raise ValueError("Only plain LoRA adapters (one rank and alpha, no rsLoRA / DoRA) export to the kohya layout.")
+    with student.ema_weights() if use_ema else contextlib.nullcontext():
+        peft_sd = get_peft_model_state_dict(student.unet)
+        peft_sd = {"unet." + k: v.detach().to("cpu", torch.float32).clone() for k, v in peft_sd.items()}
+    kohya = convert_state_dict_to_kohya(peft_sd)
+    alpha = torch.tensor(float(config.lora_alpha))
+    return {k: (alpha.clone() if k.endswith(".alpha") else v).contiguous() for k, v in kohya.items()}
+
+
+def save_student_lora(path, student: OneStepStudent, summary: dict | None = None, use_ema: bool = True) -> str:
+    """Atomic .safetensors LoRA file of a LoRA student (see `student_lora_state_dict`); it applies to the SD1.5
+    UNet the student started from (and, like any SD1.5 LoRA, to fine-tunes of it)."""
+    path = os.fspath(path)
+    if not path.lower().endswith(".safetensors"):
+        raise ValueError(f"LoRA files are .safetensors files; got {path!r}.")
+    tensors = student_lora_state_dict(student, use_ema=use_ema)
+    config = student.unet.peft_config["default"]
+    metadata = {
+        "format": "pt",
+        "exported_by": "cross-space-distillation",
+        "csd_kind": "one-step student LoRA (SD1.5 UNet)",
+        "csd_lora_rank": str(config.r),
+        "csd_lora_alpha": str(config.lora_alpha),
+        "csd_student_timestep": str(student.timestep),
+        "training_summary": json.dumps(summary or {}, sort_keys=True, default=str),
+    }
+    bridge_checkpoint.save_safetensors_atomic(path, tensors, metadata)
+    return path
 
 
 def read_student_metadata(path) -> dict:

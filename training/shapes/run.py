@@ -235,12 +235,13 @@ def distill_models(world: "ShapesWorld", mode: str, bridge=None, student_timeste
 
 
 def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dict, seed: int = 0,
-                    bridge=None, time_budget_s: float = 0.0, base_unet=None) -> tuple[torch.nn.Module, dict]:
+                    bridge=None, time_budget_s: float = 0.0, base_unet=None,
+                    student_lora_rank: int = 0) -> tuple[torch.nn.Module, dict]:
     """Distiller run, resuming a stopped run in out_dir; returns (the distilled UNet, merged and frozen, result),
     or (None, result) when it was stopped (Ctrl-C) before the end.
 
-    time_budget_s > 0: train for that many seconds of training time instead of distill_steps steps (the
-    benchmark's equal-wall-time rows)."""
+    time_budget_s > 0: train for that many seconds of training time instead of distill_steps steps (comparisons
+    at equal wall time); student_lora_rank > 0 trains a LoRA student."""
     from ..distill import DistillConfig, Distiller
     from . import models
 
@@ -261,6 +262,7 @@ def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dic
         fake_lr=settings["fake_lr"], fake_rank=settings["fake_rank"], fake_updates=settings["fake_updates"],
         grad_norm=settings["distill_grad_norm"], grad_clip=settings["distill_grad_clip"],
         grad_clip_relative=settings["distill_clip_relative"], straight_through_clamp=settings["straight_through_clamp"],
+        student_lora_rank=student_lora_rank,
         log_every=max(1, settings["distill_steps"] // 50), sample_every=steps,
         ckpt_every=max(1, settings["distill_steps"] // 5), seed=seed, mixed_precision="no", resume=True,
         max_train_seconds=time_budget_s,
