@@ -356,3 +356,13 @@ def test_student_rows_at_999_are_the_one_step_base_sampler_noise_for_noise():
     assert start_rows(world, {"student_timestep": 999}) == {}
     at_700 = start_rows(world, {"student_timestep": 700})["student_base_start"](prompts, eval_generator(3))
     assert at_700.shape == base.shape and not torch.allclose(at_700, base, atol=1e-2)
+
+
+def test_benchmark_tasks_come_with_what_they_need():
+    from training.shapes.benchmark import phases
+    from training.shapes.run import DEFAULTS
+
+    assert phases(DEFAULTS, ("synthetic",)) == [("bridge",), ("cross_space",), ("synthetic",)]
+    assert phases(DEFAULTS, ("off_all", "base")) == [("bridge", "base"), ("off_all",), ()]
+    with pytest.raises(ValueError, match="Unknown benchmark tasks"):
+        phases(DEFAULTS, ("nonsense",))

@@ -68,11 +68,28 @@ def option_overrides(settings: dict) -> dict[str, dict]:
     return out
 
 
-def phases(settings: dict) -> list[tuple[str, ...]]:
-    """Tasks in dependency order: each phase needs only results of the phases before it."""
-    return [("bridge", "base", "round_trip", "cross_space_no_attn"),
-            ("cross_space", *option_overrides(settings)),
-            ("same_space", "synthetic")]
+DEPENDS = {"cross_space": ("bridge",), "same_space": ("cross_space",), "synthetic": ("cross_space",)}
+
+
+def phases(settings: dict, tasks: tuple[str, ...] | None = None) -> list[tuple[str, ...]]:
+    """Tasks in dependency order: each phase needs only results of the phases before it. tasks: run only these
+    (and what they need), e.g. the headline rows first when time is short."""
+    order = [("bridge", "base", "round_trip", "cross_space_no_attn"),
+             ("cross_space", *option_overrides(settings)),
+             ("same_space", "synthetic")]
+    if tasks is None:
+        return order
+    known = {t for phase in order for t in phase}
+    unknown = set(tasks) - known
+    if unknown:
+        raise ValueError(f"Unknown benchmark tasks {sorted(unknown)}; known with these settings: {', '.join(sorted(known))}.")
+    wanted, todo = set(), list(tasks)
+    while todo:
+        t = todo.pop()
+        if t not in wanted:
+            wanted.add(t)
+            todo += DEPENDS.get(t, ("bridge",) if t.startswith("off_") else ())
+    return [tuple(t for t in phase if t in wanted) for phase in order]
 
 
 def _result_path(out: str, seed: int, task: str) -> str:
@@ -340,7 +357,8 @@ def markdown(summary: dict, notes: str | None = None) -> str:
 
 def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str = DEFAULT_DOC, jobs: int = 2,
               threads: int = 1, quick: bool = False, fresh: bool = False, notes: str | None = None,
-              command: str = "python -m training.shapes.benchmark", **overrides) -> dict:
+              command: str = "python -m training.shapes.benchmark", tasks: tuple[str, ...] | None = None,
+              **overrides) -> dict:
     import multiprocessing as mp
     import shutil
     from concurrent.futures import ProcessPoolExecutor
@@ -374,10 +392,10 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
     for seed in seeds:  # rendered once here, so parallel tasks never write the same folder
         shapes_run.render_images(os.path.join(out, "data", f"seed{seed}"), settings["n_images"], seed)
     results = []
-    for number, tasks in enumerate(phases(settings), 1):
+    for number, phase in enumerate(phases(settings, tasks), 1):
         todo = []
         for seed in seeds:
-            for task in tasks:
+            for task in phase:
                 if os.path.exists(_result_path(out, seed, task)):
                     results.append(_load_result(out, seed, task))
                 else:
@@ -438,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per task (default 1)")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke test, not a result")
     parser.add_argument("--fresh", action="store_true", help="delete earlier results in --out first")
+    parser.add_argument("--tasks", nargs="+", metavar="TASK",
+                        help="run only these tasks (and the ones they need), e.g. --tasks base cross_space same_space "
+                             "synthetic; a later call without --tasks adds the rest")
     add_setting_arguments(parser, DEFAULTS, QUICK)
     args = parser.parse_args(argv)
     notes = None
@@ -447,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
     command = "python -m training.shapes.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
     benchmark(args.seeds, args.out, args.world, doc=args.doc, jobs=args.jobs, threads=args.threads, quick=args.quick,
-              fresh=args.fresh, notes=notes, command=command.strip(), **overrides)
+              fresh=args.fresh, notes=notes, command=command.strip(), tasks=tuple(args.tasks) if args.tasks else None,
+              **overrides)
     return 0
 
 
