@@ -639,6 +639,14 @@ def config_from_args(args, prompts: list[str]) -> DistillConfig:
     )
 
 
+def _check_demo_bridge(path: str) -> None:
+    if not os.path.isfile(path):
+        what = "is a dangling symbolic link" if os.path.islink(path) else (
+            "is not a file" if os.path.exists(path) else "does not exist")
+        raise UserError(f"The Bridge {path!r} (--bridge) {what}: give a trained Bridge .safetensors file, or leave "
+                        "--bridge out to use the demo Bridge of `python -m training.run bridge --demo`.")
+
+
 def demo_models(seed: int = 0, bridge_path: str | None = None) -> tuple[DistillModels, dict]:
     """The tiny world of `bridge --demo` (same seed: same student VAE, teacher and text encoders) plus a tiny
     SD1.5-style UNet and CLIP-L for the student. Uses the demo Bridge when it exists, else a fresh one; a
@@ -650,11 +658,8 @@ def demo_models(seed: int = 0, bridge_path: str | None = None) -> tuple[DistillM
     from ._bridge import model as bridge_model
     from .bridge_cli import demo_models as bridge_demo_models
 
-    if bridge_path is not None and not os.path.isfile(bridge_path):
-        what = "is a dangling symbolic link" if os.path.islink(bridge_path) else (
-            "is not a file" if os.path.exists(bridge_path) else "does not exist")
-        raise UserError(f"The Bridge {bridge_path!r} (--bridge) {what}: give a trained Bridge .safetensors file, or "
-                        "leave --bridge out to use the demo Bridge of `python -m training.run bridge --demo`.")
+    if bridge_path is not None:
+        _check_demo_bridge(bridge_path)
     world = bridge_demo_models(seed)
     bridge_path = bridge_path or os.path.join("runs", "bridge-demo", "bridge.safetensors")
     if os.path.exists(bridge_path):
@@ -757,6 +762,8 @@ def run(args) -> int:
     prompts = read_prompts(args.prompts) if args.prompts else DEMO_PROMPTS
     cfg = config_from_args(args, prompts)
     cfg.validate()
+    if args.demo and args.bridge:
+        _check_demo_bridge(args.bridge)
     output_dir(cfg.out_dir)
     if args.demo:
         models, base = demo_models(args.seed, args.bridge)

@@ -99,7 +99,8 @@ def output_dir(path, what: str = "Output folder") -> str:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         if e.errno in _ERRNO_FIX:
-            raise _os_error(e.errno, f"{what} {path!r} cannot be created: {e.strerror}", e.filename) from None
+            fix = "choose another path (e.g. another --out)" if e.errno == errno.ENOENT else _ERRNO_FIX[e.errno]
+            raise UserError(f"{what} {path!r} cannot be created ({e.strerror}): {fix}.") from None
         raise
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"{what} {path!r} is not writable: fix its permissions or choose another path "
@@ -150,4 +151,7 @@ def number_problem(name: str, value, low=None, high=None, low_open: bool = False
 
 def seed_problem(name: str, value) -> str | None:
     """Why `value` is not a usable random seed (an integer in [0, 2**63)), or None."""
-    return number_problem(name, value, low=0, high=SEED_LIMIT - 1, integer=True)
+    problem = number_problem(name, value, low=0, integer=True)
+    if problem is None and value >= SEED_LIMIT:
+        problem = f"{name} must be below 2**63 (torch's seed range), got {value}"
+    return problem

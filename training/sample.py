@@ -138,7 +138,12 @@ def run(args) -> int:
         for j, image in enumerate(sample_images(student, vae, text_encoder, tokenizer, prompt, seed=seed,
                                                 batch=args.batch, resolution=args.resolution)):
             path = os.path.join(args.out, f"{i:03d}_{_slug(prompt)}_seed{seed}_{j}.png")
-            image.save(path)
+            try:
+                image.save(path)
+            except OSError as e:  # e.g. the disk is full: no half-written image, and the error names the file
+                if os.path.exists(path):
+                    os.remove(path)
+                raise OSError(e.errno, e.strerror or str(e), path) from None
             written.append(path)
     print("\n".join(written))
     return 0
