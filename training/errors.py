@@ -18,7 +18,7 @@ import os
 import re
 import sys
 
-SEED_LIMIT = 2**63  # torch.manual_seed and torch.Generator take seeds below this
+SEED_LIMIT = 2**64  # torch.manual_seed and torch.Generator take seeds below this (as ComfyUI's seed widget)
 
 
 class UserError(ValueError):
@@ -66,8 +66,10 @@ def explain(exc: BaseException) -> UserError | None:
         code = re.search(r"\(os error (\d+)\)", text)
         if code and int(code.group(1)) in _ERRNO_FIX:
             return _os_error(int(code.group(1)), "Writing or reading a .safetensors file failed", None)
-        return UserError(f"A .safetensors file is unreadable ({text}): it is truncated or corrupt; replace it (or "
-                         "delete it where it is a cache or checkpoint of this run).")
+        if text.startswith("Error while deserializing"):  # a damaged file; other SafetensorErrors are bugs
+            return UserError(f"A .safetensors file is unreadable ({text}): it is truncated or corrupt; replace it "
+                             "(or delete it where it is a cache or checkpoint of this run).")
+        return None
     if pil is not None and isinstance(exc, pil.DecompressionBombError):
         return UserError(f"{text} Downscale the image or remove it.")
     if torch is not None and isinstance(exc, torch.OutOfMemoryError) or (
@@ -150,8 +152,8 @@ def number_problem(name: str, value, low=None, high=None, low_open: bool = False
 
 
 def seed_problem(name: str, value) -> str | None:
-    """Why `value` is not a usable random seed (an integer in [0, 2**63)), or None."""
+    """Why `value` is not a usable random seed (an integer in [0, 2**64)), or None."""
     problem = number_problem(name, value, low=0, integer=True)
     if problem is None and value >= SEED_LIMIT:
-        problem = f"{name} must be below 2**63 (torch's seed range), got {value}"
+        problem = f"{name} must be below 2**64 (torch's seed range), got {value}"
     return problem
