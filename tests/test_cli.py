@@ -35,9 +35,11 @@ def test_unknown_command_is_refused(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_bridge_without_models_or_demo_says_what_to_give(tmp_path):
-    with pytest.raises(SystemExit, match="--demo"):
-        main(["bridge", "--images", str(tmp_path), "--out", str(tmp_path / "run")])
+def test_bridge_without_models_or_demo_says_what_to_give(tmp_path, capsys):
+    assert main(["bridge", "--images", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--student" in err and "--demo" in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_bad_input_from_the_command_line_is_one_error_line_not_a_traceback(tmp_path):

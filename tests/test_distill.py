@@ -497,3 +497,42 @@ def test_demo_command_with_a_student_lora_writes_the_lora_file(tmp_path, monkeyp
     targets = [n for n, _ in tiny_unet().named_modules() if n.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
     assert {k.split(".")[0] for k in keys} == {"lora_unet_" + n.replace(".", "_") for n in targets}
     assert all(d.shape[0] == 4 for d in downs)
+
+
+def test_a_damaged_embedding_cache_is_encoded_again(tmp_path, trainer_deps):
+    """Issue 14: an empty cache.json or a truncated embedding file (a crash mid-write) re-encodes, not a traceback."""
+    from training.distill import Distiller
+
+    calls = []
+    kw = dict(steps=1, batch_size=2, fake_updates=1)
+    Distiller(_config(tmp_path, **kw), _models(*closed_form_world(), calls=calls)).run()
+    n = len(calls)
+    (tmp_path / "cache" / "cache.json").write_text("")
+    Distiller(_config(tmp_path, resume=False, **kw),
+              _models(*closed_form_world(), calls=calls)).run()
+    assert len(calls) == 2 * n  # encoded again
+    emb = tmp_path / "cache" / "teacher.safetensors"
+    emb.write_bytes(emb.read_bytes()[:-50])
+    Distiller(_config(tmp_path, resume=False, **kw), _models(*closed_form_world(), calls=calls)).run()
+    assert len(calls) == 3 * n
+
+
+def test_a_failure_mid_training_saves_the_last_finished_step(tmp_path, trainer_deps):
+    """Issue 14: an error after some steps (here the disk filling up at the first preview) leaves a resumable state
+    at the last finished step, and the error raised is the original one."""
+    import errno
+
+    from training.distill import Distiller
+
+    d = Distiller(_config(tmp_path, steps=5, batch_size=2, fake_updates=1, sample_every=3),
+                  _models(*closed_form_world()))
+
+    def full_disk(step, path):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    d.preview = full_disk
+    with pytest.raises(OSError, match="No space left"):
+        d.run()
+    resumed = Distiller(_config(tmp_path, steps=5, batch_size=2, fake_updates=1, sample_every=100),
+                        _models(*closed_form_world())).run()
+    assert resumed["resumed_from"] == 3 and resumed["step"] == 5

@@ -148,30 +148,32 @@ def load_real_models(student: str, teacher_family: str, teacher: str | None = No
 
 
 def real_models(args):
-    if not args.student or not args.teacher_family or not args.teacher:
-        raise SystemExit("Bridge training needs --student (SD1.5 file or folder), --teacher-family and --teacher "
-                         "(or run with --demo to try it on tiny models).")
     return load_real_models(args.student, args.teacher_family, teacher=args.teacher, teacher_vae=args.teacher_vae,
                             clip_l=args.clip_l, clip_g=args.clip_g, t5=args.t5, tokenizers=args.tokenizers,
                             student_vae=args.student_vae, dtype=args.dtype)
 
 
+def _given(value, default):
+    """An option's value, or `default` when it was not given (0 is a value, refused by the config's checks)."""
+    return default if value is None else value
+
+
 def config_from_args(args, demo: bool):
     from .bridge_train import BridgeTrainConfig
 
-    student_res = args.student_res or (64 if demo else 512)
+    student_res = _given(args.student_res, 64 if demo else 512)
     projector = {k: v for k, v in (("width", args.width), ("depth", args.depth)) if v is not None}
     if demo and not projector:
         projector = {"width": 32, "depth": 2}
-    steps = args.steps or (150 if demo else 2000)
+    steps = _given(args.steps, 150 if demo else 2000)
     return BridgeTrainConfig(
         out_dir=args.out, images=args.images, steps=steps, batch_size=args.batch_size, lr=args.lr,
         warmup_steps=min(args.warmup_steps, max(1, steps // 10)), grad_clip=args.grad_clip,
         attn_weight=args.attn_weight,
         attn_blocks=[b.strip() for b in args.attn_blocks.split(",")] if args.attn_blocks else None,
         attn_queries=args.attn_queries, val_fraction=args.val_fraction,
-        val_every=args.val_every or (50 if demo else 200), ckpt_every=args.ckpt_every, log_every=args.log_every, seed=args.seed, k=args.k,
-        student_res=student_res, teacher_res=args.k * student_res, projector=projector,
+        val_every=_given(args.val_every, 50 if demo else 200), ckpt_every=args.ckpt_every, log_every=args.log_every,
+        seed=args.seed, k=args.k, student_res=student_res, teacher_res=args.k * student_res, projector=projector,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         resume=not args.restart, cache_dir=args.cache_dir,
     )
@@ -180,19 +182,26 @@ def config_from_args(args, demo: bool):
 def run(args) -> int:
     from . import data
     from .bridge_train import BridgeTrainer
+    from .errors import UserError, output_dir
 
     if args.demo:
         args.out = args.out or os.path.join("runs", "bridge-demo")
-        if not args.images:
-            args.images = os.path.join(args.out, "images")
-            if not os.path.isdir(args.images):
-                data.make_synthetic_images(args.images, n=48, size=256, seed=args.seed)
+    elif not args.images or not args.out or not args.student or not args.teacher_family or not args.teacher:
+        raise UserError("Bridge training needs --images FOLDER, --out FOLDER, --student (SD1.5 file or folder), "
+                        "--teacher-family and --teacher (or --demo to try it on tiny models).")
+    demo_images = args.demo and not args.images
+    if demo_images:
+        args.images = os.path.join(args.out, "images")
+    # Everything cheap first: the options, then the output folder, before images are made or models loaded.
+    cfg = config_from_args(args, demo=args.demo)
+    cfg.validate()
+    output_dir(cfg.out_dir)
+    if args.demo:
+        if demo_images and not os.path.isdir(args.images):
+            data.make_synthetic_images(args.images, n=48, size=256, seed=args.seed)
         models = demo_models(args.seed, args.teacher_family)
     else:
-        if not args.images or not args.out:
-            raise SystemExit("Bridge training needs --images FOLDER and --out FOLDER (or --demo).")
         models = real_models(args)
-    cfg = config_from_args(args, demo=args.demo)
     result = BridgeTrainer(cfg, models).run()
     print(json.dumps({k: v for k, v in result.items() if k != "last_val"}, indent=2))
     if "last_val" in result:

@@ -63,24 +63,40 @@ class BridgeTrainConfig:
     max_nan_steps: int = 5
 
     def validate(self) -> None:
+        """Every option checked at once, before any model or data is touched (the CLI, the node and library callers
+        all come through here)."""
+        from .errors import number_problem, seed_problem
+
         problems = []
         if self.k not in (1, 2):
             problems.append(f"k must be 1 or 2 (teacher pixels per student pixel), got {self.k}")
-        if self.teacher_res != self.k * self.student_res:
+        # SD1.5 latents are 1/8 of the pixels; the teachers' latents are 1/8 and their transformers take 2x2 patches.
+        if number_problem("student_res", self.student_res, low=8, integer=True) or self.student_res % 8:
+            problems.append(f"student_res must be a positive multiple of 8 (SD1.5 pixels per latent), got "
+                            f"{self.student_res!r}")
+        elif self.teacher_res != self.k * self.student_res:
             problems.append(f"teacher_res ({self.teacher_res}) must be k x student_res ({self.k} x {self.student_res})")
-        for name in ("steps", "batch_size", "val_every", "ckpt_every", "log_every", "attn_queries"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if not 0 < self.val_fraction < 1:
+        elif self.teacher_res % 16:
+            problems.append(f"teacher_res must be a multiple of 16 (8 pixels per teacher latent, 2x2 latents per "
+                            f"token), got {self.teacher_res}: with k=1 use a student_res that is a multiple of 16")
+        for name in ("steps", "batch_size", "val_every", "ckpt_every", "log_every", "attn_queries", "val_batches",
+                     "max_nan_steps"):
+            problems.append(number_problem(name, getattr(self, name), low=1, integer=True))
+        problems += [
+            number_problem("warmup_steps", self.warmup_steps, low=0, integer=True),
+            number_problem("lr", self.lr, low=0, low_open=True),
+            number_problem("weight_decay", self.weight_decay, low=0),
+            number_problem("grad_clip", self.grad_clip, low=0, low_open=True),
+            number_problem("attn_weight", self.attn_weight, low=0),
+            seed_problem("seed", self.seed),
+        ]
+        if number_problem("val_fraction", self.val_fraction) or not 0 < self.val_fraction < 1:
             problems.append(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.attn_weight < 0:
-            problems.append(f"attn_weight must be >= 0, got {self.attn_weight}")
         if self.mixed_precision not in ("auto", "bf16", "no"):
             problems.append(f"mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}")
+        problems = [p for p in problems if p]
         if problems:
-            raise ValueError("Invalid Bridge training config:\n  - " + "\n  - ".join(problems))
+            raise ValueError("Invalid Bridge training config: " + "; ".join(problems) + ".")
 
 
 @dataclass
@@ -127,12 +143,14 @@ class BridgeTrainer:
 
     def __init__(self, config: BridgeTrainConfig, models: BridgeModels, progress: loop.ProgressReporter | None = None,
                  stop: loop.StopFlag | None = None):
+        from .errors import output_dir
+
         config.validate()
         self.cfg = config
         self.m = models
         self.progress = progress
         self.stop = stop or loop.StopFlag()
-        os.makedirs(config.out_dir, exist_ok=True)
+        output_dir(config.out_dir, "Run folder")
         self.cache_dir = config.cache_dir or os.path.join(config.out_dir, "cache")
         self.accel = loop.make_accelerator(config.mixed_precision, cpu=config.cpu)
         self.device = self.accel.device
@@ -378,7 +396,8 @@ class BridgeTrainer:
         t0 = self.clock.start()
         result = {"resumed_from": start, "stopped_early": False}
         try:
-            with loop.graceful_interrupt(self.stop):
+            # Diverged, cancelled from a progress callback, or crashed: keep the last finished step resumable.
+            with loop.graceful_interrupt(self.stop), loop.save_on_failure(self.save, lambda: step, start):
                 while step < cfg.steps:
                     metrics = self.train_step(step)
                     step += 1
@@ -395,11 +414,6 @@ class BridgeTrainer:
                         self.save(step)
                         result["stopped_early"] = True
                         break
-        except BaseException:
-            # Diverged, cancelled from a progress callback, or crashed: keep the last finished step resumable.
-            if step > start:
-                self.save(step)
-            raise
         finally:
             progress.close()
         result.update(step=step, seconds=time.time() - t0, train_seconds=self.clock.seconds(),

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 MANIFEST = "manifest.json"
 CACHE_VERSION = 1
@@ -38,6 +40,10 @@ def _readable(path: str) -> bool:
         with Image.open(path) as im:
             im.verify()
         return True
+    except Image.DecompressionBombError as e:
+        # A real image, only too large to open safely: refused rather than silently left out of the data.
+        raise UserError(f"The image {path!r} is too large to open ({e}); downscale it (training uses a few hundred "
+                         "pixels per side) or remove it from the folder.") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
         return False
 

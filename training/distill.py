@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dmd, loop
+from .errors import UserError
 from .state import load_training_state, save_training_state
 from .student import OneStepStudent
 from .text import encode_sd15
@@ -97,46 +98,60 @@ class DistillConfig:
     max_nan_steps: int = 5
 
     def validate(self) -> None:
+        """Every option checked at once, before any model is touched (the CLI, the node and library callers all come
+        through here)."""
+        from .errors import number_problem, seed_problem
+
         p = []
         if not self.prompts or not all(isinstance(x, str) for x in self.prompts):
             p.append("prompts must be a non-empty list of strings (one prompt per line in the prompts file)")
+        if self.val_prompts is not None and (not self.val_prompts or not all(isinstance(x, str)
+                                                                               for x in self.val_prompts)):
+            p.append("val_prompts must be None (the first 4 prompts) or a non-empty list of strings")
         for name in ("steps", "batch_size", "log_every", "sample_every", "ckpt_every", "fake_updates",
                      "max_nan_steps"):
-            if getattr(self, name) < 1:
-                p.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.resolution % 8 or self.resolution < 8:
-            p.append(f"resolution must be a positive multiple of 8 (SD1.5 pixels per latent), got {self.resolution}")
+            p.append(number_problem(name, getattr(self, name), low=1, integer=True))
+        if number_problem("resolution", self.resolution, low=8, integer=True) or self.resolution % 8:
+            p.append(f"resolution must be a positive multiple of 8 (SD1.5 pixels per latent), got {self.resolution!r}")
         if self.loss not in dmd.LOSSES:
             p.append(f"loss must be one of {', '.join(dmd.LOSSES)}, got {self.loss!r}")
         if self.grad_norm not in GRAD_NORMS:
             p.append(f"grad_norm must be one of {', '.join(GRAD_NORMS)}, got {self.grad_norm!r}")
         if self.grad_norm != "teacher" and self.loss != "dmd":
             p.append(f"grad_norm {self.grad_norm!r} needs loss 'dmd' (VSD has its own weighting)")
-        if not (self.grad_clip > 0 and self.grad_clip_relative >= 0):
-            p.append(f"need grad_clip > 0 and grad_clip_relative >= 0, got {self.grad_clip}, {self.grad_clip_relative}")
         if self.timesteps not in dmd.TIMESTEP_DISTS:
             p.append(f"timesteps must be one of {', '.join(dmd.TIMESTEP_DISTS)}, got {self.timesteps!r}")
-        if not 0 <= self.s_min < self.s_max <= 1:
+        if number_problem("s_min", self.s_min) or number_problem("s_max", self.s_max) or \
+                not 0 <= self.s_min < self.s_max <= 1:
             p.append(f"need 0 <= s_min < s_max <= 1, got [{self.s_min}, {self.s_max}]")
         g = self.guidance
         if isinstance(g, (list, tuple)):
-            if len(g) != 2 or g[0] > g[1]:
-                p.append(f"a guidance range is [low, high] with low <= high, got {list(g)}")
-        elif not isinstance(g, (int, float)):
-            p.append(f"guidance must be a number or [low, high], got {g!r}")
-        if self.max_train_seconds < 0:
-            p.append(f"max_train_seconds must be >= 0 (0: no time budget), got {self.max_train_seconds}")
-        for name in ("student_lr", "fake_lr"):
-            if getattr(self, name) <= 0:
-                p.append(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.student_lora_rank < 0 or self.fake_rank < 1:
-            p.append("student_lora_rank must be >= 0 and fake_rank >= 1")
-        if not 0 <= self.ema_decay < 1:
+            bad = [number_problem("guidance", x, low=0) for x in g]
+            if len(g) != 2 or any(bad) or g[0] > g[1]:
+                p.append(f"a guidance range is [low, high], finite numbers with 0 <= low <= high, got {list(g)}")
+        else:
+            p.append(number_problem("guidance", g, low=0))
+        p += [number_problem(name, getattr(self, name), low=0, low_open=True)
+              for name in ("student_lr", "fake_lr", "grad_clip")]
+        p.append(number_problem("grad_clip_relative", self.grad_clip_relative, low=0))
+        p.append(number_problem("max_train_seconds", self.max_train_seconds, low=0))
+        p.append(number_problem("weight_decay", self.weight_decay, low=0))
+        if self.fake_alpha is not None:
+            p.append(number_problem("fake_alpha", self.fake_alpha, low=0, low_open=True))
+        p.append(number_problem("student_lora_rank", self.student_lora_rank, low=0, integer=True))
+        p.append(number_problem("fake_rank", self.fake_rank, low=1, integer=True))
+        if number_problem("ema_decay", self.ema_decay) or not 0 <= self.ema_decay < 1:
             p.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        p.append(seed_problem("seed", self.seed))
+        if not isinstance(self.val_seeds, (list, tuple)) or not self.val_seeds:
+            p.append(f"val_seeds must be a non-empty list of preview seeds, got {self.val_seeds!r}")
+        else:
+            p += [seed_problem("each of val_seeds", s) for s in self.val_seeds]
         if self.mixed_precision not in ("auto", "bf16", "no"):
             p.append(f"mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}")
+        p = list(dict.fromkeys(x for x in p if x))
         if p:
-            raise ValueError("Invalid distillation config:\n  - " + "\n  - ".join(p))
+            raise ValueError("Invalid distillation config: " + "; ".join(p) + ".")
 
     @property
     def guidance_arg(self):
@@ -168,10 +183,30 @@ def parse_prompts(text: str, source: str = "the prompts") -> list[str]:
 
 def read_prompts(path: str) -> list[str]:
     """A text file of prompts, see `parse_prompts`."""
-    if not os.path.isfile(path):
-        raise ValueError(f"Prompts file not found: {path!r}. Give a text file with one prompt per line.")
-    with open(path, encoding="utf-8") as f:
-        return parse_prompts(f.read(), repr(path))
+    from .errors import read_text
+
+    return parse_prompts(read_text(path, "Prompts file (one prompt per line)"), repr(path))
+
+
+def _cache_key_of(path: str) -> str | None:
+    """The key recorded in an embedding cache's cache.json; None when it is missing or damaged."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data.get("key") if isinstance(data, dict) else None
+
+
+def _readable_safetensors(path: str) -> bool:
+    """Whether a safetensors file's header opens and covers the file (a truncated file does not): cheap, no data read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt"):
+            return True
+    except (SafetensorError, OSError):
+        return False
 
 
 class _Params(nn.Module):
@@ -192,12 +227,14 @@ class Distiller:
 
     def __init__(self, config: DistillConfig, models: DistillModels,
                  progress: "loop.ProgressReporter | None" = None, stop: "loop.StopFlag | None" = None):
+        from .errors import output_dir
+
         config.validate()
         self.cfg = config
         self.m = models
         self.progress = progress
         self.stop = stop or loop.StopFlag()
-        os.makedirs(config.out_dir, exist_ok=True)
+        output_dir(config.out_dir, "Run folder")
         self.cache_dir = config.cache_dir or os.path.join(config.out_dir, "cache")
         self.accel = loop.make_accelerator(config.mixed_precision, cpu=config.cpu)
         self.device = self.accel.device
@@ -225,6 +262,8 @@ class Distiller:
 
     def prepare_text(self) -> None:
         """Encode every prompt once (teacher: all its encoders; student: CLIP-L), cache on disk, free encoders."""
+        from safetensors import SafetensorError
+
         from .text import TextCond
 
         c = self.cfg
@@ -235,10 +274,8 @@ class Distiller:
         key_path = os.path.join(self.cache_dir, "cache.json")
         key = self._cache_key()
         if self.accel.is_main_process:
-            fresh = os.path.exists(key_path) and all(os.path.exists(p) for p in paths.values())
-            if fresh:
-                with open(key_path, encoding="utf-8") as f:
-                    fresh = json.load(f).get("key") == key
+            # The cache is derived data: a missing, damaged (a crash mid-write) or stale file means encode again.
+            fresh = _cache_key_of(key_path) == key and all(_readable_safetensors(p) for p in paths.values())
             if not fresh:
                 os.makedirs(self.cache_dir, exist_ok=True)
                 with torch.no_grad():
@@ -246,11 +283,16 @@ class Distiller:
                     self.m.encode_teacher([c.negative_prompt]).save(paths["negative"])
                     self.m.encode_student(c.prompts).save(paths["student"])
                     self.m.encode_student(self.val_prompts).save(paths["val_student"])
-                with open(key_path, "w", encoding="utf-8") as f:
-                    json.dump({"key": key, "prompts": len(c.prompts)}, f)
+                loop.write_json(key_path, {"key": key, "prompts": len(c.prompts)})
         self.accel.wait_for_everyone()
         self.m.free_text_encoders()  # embeddings are all training needs from here on
-        self.text = {k: TextCond.load(p) for k, p in paths.items()}
+        self.text = {}
+        for k, p in paths.items():
+            try:
+                self.text[k] = TextCond.load(p)
+            except (SafetensorError, OSError) as e:
+                raise UserError(f"The embedding cache file {p!r} is unreadable ({e}); delete {self.cache_dir!r} and "
+                                "run again to encode the prompts anew.") from None
         n_t, n_s = self.text["teacher"].prompt_embeds.shape[0], self.text["student"].prompt_embeds.shape[0]
         if n_t != len(c.prompts) or n_s != len(c.prompts):
             raise ValueError(f"Cached embeddings hold {n_t}/{n_s} prompts, the config has {len(c.prompts)}; delete "
@@ -518,7 +560,7 @@ class Distiller:
         result: dict = {"resumed_from": start, "out_dir": c.out_dir}
         step = start
         t0 = self.clock.start()
-        with loop.graceful_interrupt(self.stop):
+        with loop.graceful_interrupt(self.stop), loop.save_on_failure(self.save, lambda: step, start):
             while step < c.steps and not (step > 0 and self._out_of_time()):  # at least one step
                 metrics = self.train_step(step)
                 step += 1
@@ -640,6 +682,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--restart", action="store_true", help="start over instead of resuming from --out")
 
 
+def _given(value, default):
+    """An option's value, or `default` when it was not given (0 is a value, refused by the config's checks)."""
+    return default if value is None else value
+
+
+def _parse_seeds(text: str, option: str = "--val-seeds") -> list[int]:
+    try:
+        seeds = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise UserError(f"{option} must be comma-separated integer seeds, e.g. 0,1; got {text!r}.")
+    return seeds
+
+
 def _parse_guidance(text: str):
     try:
         parts = [float(x) for x in str(text).split(",")]
@@ -657,9 +714,9 @@ def config_from_args(args, prompts: list[str]) -> DistillConfig:
     return DistillConfig(
         out_dir=args.out, prompts=prompts, negative_prompt=args.negative_prompt,
         val_prompts=read_prompts(args.val_prompts) if args.val_prompts else None,
-        val_seeds=[int(s) for s in args.val_seeds.split(",") if s.strip()],
-        steps=args.steps or (60 if demo else 2000), batch_size=args.batch_size or (2 if demo else 4),
-        resolution=args.resolution or (64 if demo else 512), loss=args.loss,
+        val_seeds=_parse_seeds(args.val_seeds),
+        steps=_given(args.steps, 60 if demo else 2000), batch_size=_given(args.batch_size, 2 if demo else 4),
+        resolution=_given(args.resolution, 64 if demo else 512), loss=args.loss,
         guidance=_parse_guidance(args.guidance or ("3.5" if (args.teacher_family or "").startswith("flux") else "4.5")),
         timesteps=args.timesteps, s_min=args.s_min, s_max=args.s_max, student_lr=args.student_lr,
         student_lora_rank=args.student_lora_rank, ema_decay=args.ema_decay, fake_lr=args.fake_lr,
@@ -667,15 +724,24 @@ def config_from_args(args, prompts: list[str]) -> DistillConfig:
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_norm=args.grad_norm,
         grad_clip_relative=args.grad_clip_relative, straight_through_clamp=args.straight_through_clamp,
         log_every=args.log_every,
-        sample_every=args.sample_every or (20 if demo else 250), ckpt_every=args.ckpt_every, seed=args.seed,
+        sample_every=_given(args.sample_every, 20 if demo else 250), ckpt_every=args.ckpt_every, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         resume=not args.restart, cache_dir=args.cache_dir,
     )
 
 
+def _check_demo_bridge(path: str) -> None:
+    if not os.path.isfile(path):
+        what = "is a dangling symbolic link" if os.path.islink(path) else (
+            "is not a file" if os.path.exists(path) else "does not exist")
+        raise UserError(f"The Bridge {path!r} (--bridge) {what}: give a trained Bridge .safetensors file, or leave "
+                        "--bridge out to use the demo Bridge of `python -m training.run bridge --demo`.")
+
+
 def demo_models(seed: int = 0, bridge_path: str | None = None) -> tuple[DistillModels, dict]:
     """The tiny world of `bridge --demo` (same seed: same student VAE, teacher and text encoders) plus a tiny
-    SD1.5-style UNet and CLIP-L for the student. Uses the demo Bridge when it exists, else a fresh one."""
+    SD1.5-style UNet and CLIP-L for the student. Uses the demo Bridge when it exists, else a fresh one; a
+    `bridge_path` that is given must exist (a typo must not train against an untrained Bridge)."""
     import warnings
 
     from . import tiny
@@ -683,6 +749,8 @@ def demo_models(seed: int = 0, bridge_path: str | None = None) -> tuple[DistillM
     from ._bridge import model as bridge_model
     from .bridge_cli import demo_models as bridge_demo_models
 
+    if bridge_path is not None:
+        _check_demo_bridge(bridge_path)
     world = bridge_demo_models(seed)
     bridge_path = bridge_path or os.path.join("runs", "bridge-demo", "bridge.safetensors")
     if os.path.exists(bridge_path):
@@ -760,12 +828,6 @@ def load_real_models(student: str, bridge: str, teacher_family: str, teacher: st
 
 def real_models(args) -> DistillModels:
     """`load_real_models` from the command-line arguments."""
-    if not args.bridge:
-        raise SystemExit("Distillation needs --bridge (a trained Bridge .safetensors; train one with `python -m "
-                         "training.run bridge ...`), or run with --demo.")
-    if not args.student or not args.teacher_family or not args.teacher:
-        raise SystemExit("Distillation needs --student (SD1.5 file or folder), --teacher-family and --teacher "
-                         "(or run with --demo to try it on tiny models).")
     models, _ = load_real_models(args.student, args.bridge, args.teacher_family, teacher=args.teacher,
                                  teacher_vae=args.teacher_vae, clip_l=args.clip_l, clip_g=args.clip_g, t5=args.t5,
                                  tokenizers=args.tokenizers, dtype=args.dtype, student_vae=args.student_vae)
@@ -775,17 +837,29 @@ def real_models(args) -> DistillModels:
 def run(args) -> int:
     from .export import export_diffusers, export_sd15, export_single_file
 
+    from .errors import output_dir
+
     if args.demo:
         args.out = args.out or os.path.join("runs", "distill-demo")
-        prompts = read_prompts(args.prompts) if args.prompts else DEMO_PROMPTS
+    else:
+        missing = [opt for opt, value in (("--student", args.student), ("--bridge", args.bridge),
+                                          ("--teacher-family", args.teacher_family), ("--teacher", args.teacher),
+                                          ("--prompts", args.prompts), ("--out", args.out)) if not value]
+        if missing:
+            raise UserError(f"Distillation needs {', '.join(missing)}: the SD1.5 --student, a trained --bridge, the "
+                            "teacher (--teacher-family, --teacher, text encoders), --prompts FILE and --out FOLDER "
+                            "(or --demo to try it on tiny models).")
+    # Everything cheap first: prompts and options, then the output folder, before any model is loaded.
+    prompts = read_prompts(args.prompts) if args.prompts else DEMO_PROMPTS
+    cfg = config_from_args(args, prompts)
+    cfg.validate()
+    if args.demo and args.bridge:
+        _check_demo_bridge(args.bridge)
+    output_dir(cfg.out_dir)
+    if args.demo:
         models, base = demo_models(args.seed, args.bridge)
     else:
-        if not args.prompts or not args.out or not args.student:
-            raise SystemExit("Distillation needs --student, --bridge, the teacher (--teacher-family, --teacher, text "
-                             "encoders), --prompts FILE and --out FOLDER (or --demo).")
-        prompts = read_prompts(args.prompts)
         models, base = real_models(args), None
-    cfg = config_from_args(args, prompts)
     result = Distiller(cfg, models).run()
     print(json.dumps({k: v for k, v in result.items()}, indent=2, default=str))
     if not args.no_export and not result.get("stopped_early"):

@@ -271,11 +271,16 @@ def _wrong_kind(path: str, kind: str, wanted: str) -> ModelLoadError:
 # ------------------------------------------------------------------------------------------------ folders
 
 def _model_index(folder: str) -> dict | None:
+    from .errors import UserError, read_json_object
+
     p = os.path.join(folder, "model_index.json")
     if not os.path.isfile(p):
         return None
-    with open(p) as f:
-        return json.load(f)
+    try:
+        return read_json_object(p, "The diffusers index", "restore the folder's model_index.json (a JSON object "
+                                "with _class_name and the components), or give a single .safetensors file")
+    except UserError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def _folder_group(folder: str) -> str:
@@ -317,6 +322,12 @@ def _from_folder(cls, folder: str, subfolder: str, dtype, device):
         model = cls.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"Loading {subfolder}/ from {folder!r} failed: {_reason(e)}") from e
+    # Weights missing from the folder's files are left on the "meta" device by diffusers, without an error.
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if missing:
+        raise ModelLoadError(f"The diffusers folder {folder!r} has an incomplete {subfolder}/: {len(missing)} weights are "
+                             f"missing from its files (first: {', '.join(missing[:3])}). Restore or re-download "
+                             f"{subfolder}/.")
     return model.to(device) if device is not None else model
 
 

@@ -89,10 +89,12 @@ class JsonlLogger:
         self.path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         if resume_step is not None and os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                lines = [line for line in f if line.strip()]
-            keep = [line for line in lines if json.loads(line).get("step", 0) <= resume_step]
-            if len(keep) != len(lines):
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+            lines = [line + "\n" for line in text.splitlines() if line.strip()]
+            keep = [line for line in lines if _row_step(line) is not None and _row_step(line) <= resume_step]
+            # A crash mid-write leaves a torn last line: it is dropped with the steps the resumed run repeats.
+            if len(keep) != len(lines) or (text and not text.endswith("\n")):
                 tmp = self.path + ".tmp"
                 with open(tmp, "w", encoding="utf-8") as f:
                     f.writelines(keep)
@@ -103,6 +105,15 @@ class JsonlLogger:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
+
+
+def _row_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line (0 when it has none); None for a line that is not a JSON object."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row.get("step", 0) if isinstance(row, dict) else None
 
 
 class TrainClock:
@@ -174,6 +185,26 @@ def graceful_interrupt(stop: StopFlag):
         yield
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+@contextlib.contextmanager
+def save_on_failure(save: Callable[[int], None], current_step: Callable[[], int], start: int):
+    """Whatever ends training early (an error, a cancel from a progress callback, a full disk) first saves the last
+    finished step, so the run resumes from there. A save that fails too (the disk is still full) is reported as a
+    warning; the original error is the one raised."""
+    try:
+        yield
+    except BaseException:
+        step = current_step()
+        if step > start:
+            try:
+                save(step)
+            except Exception as e:
+                import warnings
+
+                warnings.warn(f"Could not save the training state at step {step} after the failure below: "
+                              f"{type(e).__name__}: {e}", stacklevel=3)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------- progress

@@ -49,7 +49,21 @@ def build_parser(load_commands: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run a command; bad input or an unusable environment ends in one `error: ...` line on stderr and returns 2
+    (see training/errors.py: what is not a user error keeps its traceback)."""
+    from .errors import explain, one_line
+
+    try:
+        return _dispatch(sys.argv[1:] if argv is None else argv)
+    except Exception as e:
+        err = explain(e)
+        if err is None:
+            raise
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: list[str]) -> int:
     # No command (options only, e.g. --fresh) is the embedded default, the shapes run; --help lists the commands.
     default = not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help"))
     if default or argv[0] == "shapes":
@@ -66,8 +80,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message names the fix, a traceback adds nothing
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

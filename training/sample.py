@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--resolution", type=int, default=512, help="image size, a multiple of 8 (default 512)")
     p.add_argument("--out", default="samples", help="output folder (default ./samples)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
 
 
 def sample_images(student, vae, text_encoder, tokenizer, prompt: str, seed: int = 0, batch: int = 1,
@@ -37,8 +37,7 @@ def sample_images(student, vae, text_encoder, tokenizer, prompt: str, seed: int 
     from ._bridge import model as bridge_model
     from .text import encode_sd15
 
-    if batch < 1:
-        raise ValueError(f"--batch must be >= 1; got {batch}.")
+    check_sampling(batch=batch, resolution=resolution, seed=seed)
     size = student.latent_size(resolution)
     device = next(student.parameters()).device
     emb = encode_sd15([prompt], text_encoder, tokenizer).prompt_embeds.expand(batch, -1, -1).to(device)
@@ -50,6 +49,43 @@ def sample_images(student, vae, text_encoder, tokenizer, prompt: str, seed: int 
     return [Image.fromarray(a) for a in arrays]
 
 
+def check_sampling(batch: int = 1, resolution: int = 512, seed: int = 0, prompts: int = 1) -> None:
+    """Refuse sampling options that cannot work, before any model is loaded."""
+    from .errors import UserError, number_problem, seed_problem
+
+    problems = [number_problem("--batch", batch, low=1, integer=True),
+                seed_problem("--seed", seed) or seed_problem(f"--seed + {prompts - 1} (one seed per prompt)",
+                                                             seed + prompts - 1)]
+    if number_problem("--resolution", resolution, low=8, integer=True) or resolution % 8:
+        problems.append(f"--resolution must be a positive multiple of 8 (SD1.5 pixels per latent), got {resolution!r}")
+    problems = [p for p in problems if p]
+    if problems:
+        raise UserError("; ".join(problems) + ".")
+
+
+def resolve_device(name: str) -> str:
+    """--device as a torch device string: auto is CUDA when present; a device this machine lacks is refused."""
+    from .errors import UserError
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name!r} is not a device this command runs on: use auto, cpu, cuda or cuda:N.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here (no GPU, or a CPU-only torch); use --device "
+                        "cpu or auto.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                        f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1}).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available here; use --device cpu or auto.")
+    return str(device)
+
+
 def load_student_for_sampling(student_path: str, base: str | None, device, dtype=torch.float32):
     """(OneStepStudent, vae, text_encoder, tokenizer) from an exported SD1.5 model or a student checkpoint."""
     from .export import STUDENT_FORMAT, load_student_unet
@@ -59,10 +95,16 @@ def load_student_for_sampling(student_path: str, base: str | None, device, dtype
         raise ValueError(f"Student not found: {student_path!r}.")
     is_ckpt = False
     if os.path.isfile(student_path) and student_path.lower().endswith(".safetensors"):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(student_path, framework="pt") as f:
-            is_ckpt = (f.metadata() or {}).get("format") == STUDENT_FORMAT
+        from .errors import UserError
+
+        try:
+            with safe_open(student_path, framework="pt") as f:
+                is_ckpt = (f.metadata() or {}).get("format") == STUDENT_FORMAT
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"The student {student_path!r} (--student) is not a readable safetensors file (truncated "
+                            f"or corrupt? {e}): give the student checkpoint or exported SD1.5 file again.") from None
     if is_ckpt and not base:
         raise ValueError(f"{os.path.basename(student_path)!r} is a student checkpoint (UNet only): give --base, "
                          "the SD1.5 model whose VAE and CLIP-L it was distilled with.")
@@ -83,18 +125,25 @@ def _slug(text: str, n: int = 40) -> str:
 
 
 def run(args) -> int:
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from .errors import output_dir
+
+    # Everything cheap first: options, device and output folder, then the models.
+    check_sampling(batch=args.batch, resolution=args.resolution, seed=args.seed, prompts=len(args.prompt))
+    device = resolve_device(args.device)
+    output_dir(args.out)
     student, vae, text_encoder, tokenizer = load_student_for_sampling(args.student, args.base, device)
-    os.makedirs(args.out, exist_ok=True)
     written = []
     for i, prompt in enumerate(args.prompt):
         seed = args.seed + i
         for j, image in enumerate(sample_images(student, vae, text_encoder, tokenizer, prompt, seed=seed,
                                                 batch=args.batch, resolution=args.resolution)):
             path = os.path.join(args.out, f"{i:03d}_{_slug(prompt)}_seed{seed}_{j}.png")
-            image.save(path)
+            try:
+                image.save(path)
+            except OSError as e:  # e.g. the disk is full: no half-written image, and the error names the file
+                if os.path.exists(path):
+                    os.remove(path)
+                raise OSError(e.errno, e.strerror or str(e), path) from None
             written.append(path)
     print("\n".join(written))
     return 0

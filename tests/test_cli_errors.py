@@ -1,0 +1,163 @@
+"""Issue 14: bad command lines end in one `error: ...` line and exit 2, never a traceback, and before anything
+expensive runs; a real bug still shows its traceback."""
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from training.run import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _one_error_line(argv, capsys) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2, (argv, err[-2000:])
+    assert len(lines) == 1 and "Traceback" not in err, (argv, err[-2000:])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    (tmp / "a_file").write_text("x")
+    (tmp / "latin1.txt").write_bytes("caf\xe9 on a table\n".encode("latin-1"))
+    (tmp / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    os.symlink(tmp / "gone.safetensors", tmp / "dangling.safetensors")
+    return tmp
+
+
+BRIDGE = ["bridge", "--demo", "--steps", "2"]
+DISTILL = ["distill", "--demo", "--steps", "2"]
+
+
+def _cases(p):
+    out = ["--out", str(p / "run")]
+    student = ["sample", "--student", str(p / "corrupt.safetensors"), "--prompt", "a cat", "--out", str(p / "s")]
+    return [
+        (["bridge"], "--images"),
+        (["distill"], "--student"),
+        (BRIDGE[:2] + ["--steps", "0"] + out, "steps"),
+        (BRIDGE + ["--batch-size", "0"] + out, "batch_size"),
+        (BRIDGE + ["--student-res", "0"] + out, "student_res"),
+        (BRIDGE + ["--student-res", "7"] + out, "student_res"),
+        (BRIDGE + ["--student-res", "63"] + out, "student_res"),
+        (BRIDGE + ["--student-res", "8", "--k", "1"] + out, "multiple of 16"),
+        (BRIDGE + ["--val-every", "0"] + out, "val_every"),
+        (BRIDGE + ["--lr", "inf"] + out, "lr"),
+        (BRIDGE + ["--attn-weight", "nan"] + out, "attn_weight"),
+        (BRIDGE + ["--grad-clip", "-1"] + out, "grad_clip"),
+        (BRIDGE + ["--grad-clip", "nan"] + out, "grad_clip"),
+        (BRIDGE + ["--warmup-steps", "-5"] + out, "warmup_steps"),
+        (BRIDGE + ["--seed", str(2**70)] + out, "seed"),
+        (BRIDGE + ["--out", str(p / "a_file")], "a_file"),
+        (BRIDGE + ["--out", str(p / "a_file" / "sub")], "a_file"),
+        (BRIDGE + ["--out", "/proc/x"], "/proc/x"),
+        (DISTILL[:2] + ["--steps", "0"] + out, "steps"),
+        (DISTILL + ["--batch-size", "0"] + out, "batch_size"),
+        (DISTILL + ["--resolution", "0"] + out, "resolution"),
+        (DISTILL + ["--sample-every", "0"] + out, "sample_every"),
+        (DISTILL + ["--guidance", "nan"] + out, "guidance"),
+        (DISTILL + ["--guidance", "inf"] + out, "guidance"),
+        (DISTILL + ["--guidance", "2,nan"] + out, "guidance"),
+        (DISTILL + ["--student-lr", "inf"] + out, "student_lr"),
+        (DISTILL + ["--grad-clip", "nan"] + out, "grad_clip"),
+        (DISTILL + ["--fake-alpha", "0"] + out, "fake_alpha"),
+        (DISTILL + ["--val-seeds", ""] + out, "--val-seeds"),
+        (DISTILL + ["--val-seeds", "a,b"] + out, "--val-seeds"),
+        (DISTILL + ["--seed", str(2**70)] + out, "seed"),
+        (DISTILL + ["--prompts", str(p / "latin1.txt")] + out, "UTF-8"),
+        (DISTILL + ["--bridge", "/missing.safetensors"] + out, "/missing.safetensors"),
+        (DISTILL + ["--bridge", str(p / "dangling.safetensors")] + out, "dangling"),
+        (DISTILL + ["--out", str(p / "a_file")], "a_file"),
+        (student[:3] + ["--prompt", "a cat", "--resolution", "0"], "--resolution"),
+        (student[:3] + ["--prompt", "a cat", "--resolution", "-8"], "--resolution"),
+        (student[:3] + ["--prompt", "a cat", "--batch", "0"], "--batch"),
+        (student[:3] + ["--prompt", "a cat", "--seed", str(2**70)], "--seed"),
+        (student + ["--device", "tpu"], "--device"),
+        (student, "corrupt.safetensors"),
+        (student[:-1] + [str(p / "a_file")], "a_file"),
+    ]
+
+
+def test_bad_command_lines_print_one_error_line_and_exit_2(paths, capsys, monkeypatch):
+    monkeypatch.chdir(paths)  # the demos' default folders (runs/...) stay in the temporary folder
+    seen = []
+    for argv, named in _cases(paths):
+        line = _one_error_line(argv, capsys)
+        assert named in line, (argv, line)
+        seen.append(line)
+    # Refused before anything was made: no run folder, no demo images, no Bridge.
+    assert not (paths / "run").exists() and not (paths / "runs").exists()
+    assert len(set(seen)) > 20  # each names its own problem
+
+
+def test_cuda_that_is_absent_is_refused_by_name(paths, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present here")
+    line = _one_error_line(["sample", "--student", str(paths / "corrupt.safetensors"), "--prompt", "x",
+                            "--device", "cuda", "--out", str(paths / "s")], capsys)
+    assert "CUDA is not available" in line and "--device cpu" in line
+
+
+def test_a_real_bug_keeps_its_traceback(monkeypatch):
+    import training.sample as sample
+
+    def broken(args):
+        return {}["no such key"]  # a bug, not bad input
+
+    monkeypatch.setattr(sample, "run", broken)
+    with pytest.raises(KeyError):
+        main(["sample", "--student", "x", "--prompt", "y"])
+
+
+def test_library_failures_of_user_cause_become_user_errors_and_others_do_not(tmp_path):
+    import torch
+    from PIL import Image
+    from safetensors import SafetensorError
+
+    from training.errors import UserError, explain
+
+    full = explain(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x")))
+    assert isinstance(full, UserError) and "disk is full" in str(full) and str(tmp_path / "x") in str(full)
+    assert "disk is full" in str(explain(SafetensorError("Error while serializing: I/O error: No space left on "
+                                                         "device (os error 28)")))
+    assert "truncated or corrupt" in str(explain(SafetensorError("Error while deserializing header: invalid JSON")))
+    assert "read-only" in str(explain(OSError(errno.EROFS, "Read-only file system", "/x")))
+    assert "Downscale" in str(explain(Image.DecompressionBombError("Image size (1 pixels) exceeds limit")))
+    with pytest.raises(RuntimeError) as oom:  # a real allocator failure: 2**50 floats
+        torch.empty(2**50)
+    assert "Out of memory" in str(explain(oom.value)) and "--batch-size" in str(explain(oom.value))
+    for bug in (KeyError("k"), AttributeError("a"), RuntimeError("shape mismatch"), OSError(errno.EBADF, "bad fd"),
+                TypeError("t"), SafetensorError("Some tensors share memory")):
+        assert explain(bug) is None, bug
+
+
+def _unshare_ok() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _unshare_ok(), reason="needs unprivileged mount namespaces (unshare -rm) for a small tmpfs")
+@pytest.mark.parametrize("mount", ["size=64k", "ro"])
+def test_a_full_or_read_only_disk_is_one_error_line(tmp_path, mount):
+    """A real full (64 KiB tmpfs: the demo's images do not fit) or read-only file system under --out."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    out = disk / "run"
+    cmd = (f"mount -t tmpfs -o {mount} tmpfs {disk} && exec {sys.executable} -m training.run bridge --demo --steps 1 "
+           f"--out {out}")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert ("disk is full" if mount != "ro" else "read-only") in lines[0] and "--out" in lines[0], lines[0]
