@@ -224,6 +224,8 @@ class LatentCache:
     def __init__(self, cache_dir):
         from safetensors import SafetensorError, safe_open
 
+        from ._bridge import files
+
         self.cache_dir = os.fspath(cache_dir)
         manifest = _read_manifest(self.cache_dir)
         if manifest is None or "shards" not in manifest:
@@ -235,6 +237,8 @@ class LatentCache:
         self._shards, self._where = [], []
         for s in manifest["shards"]:
             path = os.path.join(self.cache_dir, s["file"])
+            files.check_safetensors_file(path, what="Latent cache shard",
+                                         corrupt_hint=f"Delete {self.cache_dir!r} to re-encode.")
             try:
                 handle = safe_open(path, framework="pt")
             except (SafetensorError, OSError) as e:

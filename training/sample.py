@@ -61,6 +61,9 @@ def load_student_for_sampling(student_path: str, base: str | None, device, dtype
     if os.path.isfile(student_path) and student_path.lower().endswith(".safetensors"):
         from safetensors import safe_open
 
+        from ._bridge import files
+
+        files.check_safetensors_file(student_path, what="Student")
         with safe_open(student_path, framework="pt") as f:
             is_ckpt = (f.metadata() or {}).get("format") == STUDENT_FORMAT
     if is_ckpt and not base:

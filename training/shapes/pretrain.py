@@ -117,7 +117,7 @@ def stage_teacher(out: str, data_path: str, cfg: dict, seed: int, threads: int, 
     if cfg["teacher_finetune_steps"] > 0:
         _setup(threads, seed + 100)
         transformer = SD3Transformer2DModel.from_pretrained(os.path.join(out, "teacher_transformer"),
-                                                            torch_dtype=torch.float32)
+                                                            torch_dtype=torch.float32, use_safetensors=True)
         transformer = train_teacher(transformer, *args, cfg["teacher_finetune_steps"], lr=cfg["teacher_finetune_lr"],
                                     seed=seed + 100, log=_log("teacher phase 2"), **common)
         models.save_component(out, "teacher_transformer", transformer)
@@ -240,7 +240,8 @@ def pretrain(out: str, quick: bool = False, seed: int = 0, threads: int = 1, job
     spaces = {}
     held_out = sample_scenes(cfg["eval_samples"], "test", seed)
     for who, res_px in (("student", models.STUDENT_RESOLUTION), ("teacher", models.TEACHER_RESOLUTION)):
-        vae = AutoencoderKL.from_pretrained(os.path.join(out, f"{who}_vae"), torch_dtype=torch.float32).eval()
+        vae = AutoencoderKL.from_pretrained(os.path.join(out, f"{who}_vae"), torch_dtype=torch.float32,
+                                            use_safetensors=True).eval()
         raw = torch.cat([encode_latents(vae, render(scenes[i : i + 500], res_px))
                          for i in range(0, len(scenes), 500)])
         scale, shift = latent_statistics(raw)
