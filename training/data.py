@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,8 +127,10 @@ def _read_manifest(cache_dir: str) -> dict | None:
 
 
 def _write_json_atomic(path: str, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    from ._bridge import checkpoint
+
+    tmp = checkpoint.atomic_temp_path(path)
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f)
     os.replace(tmp, path)
 
@@ -274,11 +275,21 @@ _SHAPES = ("circle", "square", "triangle")
 
 def make_synthetic_images(folder, n: int, size: int, seed: int) -> list[ImageItem]:
     """`n` deterministic PNGs of coloured shapes on coloured backgrounds, each with a caption .txt
-    (e.g. "a red circle on a blue background"). For tests and the tiny demo run."""
+    (e.g. "a red circle on a blue background"). For tests and the tiny demo run.
+
+    `folder` must not exist yet (or be empty). It appears complete or not at all: the images are written to
+    `<folder>.partial` (a killed earlier attempt's is deleted first) and renamed when all are done."""
+    import shutil
+
     from PIL import Image, ImageDraw
 
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
+    given = os.fspath(folder)
+    final = os.path.abspath(given)
+    if os.path.isdir(final) and os.listdir(final):
+        raise ValueError(f"{final!r} already holds files; synthetic images go into a new folder.")
+    folder = final + ".partial"
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
     rng = random.Random(seed)
     names = list(_COLORS)
     items = []
@@ -300,5 +311,6 @@ def make_synthetic_images(folder, n: int, size: int, seed: int) -> list[ImageIte
         caption = f"a {fg} {shape} on a {bg} background"
         with open(os.path.splitext(path)[0] + ".txt", "w", encoding="utf-8") as f:
             f.write(caption + "\n")
-        items.append(ImageItem(path, caption))
+        items.append(ImageItem(os.path.join(given, os.path.basename(path)), caption))
+    os.replace(folder, final)  # atomic; replaces an empty folder
     return items

@@ -213,13 +213,14 @@ class Distiller:
                     fresh = json.load(f).get("key") == key
             if not fresh:
                 os.makedirs(self.cache_dir, exist_ok=True)
+                if os.path.exists(key_path):
+                    os.remove(key_path)  # a half-finished rebuild must never look valid
                 with torch.no_grad():
                     self.m.encode_teacher(c.prompts).save(paths["teacher"])
                     self.m.encode_teacher([c.negative_prompt]).save(paths["negative"])
                     self.m.encode_student(c.prompts).save(paths["student"])
                     self.m.encode_student(self.val_prompts).save(paths["val_student"])
-                with open(key_path, "w", encoding="utf-8") as f:
-                    json.dump({"key": key, "prompts": len(c.prompts)}, f)
+                loop.write_json(key_path, {"key": key, "prompts": len(c.prompts)})  # atomic: written last
         self.accel.wait_for_everyone()
         self.m.free_text_encoders()  # embeddings are all training needs from here on
         self.text = {k: TextCond.load(p) for k, p in paths.items()}
@@ -399,7 +400,7 @@ class Distiller:
         return {"steps": step, "config": asdict(self.cfg), "models": self.m.description,
                 "nan_skipped": self.nan_guard.skipped_total}
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, state: bool = True) -> None:
         from .export import save_student_unet
 
         if not self.accel.is_main_process:
@@ -408,11 +409,13 @@ class Distiller:
         ema = self.m.student.ema
         if ema is not None:
             extra["ema_step"] = ema.optimization_step
-        save_training_state(os.path.join(self.cfg.out_dir, self.STATE_FILE), modules=self._state_modules(),
-                            optimizers={"student": self.opt_student, "fake": self.opt_fake}, schedulers={},
-                            extra=extra)
+        # The student file, then the training state: the state is the commit point (see BridgeTrainer.save).
         save_student_unet(os.path.join(self.cfg.out_dir, self.STUDENT_FILE), self.m.student,
                           summary=self.summary(step))
+        if state:
+            save_training_state(os.path.join(self.cfg.out_dir, self.STATE_FILE), modules=self._state_modules(),
+                                optimizers={"student": self.opt_student, "fake": self.opt_fake}, schedulers={},
+                                extra=extra)
 
     def _resume(self) -> int:
         path = os.path.join(self.cfg.out_dir, self.STATE_FILE)
@@ -439,6 +442,8 @@ class Distiller:
 
     def run(self) -> dict:
         c = self.cfg
+        if self.accel.is_main_process:
+            loop.remove_stale_temporaries(c.out_dir, os.path.join(c.out_dir, "samples"), self.cache_dir)
         start = self.prepare()
         main = self.accel.is_main_process
         log = loop.JsonlLogger(os.path.join(c.out_dir, "metrics.jsonl"), resume_step=start) if main else None
@@ -446,6 +451,8 @@ class Distiller:
         progress.start(start)
         result: dict = {"resumed_from": start, "out_dir": c.out_dir}
         step = start
+        if start >= c.steps:
+            self.save(start, state=False)  # already finished: the student file again, from the state
         t0 = self.clock.start()
         with loop.graceful_interrupt(self.stop):
             while step < c.steps:
