@@ -76,7 +76,8 @@ def remove_stale_temporaries(folder) -> list[str]:
     for n in names:
         stem = n[1:-len(_TMP_SUFFIX)] if n.startswith(".") and n.endswith(_TMP_SUFFIX) else ""
         base, _, token = stem.rpartition(".")
-        if base and len(token) == 8 and all(c in "0123456789abcdef" for c in token):
+        # 8 random characters: ours (hex) and tempfile.mkstemp's, which earlier versions used.
+        if base and len(token) == 8 and all(c in "abcdefghijklmnopqrstuvwxyz0123456789_" for c in token):
             p = os.path.join(folder, n)
             if os.path.isfile(p) and not os.path.islink(p):
                 os.remove(p)
@@ -99,7 +100,9 @@ def save_safetensors_atomic(path, tensors: dict, metadata: dict) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     tmp = atomic_temp_path(path)
     try:
+        mode = os.stat(tmp).st_mode & 0o7777  # the umask's; save_file recreates the file as 0600
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

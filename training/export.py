@@ -54,7 +54,7 @@ def read_student_metadata(path) -> dict:
     from safetensors import SafetensorError, safe_open
 
     path = os.fspath(path)
-    if not path.lower().endswith(".safetensors") or not os.path.isfile(path):
+    if not path.lower().endswith(".safetensors") or os.path.isdir(path):
         raise ValueError(f"{path!r} is not a student checkpoint (.safetensors file written by distillation).")
     files.check_safetensors_file(path, what="Student checkpoint")
     try:
