@@ -15,14 +15,15 @@ import base64
 import hashlib
 import json
 import os
+import secrets
 import struct
-import tempfile
 import warnings
 import zlib
 from typing import TYPE_CHECKING
 
 import torch
 
+from .files import check_safetensors_file
 from .projector import Projector, ProjectorConfig
 from .spaces import LatentSpace
 
@@ -32,7 +33,10 @@ if TYPE_CHECKING:
 FORMAT = "cross-space-bridge"
 FORMAT_VERSION = 1
 PREFIX = "projector."
-_PICKLE_EXTS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+# What a header may ask for. A Bridge is a compact net (the default has ~1M parameters); the limits are far above
+# any sensible one, and every tensor shape is checked against the file before anything is built.
+MAX_HEADER_VALUE_CHARS = 1_000_000
+MAX_JSON_DEPTH = 64
 
 
 class BridgeCheckpointError(ValueError):
@@ -40,6 +44,46 @@ class BridgeCheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- writing
+
+_TMP_SUFFIX = ".tmp"
+
+
+def atomic_temp_path(path) -> str:
+    """A new, empty temporary file beside `path` (same filesystem, so os.replace onto `path` is atomic), named
+    `.<name>.<random>.tmp` and created with the permissions a normal file gets (the umask applies; mkstemp's
+    0600 would make every checkpoint private)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"Could not create a temporary file beside {path!r}.")
+
+
+def remove_stale_temporaries(folder) -> list[str]:
+    """Delete the temporaries `atomic_temp_path` left in `folder` when a process was killed mid-write (for a
+    real training state, gigabytes each). Call it when a run starts, before anything writes there."""
+    folder = os.fspath(folder)
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for n in names:
+        stem = n[1:-len(_TMP_SUFFIX)] if n.startswith(".") and n.endswith(_TMP_SUFFIX) else ""
+        base, _, token = stem.rpartition(".")
+        # 8 random characters: ours (hex) and tempfile.mkstemp's, which earlier versions used.
+        if base and len(token) == 8 and all(c in "abcdefghijklmnopqrstuvwxyz0123456789_" for c in token):
+            p = os.path.join(folder, n)
+            if os.path.isfile(p) and not os.path.islink(p):
+                os.remove(p)
+                removed.append(p)
+    return removed
+
 
 def save_safetensors_atomic(path, tensors: dict, metadata: dict) -> None:
     """Write a safetensors file so that `path` is either the old file or the complete new one, never half.
@@ -54,10 +98,11 @@ def save_safetensors_atomic(path, tensors: dict, metadata: dict) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp = atomic_temp_path(path)
     try:
+        mode = os.stat(tmp).st_mode & 0o7777  # the umask's; save_file recreates the file as 0600
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -107,24 +152,12 @@ def save_bridge(path, bridge: "Bridge", training_summary: dict | None = None,
 
 def _check_file(path: str) -> None:
     """Refuse what is not a safetensors file before any parser sees it. Pickles are never opened."""
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise BridgeCheckpointError(f"Bridge file not found: {path!r}. Check the path (ComfyUI: models/bridges/).")
     if os.path.isdir(path):
         raise BridgeCheckpointError(f"{path!r} is a folder; a Bridge is a single .safetensors file.")
-    name = os.path.basename(path)
-    pickle_msg = (f"{name!r} is a PyTorch pickle/zip checkpoint. Bridge checkpoints are .safetensors files, and "
-                  "pickles are never loaded here because unpickling can run arbitrary code. Use a Bridge "
-                  ".safetensors file (as written by Bridge training).")
-    if name.lower().endswith(_PICKLE_EXTS):
-        raise BridgeCheckpointError(pickle_msg)
-    with open(path, "rb") as f:
-        head = f.read(9)
-    # Pickle protocol 2-5 starts with 0x80 <protocol>, a torch.save zip with PK\x03\x04. A safetensors file
-    # starts with its 8-byte header length and then '{', which tells it apart when the length's low bytes
-    # happen to look like one of those.
-    looks_pickle = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
-    if (looks_pickle or head[:4] == b"PK\x03\x04") and head[8:9] != b"{":
-        raise BridgeCheckpointError(pickle_msg + " (detected from its content despite the file name)")
+    check_safetensors_file(path, BridgeCheckpointError, what="Bridge file",
+                           corrupt_hint="Copy it again or re-export it from its training run.")
 
 
 def _what_is_it(keys: list[str]) -> str:
@@ -138,51 +171,136 @@ def _what_is_it(keys: list[str]) -> str:
     return "some other model"
 
 
-def _open(path) -> tuple[dict, dict[str, list[int]]]:
-    """Validated header: (parsed metadata, tensor name -> shape)."""
-    from safetensors import SafetensorError, safe_open
+_WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
 
-    path = os.fspath(path)
-    _check_file(path)
+
+def _json_field(raw: dict, key: str):
+    """One JSON header value, bounded in size and nesting (json.loads recurses: a deeply nested value would raise
+    RecursionError here, and later in whatever walks it)."""
+    text = raw[key]
+    if len(text) > MAX_HEADER_VALUE_CHARS:
+        raise ValueError(f"header field {key!r} is {len(text)} characters long (at most {MAX_HEADER_VALUE_CHARS})")
     try:
-        with safe_open(path, framework="pt") as f:
-            raw = f.metadata() or {}
-            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise BridgeCheckpointError(f"{os.path.basename(path)!r} is not a readable safetensors file (truncated or "
-                                    f"corrupt: {e}). Copy or download it again.") from None
+        value = json.loads(text)
+    except RecursionError:
+        value = None
+    else:
+        stack = [(value, 1)]
+        while stack:  # iterative: measuring the depth must not recurse either
+            v, depth = stack.pop()
+            if depth > MAX_JSON_DEPTH:
+                break
+            children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
+            stack.extend((c, depth + 1) for c in children)
+        else:
+            if not isinstance(value, dict):
+                raise ValueError(f"header field {key!r} must be a JSON object, not {type(value).__name__}")
+            return value
+    raise ValueError(f"header field {key!r} is nested deeper than {MAX_JSON_DEPTH} levels")
+
+
+def _parse_header(raw: dict, name: str) -> dict | None:
+    """The one validation of a Bridge header's fields (format, version, spaces, k, projector, summary): the
+    parsed metadata, None when the file is not a Bridge at all, or BridgeCheckpointError. A new header field is
+    checked here."""
     if raw.get("format") != FORMAT:
-        raise BridgeCheckpointError(
-            f"{os.path.basename(path)!r} is a safetensors file but not a Cross-Space Bridge (its header has no "
-            f"'format: {FORMAT}'; it looks like {_what_is_it(list(shapes))}). Pick a Bridge file "
-            "(ComfyUI: models/bridges/).")
+        return None
     try:
         version = int(raw.get("format_version", ""))
     except ValueError:
-        raise BridgeCheckpointError(f"{os.path.basename(path)!r}: format_version {raw.get('format_version')!r} is not "
+        raise BridgeCheckpointError(f"{name!r}: format_version {raw.get('format_version')!r} is not "
                                     "a number; the file is corrupt.") from None
     if version != FORMAT_VERSION:
         newer = " It was written by a newer version: update the node pack." if version > FORMAT_VERSION else ""
-        raise BridgeCheckpointError(f"{os.path.basename(path)!r} has Bridge format version {version}; this version "
+        raise BridgeCheckpointError(f"{name!r} has Bridge format version {version}; this version "
                                     f"reads version {FORMAT_VERSION}.{newer}")
     meta = {"format": FORMAT, "format_version": version}
     try:
         for key in ("student_space", "teacher_space", "projector", "training_summary"):
-            meta[key] = json.loads(raw[key])
+            meta[key] = _json_field(raw, key)
         LatentSpace.from_dict(meta["student_space"])
         LatentSpace.from_dict(meta["teacher_space"])
         ProjectorConfig.from_dict(meta["projector"])
+        if len(raw["k"]) > 4:
+            raise ValueError(f"k {raw['k'][:20]!r}... is not a small integer")
         meta["k"] = int(raw["k"])
     except (KeyError, ValueError, TypeError) as e:
-        raise BridgeCheckpointError(f"{os.path.basename(path)!r} has a damaged Bridge header ({type(e).__name__}: "
+        raise BridgeCheckpointError(f"{name!r} has a damaged Bridge header ({type(e).__name__}: "
                                     f"{e}); the file is corrupt or was edited. Re-export it.") from None
     meta["decoder_fingerprint"] = raw.get("decoder_fingerprint") or None
-    return meta, shapes
+    return meta
+
+
+def _skeleton(meta: dict, name: str) -> "Bridge":
+    """The Bridge the header describes, with its projector on the meta device: shapes without memory."""
+    from .model import Bridge
+
+    try:
+        with torch.device("meta"):
+            projector = Projector(ProjectorConfig.from_dict(meta["projector"]))
+        return Bridge(projector, LatentSpace.from_dict(meta["student_space"]),
+                      LatentSpace.from_dict(meta["teacher_space"]), meta["k"], student_vae=None)
+    except ValueError as e:
+        raise BridgeCheckpointError(f"{name!r}: its header describes an impossible Bridge ({e}).") from None
+
+
+def _check_tensors(skeleton: "Bridge", tensors: dict[str, tuple[str, list[int]]], name: str) -> None:
+    """Every tensor of the file against the projector its header describes: names, shapes, floating point."""
+    expected = {PREFIX + k: list(v.shape) for k, v in skeleton.projector.state_dict().items()}
+    shapes = {k: shape for k, (_, shape) in tensors.items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [f"{k}: file {shapes[k]}, expected {expected[k]}" for k in sorted(set(expected) & set(shapes))
+             if shapes[k] != expected[k]]
+    not_float = [f"{k} ({dtype})" for k, (dtype, _) in sorted(tensors.items()) if dtype not in _WEIGHT_DTYPES]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s) (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s) (e.g. {', '.join(unexpected[:3])})")
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) with the wrong shape ({'; '.join(wrong[:3])})")
+    if not_float:
+        problems.append(f"{len(not_float)} tensor(s) that are not floating point ({', '.join(not_float[:3])})")
+    if problems:
+        raise BridgeCheckpointError(f"{name!r} does not match the projector its header describes: "
+                                    + "; ".join(problems) + ". The file is damaged or was edited; re-export it.")
+
+
+def _open(path) -> tuple[dict, "Bridge"]:
+    """Everything cheap, before anything expensive: the file type, the header, and every tensor's name, dtype
+    and shape against the projector the header describes. Returns (parsed metadata, that Bridge without
+    weights). Reads the header only; no weights, no memory for the projector."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    _check_file(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = f.metadata() or {}
+            tensors = {}
+            for k in f.keys():  # noqa: SIM118  (safe_open is not a dict)
+                s = f.get_slice(k)
+                tensors[k] = (s.get_dtype(), list(s.get_shape()))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BridgeCheckpointError(f"{name!r} is not a readable safetensors file (truncated or "
+                                    f"corrupt: {e}). Copy or download it again.") from None
+    meta = _parse_header(raw, name)
+    if meta is None:
+        raise BridgeCheckpointError(
+            f"{name!r} is a safetensors file but not a Cross-Space Bridge (its header has no "
+            f"'format: {FORMAT}'; it looks like {_what_is_it(list(tensors))}). Pick a Bridge file "
+            "(ComfyUI: models/bridges/).")
+    skeleton = _skeleton(meta, name)
+    _check_tensors(skeleton, tensors, name)
+    return meta, skeleton
 
 
 def read_bridge_metadata(path) -> dict:
     """format, format_version, student_space / teacher_space (dicts), k, projector (config dict),
-    decoder_fingerprint (str or None), training_summary (dict). Validates the header, loads no weights."""
+    decoder_fingerprint (str or None), training_summary (dict). Checks everything `load_bridge` checks short of
+    reading the weights (header, tensor names, dtypes and shapes), so a file it accepts loads."""
     return _open(path)[0]
 
 
@@ -194,38 +312,19 @@ def load_bridge(path, student_vae=None, device="cpu", dtype=torch.float32) -> "B
     from .model import Bridge
 
     path = os.fspath(path)
-    meta, shapes = _open(path)
+    meta, bridge = _open(path)
     name = os.path.basename(path)
-    try:
-        projector = Projector(ProjectorConfig.from_dict(meta["projector"]))
-        bridge = Bridge(projector, LatentSpace.from_dict(meta["student_space"]),
-                        LatentSpace.from_dict(meta["teacher_space"]), meta["k"], student_vae=None)
-    except ValueError as e:
-        raise BridgeCheckpointError(f"{name!r}: its header describes an impossible Bridge ({e}).") from None
-    expected = {PREFIX + k: list(v.shape) for k, v in projector.state_dict().items()}
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = [f"{k}: file {shapes[k]}, expected {expected[k]}" for k in sorted(set(expected) & set(shapes))
-             if shapes[k] != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s) (e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s) (e.g. {', '.join(unexpected[:3])})")
-    if wrong:
-        problems.append(f"{len(wrong)} tensor(s) with the wrong shape ({'; '.join(wrong[:3])})")
-    if problems:
-        raise BridgeCheckpointError(f"{name!r} does not match the projector its header describes: "
-                                    + "; ".join(problems) + ". The file is damaged or was edited; re-export it.")
     try:
         tensors = load_file(path)
     except Exception as e:  # data section unreadable although the header was fine
         raise BridgeCheckpointError(f"{name!r}: could not read the weights ({e}); the file is corrupt.") from None
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise BridgeCheckpointError(f"{name!r} holds NaN/inf weights ({', '.join(bad[:3])}); the file is corrupt "
                                     "or came from a diverged training run.")
-    projector.load_state_dict({k[len(PREFIX):]: v for k, v in tensors.items()}, strict=True)
+    projector = bridge.projector
+    # assign: the meta-device parameters become the file's tensors (nothing was allocated before this point).
+    projector.load_state_dict({k[len(PREFIX):]: v for k, v in tensors.items()}, strict=True, assign=True)
     projector.to(device=device, dtype=dtype)
     if student_vae is not None:
         bridge = Bridge(projector, bridge.student_space, bridge.teacher_space, bridge.k, student_vae=student_vae)

@@ -124,6 +124,8 @@ class Bridge(nn.Module):
             raise ValueError(f"Student latent has an empty spatial size {tuple(z.shape[-2:])}.")
         if not z.is_floating_point():
             raise ValueError(f"Student latents must be floating point; got {z.dtype}.")
+        if z.shape[0] < 1:
+            raise ValueError(f"The student latent batch is empty (shape {tuple(z.shape)}); pass at least one latent.")
 
     def check_image(self, img: torch.Tensor) -> None:
         d = self.projector_config.downsample
@@ -144,6 +146,17 @@ class Bridge(nn.Module):
                              f"Resize or crop to e.g. {max(d, H // d * d)}x{max(d, W // d * d)}.")
         if not img.is_floating_point():
             raise ValueError(f"Images must be floating point in [0,1]; got {img.dtype}. Divide uint8 images by 255.")
+        if img.shape[0] < 1:
+            raise ValueError(f"The image batch is empty (shape {tuple(img.shape)}); pass at least one image.")
+
+    @staticmethod
+    def check_finite(x: torch.Tensor, what: str = "student latent") -> None:
+        """NaN/inf in gives NaN out, silently: refuse it with the likely cause. The raw-latent API (forward,
+        project_image) checks; the model-space methods training uses do not (its NaN guard skips such steps)."""
+        if not torch.isfinite(x).all():
+            raise ValueError(f"The {what} holds NaN or inf values, which the Bridge would turn into a NaN latent. "
+                             "Whatever produced it diverged: check the sampler settings (steps, CFG), the VAE "
+                             "precision (an fp16 VAE can overflow: try fp32 or bf16) or the node that made it.")
 
     # ---- the mapping ----
     def decode_student(self, z_s_raw: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
@@ -167,6 +180,8 @@ class Bridge(nn.Module):
 
     def project_image(self, image01: torch.Tensor) -> torch.Tensor:
         """Decoded image -> teacher RAW latent (what the teacher VAE decodes, what ComfyUI LATENTs hold)."""
+        self.check_image(image01)
+        self.check_finite(image01, "image")
         return self.teacher_space.to_raw(self.project_image_model(image01))
 
     def forward_model(self, z_s_raw: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
@@ -176,6 +191,8 @@ class Bridge(nn.Module):
 
     def forward(self, z_s_raw: torch.Tensor) -> torch.Tensor:
         """Student raw latent -> teacher RAW latent [B,C_t,k*h,k*w]."""
+        self.check_student_latent(z_s_raw)
+        self.check_finite(z_s_raw)
         return self.teacher_space.to_raw(self.forward_model(z_s_raw))
 
     def enable_gradient_checkpointing(self):

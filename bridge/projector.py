@@ -19,6 +19,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+_MAX = {"in_channels": 64, "out_channels": 1024, "downsample": 64, "width": 8192, "depth": 256,
+        "stem_channels": 1024, "norm_groups": 8192}
+
+
 @dataclass
 class ProjectorConfig:
     in_channels: int = 3
@@ -37,6 +41,9 @@ class ProjectorConfig:
             low = 0 if f.name in ("stem_channels", "depth") else 1
             if v < low:
                 raise ValueError(f"ProjectorConfig.{f.name} must be >= {low}; got {v}.")
+            if v > _MAX[f.name]:
+                # Bounds what a Bridge file's header can ask to be built (far above any sensible projector).
+                raise ValueError(f"ProjectorConfig.{f.name} must be <= {_MAX[f.name]}; got {v}.")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -7,6 +7,7 @@ through one of these two functions so the convention lives in one place.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 
@@ -18,6 +19,25 @@ class LatentSpace:
     scale: float
     shift: float
     native_resolution: int  # pixels along each side the models were trained at
+
+    def __post_init__(self):
+        # A space comes from code or from a file's header: refuse numbers that would make every latent NaN/inf
+        # (scale 0 divides by zero in to_raw) or ask for absurd tensors.
+        problems = []
+        if not isinstance(self.name, str) or not self.name:
+            problems.append(f"name must be a non-empty string, not {self.name!r}")
+        for f, high in (("channels", 1024), ("downscale", 64), ("native_resolution", 65536)):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= high:
+                problems.append(f"{f} must be an integer from 1 to {high}, not {v!r}")
+        for f in ("scale", "shift"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                problems.append(f"{f} must be a finite number, not {v!r}")
+        if not problems and self.scale == 0:
+            problems.append("scale must not be 0 (raw latents would be divided by it)")
+        if problems:
+            raise ValueError(f"Invalid latent space {self.name!r}: " + "; ".join(problems) + ".")
 
     def to_model(self, raw):
         """Raw VAE latent -> the normalised latent a diffusion model sees."""

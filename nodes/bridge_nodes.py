@@ -107,6 +107,7 @@ def check_student_inputs(handle: BridgeHandle, vae, samples) -> None:
         shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
         raise ValueError(f"Bridge Project takes image latents [B,C,H,W]; got {shape}.")
     bridge.check_student_latent(samples)
+    bridge.check_finite(samples, "input latent")
     channels = getattr(vae, "latent_channels", None)
     if channels != s.channels:
         raise ValueError(f"The VAE input makes {channels}-channel latents, but Bridge {handle.name!r} expects the "

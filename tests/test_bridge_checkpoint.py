@@ -142,7 +142,7 @@ def test_missing_file_and_folder(tmp_path):
 def test_pickle_extensions_are_refused_without_unpickling(tmp_path, name):
     path = tmp_path / name
     path.write_bytes(b"not even opened")
-    with pytest.raises(BridgeCheckpointError, match="pickle.*never loaded"):
+    with pytest.raises(BridgeCheckpointError, match="pickle.*never unpickles.*Convert it to .safetensors"):
         load_bridge(path)
 
 

@@ -349,19 +349,22 @@ class BridgeTrainer:
                 "nan_skipped": self.nan_guard.skipped_total, "processes": self.accel.num_processes,
                 "last_val": self.last_val}
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, state: bool = True) -> None:
+        """The Bridge file, then the training state. The state is the commit point: a run killed between the two
+        resumes before `step` and writes both again, so a state that says "done" always has its Bridge."""
         if not self.accel.is_main_process:
             return
         projector = self.accel.unwrap_model(self.bridge.projector)
-        save_training_state(
-            os.path.join(self.cfg.out_dir, self.STATE_FILE),
-            modules={"projector": projector}, optimizers={"opt": self.opt}, schedulers={"sched": self.sched},
-            extra={"step": step, "nan_skipped": self.nan_guard.skipped_total, "config": asdict(self.cfg),
-                   "train_seconds": self.clock.seconds()},
-        )
         bridge_ckpt.save_bridge(os.path.join(self.cfg.out_dir, self.BRIDGE_FILE), self._plain_bridge(projector),
                                 training_summary=self._summary(step),
                                 decoder_fingerprint=bridge_ckpt.decoder_fingerprint(self.m.student_vae))
+        if state:
+            save_training_state(
+                os.path.join(self.cfg.out_dir, self.STATE_FILE),
+                modules={"projector": projector}, optimizers={"opt": self.opt}, schedulers={"sched": self.sched},
+                extra={"step": step, "nan_skipped": self.nan_guard.skipped_total, "config": asdict(self.cfg),
+                       "train_seconds": self.clock.seconds(), "last_val": self.last_val},
+            )
 
     def _plain_bridge(self, projector):
         b = self.bridge
@@ -370,6 +373,9 @@ class BridgeTrainer:
     # ---- main loop ----
     def run(self) -> dict:
         cfg = self.cfg
+        if self.accel.is_main_process:
+            loop.remove_stale_temporaries(cfg.out_dir, os.path.join(cfg.out_dir, "val"),
+                                          os.path.join(self.cache_dir, "train"), os.path.join(self.cache_dir, "val"))
         self.prepare_data()
         self.bridge = self.build_bridge()
         self.trainable = [p for p in self.bridge.projector.parameters() if p.requires_grad]
@@ -386,6 +392,7 @@ class BridgeTrainer:
             start = int(extra["step"])
             self.nan_guard.skipped_total = int(extra.get("nan_skipped", 0))
             self.clock.resume(extra.get("train_seconds", 0.0))
+            self.last_val = extra.get("last_val")  # the Bridge's summary holds it
         self.bridge.projector, self.opt = self.accel.prepare(self.bridge.projector, self.opt)
         log = (loop.JsonlLogger(os.path.join(cfg.out_dir, "metrics.jsonl"), resume_step=start)
                if self.accel.is_main_process else None)
@@ -395,6 +402,12 @@ class BridgeTrainer:
         step = start
         t0 = self.clock.start()
         result = {"resumed_from": start, "stopped_early": False}
+        if start >= cfg.steps:
+            # Already finished: write the Bridge again from the state (it may be missing, or older than the state
+            # when an earlier version was killed between its two saves).
+            self.save(start, state=False)
+            if self.last_val is not None:
+                result["last_val"] = self.last_val
         try:
             # Diverged, cancelled from a progress callback, or crashed: keep the last finished step resumable.
             with loop.graceful_interrupt(self.stop), loop.save_on_failure(self.save, lambda: step, start):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,8 +133,10 @@ def _read_manifest(cache_dir: str) -> dict | None:
 
 
 def _write_json_atomic(path: str, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    from ._bridge import checkpoint
+
+    tmp = checkpoint.atomic_temp_path(path)
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f)
     os.replace(tmp, path)
 
@@ -230,6 +231,8 @@ class LatentCache:
     def __init__(self, cache_dir):
         from safetensors import SafetensorError, safe_open
 
+        from ._bridge import files
+
         self.cache_dir = os.fspath(cache_dir)
         manifest = _read_manifest(self.cache_dir)
         if manifest is None or "shards" not in manifest:
@@ -241,6 +244,8 @@ class LatentCache:
         self._shards, self._where = [], []
         for s in manifest["shards"]:
             path = os.path.join(self.cache_dir, s["file"])
+            files.check_safetensors_file(path, what="Latent cache shard",
+                                         corrupt_hint=f"Delete {self.cache_dir!r} to re-encode.")
             try:
                 handle = safe_open(path, framework="pt")
             except (SafetensorError, OSError) as e:
@@ -276,11 +281,21 @@ _SHAPES = ("circle", "square", "triangle")
 
 def make_synthetic_images(folder, n: int, size: int, seed: int) -> list[ImageItem]:
     """`n` deterministic PNGs of coloured shapes on coloured backgrounds, each with a caption .txt
-    (e.g. "a red circle on a blue background"). For tests and the tiny demo run."""
+    (e.g. "a red circle on a blue background"). For tests and the tiny demo run.
+
+    `folder` must not exist yet (or be empty). It appears complete or not at all: the images are written to
+    `<folder>.partial` (a killed earlier attempt's is deleted first) and renamed when all are done."""
+    import shutil
+
     from PIL import Image, ImageDraw
 
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
+    given = os.fspath(folder)
+    final = os.path.abspath(given)
+    if os.path.isdir(final) and os.listdir(final):
+        raise ValueError(f"{final!r} already holds files; synthetic images go into a new folder.")
+    folder = final + ".partial"
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
     rng = random.Random(seed)
     names = list(_COLORS)
     items = []
@@ -302,5 +317,6 @@ def make_synthetic_images(folder, n: int, size: int, seed: int) -> list[ImageIte
         caption = f"a {fg} {shape} on a {bg} background"
         with open(os.path.splitext(path)[0] + ".txt", "w", encoding="utf-8") as f:
             f.write(caption + "\n")
-        items.append(ImageItem(path, caption))
+        items.append(ImageItem(os.path.join(given, os.path.basename(path)), caption))
+    os.replace(folder, final)  # atomic; replaces an empty folder
     return items

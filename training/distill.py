@@ -278,12 +278,14 @@ class Distiller:
             fresh = _cache_key_of(key_path) == key and all(_readable_safetensors(p) for p in paths.values())
             if not fresh:
                 os.makedirs(self.cache_dir, exist_ok=True)
+                if os.path.exists(key_path):
+                    os.remove(key_path)  # a half-finished rebuild must never look valid
                 with torch.no_grad():
                     self.m.encode_teacher(c.prompts).save(paths["teacher"])
                     self.m.encode_teacher([c.negative_prompt]).save(paths["negative"])
                     self.m.encode_student(c.prompts).save(paths["student"])
                     self.m.encode_student(self.val_prompts).save(paths["val_student"])
-                loop.write_json(key_path, {"key": key, "prompts": len(c.prompts)})
+                loop.write_json(key_path, {"key": key, "prompts": len(c.prompts)})  # atomic: written last
         self.accel.wait_for_everyone()
         self.m.free_text_encoders()  # embeddings are all training needs from here on
         self.text = {}
@@ -499,7 +501,7 @@ class Distiller:
         return {"steps": step, "config": asdict(self.cfg), "models": self.m.description,
                 "nan_skipped": self.nan_guard.skipped_total}
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, state: bool = True) -> None:
         from .export import save_student_lora, save_student_unet
 
         if not self.accel.is_main_process:
@@ -509,14 +511,16 @@ class Distiller:
         ema = self.m.student.ema
         if ema is not None:
             extra["ema_step"] = ema.optimization_step
-        save_training_state(os.path.join(self.cfg.out_dir, self.STATE_FILE), modules=self._state_modules(),
-                            optimizers={"student": self.opt_student, "fake": self.opt_fake}, schedulers={},
-                            extra=extra)
+        # The student file, then the training state: the state is the commit point (see BridgeTrainer.save).
         save_student_unet(os.path.join(self.cfg.out_dir, self.STUDENT_FILE), self.m.student,
                           summary=self.summary(step))
         if self.m.student.is_lora:
             save_student_lora(os.path.join(self.cfg.out_dir, self.LORA_FILE), self.m.student,
                               summary=self.summary(step))
+        if state:
+            save_training_state(os.path.join(self.cfg.out_dir, self.STATE_FILE), modules=self._state_modules(),
+                                optimizers={"student": self.opt_student, "fake": self.opt_fake}, schedulers={},
+                                extra=extra)
 
     def _resume(self) -> int:
         path = os.path.join(self.cfg.out_dir, self.STATE_FILE)
@@ -552,6 +556,8 @@ class Distiller:
 
     def run(self) -> dict:
         c = self.cfg
+        if self.accel.is_main_process:
+            loop.remove_stale_temporaries(c.out_dir, os.path.join(c.out_dir, "samples"), self.cache_dir)
         start = self.prepare()
         main = self.accel.is_main_process
         log = loop.JsonlLogger(os.path.join(c.out_dir, "metrics.jsonl"), resume_step=start) if main else None
@@ -559,6 +565,8 @@ class Distiller:
         progress.start(start)
         result: dict = {"resumed_from": start, "out_dir": c.out_dir}
         step = start
+        if start >= c.steps:
+            self.save(start, state=False)  # already finished: the student file again, from the state
         t0 = self.clock.start()
         with loop.graceful_interrupt(self.stop), loop.save_on_failure(self.save, lambda: step, start):
             while step < c.steps and not (step > 0 and self._out_of_time()):  # at least one step

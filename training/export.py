@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ._bridge import checkpoint as bridge_checkpoint
+from ._bridge import files
 from .student import SD15_SCHEDULE, OneStepStudent
 
 if TYPE_CHECKING:
@@ -101,8 +102,9 @@ def read_student_metadata(path) -> dict:
     from safetensors import SafetensorError, safe_open
 
     path = os.fspath(path)
-    if not path.lower().endswith(".safetensors") or not os.path.isfile(path):
+    if not path.lower().endswith(".safetensors") or os.path.isdir(path):
         raise ValueError(f"{path!r} is not a student checkpoint (.safetensors file written by distillation).")
+    files.check_safetensors_file(path, what="Student checkpoint")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}

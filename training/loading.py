@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._bridge import files
+
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
@@ -29,7 +31,6 @@ TEACHER_FAMILIES = ("sd35_medium", "sd35_large", "flux_dev", "flux_schnell")
 FAMILY_ALIASES = {"sd3": "sd35_medium", "sd35": "sd35_medium", "flux": "flux_dev"}
 SD15_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIXES = ("first_stage_model.", "vae.")
 # Where all-in-one checkpoints keep their text encoders (SD1.5; SD3/SD3.5/Flux as ComfyUI saves them).
@@ -119,20 +120,7 @@ def _check_path(path, what: str) -> str:
                              f"models/checkpoints, diffusion_models, unet, vae, text_encoders, clip).")
     if os.path.isdir(path):
         return path
-    low = path.lower()
-    if low.endswith(PICKLE_SUFFIXES):
-        raise ModelLoadError(f"{os.path.basename(path)!r} is a pickle-based checkpoint; this project never unpickles "
-                             f"files (loading one can run arbitrary code). Convert it to .safetensors first, or "
-                             f"download the .safetensors release of the model.")
-    if low.endswith(".gguf"):
-        raise ModelLoadError(f"{os.path.basename(path)!r} is a GGUF file; give a .safetensors file or a diffusers "
-                             f"folder instead.")
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head[:1] == b"\x80" or head == b"PK":
-        raise ModelLoadError(f"{os.path.basename(path)!r} looks like a pickle/zip (torch.save) checkpoint, not "
-                             f"safetensors; it is refused (never unpickled). Convert it to .safetensors first.")
-    return path
+    return files.check_safetensors_file(path, ModelLoadError, what=what)
 
 
 class _Header:
@@ -142,6 +130,7 @@ class _Header:
         from safetensors import safe_open
 
         self.path = path
+        files.check_safetensors_file(path, ModelLoadError, what="Model file")
         try:
             with safe_open(path, framework="pt") as f:
                 self.keys = list(f.keys())
@@ -315,11 +304,33 @@ def _config_name(config: str) -> str:
 _DEV_HINTS = ("ignore_mismatched_sizes", "low_cpu_mem_usage", "github.com/")
 
 
+def check_weights_folder(folder: str) -> None:
+    """A diffusers/transformers component folder loads from its safetensors weights only: refuse one whose
+    weights are pickles (`*.bin`, `*.pt`, ...; diffusers and transformers would unpickle them) and check every
+    safetensors file in it like a single file (no pipes, no pickles in disguise)."""
+    names = sorted(os.listdir(folder))
+    weights = [n for n in names if n.endswith(".safetensors")]
+    pickles = [n for n in names if n.lower().endswith(files.PICKLE_SUFFIXES)]
+    if pickles and not weights:
+        raise ModelLoadError(
+            f"{folder!r} holds its weights as PyTorch pickles ({', '.join(pickles[:3])}), which this project never "
+            "loads (unpickling can run arbitrary code). Convert the folder once on a machine where you trust it, "
+            "e.g. for a diffusers model: python -c \"from diffusers import AutoModel; "
+            f"AutoModel.from_pretrained({folder!r}).save_pretrained({folder!r}, safe_serialization=True)\" "
+            "(a text encoder: AutoModel from transformers), then delete the pickle files; or download the "
+            "safetensors release.")
+    for n in weights:
+        files.check_safetensors_file(os.path.join(folder, n), ModelLoadError, what="Model file")
+
+
 def _from_folder(cls, folder: str, subfolder: str, dtype, device):
     if not os.path.isdir(os.path.join(folder, subfolder)):
         raise ModelLoadError(f"The diffusers folder {folder!r} has no {subfolder}/ subfolder.")
+    check_weights_folder(os.path.join(folder, subfolder))
     try:
-        model = cls.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype, local_files_only=True)
+        # use_safetensors: without it diffusers/transformers fall back to *.bin through torch's unpickler.
+        model = cls.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype, local_files_only=True,
+                                    use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"Loading {subfolder}/ from {folder!r} failed: {_reason(e)}") from e
     # Weights missing from the folder's files are left on the "meta" device by diffusers, without an error.

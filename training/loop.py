@@ -11,13 +11,14 @@ import hashlib
 import json
 import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+
+from ._bridge import checkpoint
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -133,6 +134,13 @@ class TrainClock:
 
     def seconds(self) -> float:
         return self.prior + (time.time() - self._start if self._start is not None else 0.0)
+
+
+def remove_stale_temporaries(*folders) -> None:
+    """When a run starts: delete the temporaries that killed writes left in its folders (see
+    checkpoint.atomic_temp_path); a training state's are gigabytes each."""
+    for folder in folders:
+        checkpoint.remove_stale_temporaries(folder)
 
 
 def write_json(path, data) -> None:
@@ -346,8 +354,7 @@ def save_image_grid(rows, path, labels: list[str] | None = None) -> str:
     image = grid_image(rows, labels)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp = checkpoint.atomic_temp_path(path)
     try:
         image.save(tmp, format="PNG")
         os.replace(tmp, path)

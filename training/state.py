@@ -19,11 +19,10 @@ import os
 import torch
 from torch import nn
 
-from ._bridge import checkpoint
+from ._bridge import checkpoint, files
 
 FORMAT = "cross-space-training-state"
 FORMAT_VERSION = 1
-_PICKLE_EXTS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _FRESH = "this state was written for a different model/config; use a fresh --out folder or the matching config"
 
 
@@ -127,19 +126,11 @@ def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
 
     path = os.fspath(path)
     name = os.path.basename(path)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise TrainingStateError(f"Training state not found: {path!r}. Start without resuming, or point at the "
                                  "run folder that holds it.")
-    pickle_msg = (f"{name!r} is a PyTorch pickle checkpoint; training states are .safetensors files and pickles "
-                  "are never loaded (unpickling can run arbitrary code). Resume from the train_state.safetensors "
-                  "the trainer wrote, or start a fresh run.")
-    if name.lower().endswith(_PICKLE_EXTS):
-        raise TrainingStateError(pickle_msg)
-    with open(path, "rb") as f:
-        head = f.read(9)
-    looks_pickle = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
-    if (looks_pickle or head[:4] == b"PK\x03\x04") and head[8:9] != b"{":
-        raise TrainingStateError(pickle_msg + " (detected from its content)")
+    files.check_safetensors_file(path, TrainingStateError, what="Training state",
+                                 corrupt_hint="Delete it to start over, or restore it from a backup.")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}

@@ -99,6 +99,8 @@ class OneStepStudent(nn.Module):
         """Noise [B,C,h,w] + CLIP hidden states [B,L,D] -> x0 in the student's MODEL space (float32)."""
         if noise.ndim != 4 or noise.shape[1] != self.space.channels:
             raise ValueError(f"Student noise must be [B,{self.space.channels},h,w]; got {tuple(noise.shape)}.")
+        if noise.shape[0] < 1:
+            raise ValueError(f"The student's batch is empty (noise {tuple(noise.shape)}); generate at least one image.")
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != noise.shape[0]:
             raise ValueError(f"Student text embeddings must be [B,L,D] with B = {noise.shape[0]}; got "
                              f"{tuple(encoder_hidden_states.shape)}.")

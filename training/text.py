@@ -96,12 +96,12 @@ class TextCond:
 
     @classmethod
     def load(cls, path, device="cpu") -> "TextCond":
-        import os
-
         from safetensors.torch import load_file
 
-        if not os.path.isfile(path):
-            raise ValueError(f"Text embedding file not found: {path!r}.")
+        from ._bridge import files
+
+        files.check_safetensors_file(path, what="Text embedding file",
+                                     corrupt_hint="Delete the cache folder it is in to encode the prompts again.")
         return cls.from_tensors(load_file(path, device=str(device)))
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._bridge import checkpoint
+from .._bridge import checkpoint, files
 from .render import ATTRIBUTES, parse_caption, render, sample_scenes
 
 HEADS = tuple((name, len(values)) for name, values in ATTRIBUTES.items())
@@ -173,5 +173,6 @@ def load_judge(folder: str) -> Judge:
             raise FileNotFoundError(f"No judge {name} in {folder!r}; rebuild with `python -m training.shapes.pretrain`.")
     with open(os.path.join(folder, "config.json")) as f:
         judge = Judge(JudgeConfig.from_dict(json.load(f)))
-    judge.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+    weights = files.check_safetensors_file(os.path.join(folder, "model.safetensors"), what="Judge weights")
+    judge.load_state_dict(load_file(weights))
     return judge.eval().requires_grad_(False)

@@ -255,7 +255,8 @@ def load_shapes_world(folder: str = DEFAULT_DIR, device: str | torch.device = "c
         return model.to(device).eval().requires_grad_(False)
 
     def load(cls, name):
-        return frozen(cls.from_pretrained(os.path.join(folder, name), torch_dtype=torch.float32))
+        return frozen(cls.from_pretrained(os.path.join(folder, name), torch_dtype=torch.float32,
+                                          use_safetensors=True))
 
     return ShapesWorld(
         folder=folder,

@@ -146,13 +146,14 @@ def stage_teacher(out: str, data_path: str, cfg: dict, seed: int, threads: int,
             transformer = models.build_teacher_transformer()
         else:
             transformer = SD3Transformer2DModel.from_pretrained(os.path.join(out, "teacher_transformer"),
-                                                                torch_dtype=torch.float32)
+                                                                torch_dtype=torch.float32, use_safetensors=True)
         transformer = train_teacher(transformer, *args, cfg[steps_key], lr=cfg[lr_key], seed=phase_seed,
                                     log=_log(phase.replace("_", " ")), **common)
         models.save_component(out, "teacher_transformer", transformer)
         seconds[phase] = time.perf_counter() - t0
     if transformer is None:
-        transformer = SD3Transformer2DModel.from_pretrained(os.path.join(out, "teacher_transformer"))
+        transformer = SD3Transformer2DModel.from_pretrained(os.path.join(out, "teacher_transformer"),
+                                                            use_safetensors=True)
     return {"parameters": _count(transformer), "phase_seconds": {k: round(v, 1) for k, v in seconds.items()},
             "seconds": sum(seconds.values())}
 
@@ -326,7 +327,8 @@ def pretrain(out: str, quick: bool = False, seed: int = 0, threads: int = 1, job
     spaces = {}
     held_out = sample_scenes(cfg["eval_samples"], "test", seed)
     for who, res_px in (("student", models.STUDENT_RESOLUTION), ("teacher", models.TEACHER_RESOLUTION)):
-        vae = AutoencoderKL.from_pretrained(os.path.join(out, f"{who}_vae"), torch_dtype=torch.float32).eval()
+        vae = AutoencoderKL.from_pretrained(os.path.join(out, f"{who}_vae"), torch_dtype=torch.float32,
+                                            use_safetensors=True).eval()
         raw = torch.cat([encode_latents(vae, render(scenes[i : i + 500], res_px))
                          for i in range(0, len(scenes), 500)])
         scale, shift = latent_statistics(raw)
