@@ -441,7 +441,7 @@ def _serve(base: Path, env: dict):
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     server = Comfy(f"http://127.0.0.1:{port}", base, log)
     try:
-        deadline = time.monotonic() + 420  # a start takes 20 s on a quiet machine, minutes on a busy one
+        deadline = time.monotonic() + 900  # a start takes 20 s on a quiet machine, many minutes on a busy one
         while True:
             if proc.poll() is not None:
                 raise AssertionError(f"ComfyUI exited with {proc.returncode}:\n{server.log_tail()}")
