@@ -234,7 +234,7 @@ class Comfy:
         with urllib.request.urlopen(self.url + path, timeout=30) as r:
             return json.loads(r.read())
 
-    def run(self, prompt: dict, timeout: float = 240) -> dict:
+    def run(self, prompt: dict, timeout: float = 900) -> dict:  # one training step took minutes on a busy machine
         """Queue an API-format prompt and wait for it; returns the /history entry."""
         req = urllib.request.Request(self.url + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
                                      headers={"Content-Type": "application/json"})
