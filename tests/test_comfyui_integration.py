@@ -234,7 +234,7 @@ class Comfy:
         with urllib.request.urlopen(self.url + path, timeout=30) as r:
             return json.loads(r.read())
 
-    def run(self, prompt: dict, timeout: float = 240) -> dict:
+    def run(self, prompt: dict, timeout: float = 900) -> dict:  # one training step took minutes on a busy machine
         """Queue an API-format prompt and wait for it; returns the /history entry."""
         req = urllib.request.Request(self.url + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -462,7 +462,7 @@ def _serve(base: Path, env: dict):
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     server = Comfy(f"http://127.0.0.1:{port}", base, log)
     try:
-        deadline = time.monotonic() + 420  # a start takes 20 s on a quiet machine, minutes on a busy one
+        deadline = time.monotonic() + 900  # a start takes 20 s on a quiet machine, many minutes on a busy one
         while True:
             if proc.poll() is not None:
                 raise AssertionError(f"ComfyUI exited with {proc.returncode}:\n{server.log_tail()}")
