@@ -118,7 +118,12 @@ class Projector(nn.Module):
         if x.shape[-2] % d or x.shape[-1] % d:
             raise ValueError(f"Projector needs input sides divisible by {d}; got {x.shape[-2]}x"
                              f"{x.shape[-1]}. Crop or resize the image to a multiple of {d}.")
-        x = self.norm_in(x) if self.norm_in is not None else x * 2 - 1  # images: the [-1, 1] range VAEs work in
+        if self.norm_in is not None:
+            # contiguous: decoder features can come channels-last, and torch 2.13's CPU GroupNorm backward crashes
+            # (segfault) on a channels-last input that needs no gradient itself (a frozen decoder fed cached latents).
+            x = self.norm_in(x.contiguous())
+        else:
+            x = x * 2 - 1  # images: the [-1, 1] range VAEs work in
         x = self.proj_in(self.unshuffle(self.stem(x)))
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():

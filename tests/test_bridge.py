@@ -224,6 +224,9 @@ def test_features_tap_gradients_and_checkpointing(student_vae):
     torch.manual_seed(2)
     plain = make(student_vae, tap="features")
     z = torch.randn(1, 4, 8, 8) * 0.5
+    # As in Bridge training: cached latents need no gradient, only the projector does.
+    plain.forward_model(z).square().mean().backward()
+    assert all(p.grad is not None for p in plain.projector.parameters())
     grads = []
     for checkpointing in (False, True):
         bridge = Bridge(plain.projector, "sd15", "sd3", 2, student_vae=student_vae, tap="features")
