@@ -174,19 +174,24 @@ def test_benchmark_produces_a_table_at_tiny_size(tmp_path):
         student_config=dict(TINY_VAE, latent_channels=4),
         teacher_config=dict(TINY_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False),
         projector_kwargs=SMALL)
-    assert [r["method"] for r in rows] == ["bridge", "round_trip"]
+    assert [r["method"] for r in rows] == ["features", "image", "round_trip"]
     for r in rows:
         assert r["fwd_s"] > 0 and r["fwd_bwd_s"] > 0 and r["flops_fwd_bwd"] > r["flops_fwd"] > 0
         assert r["params"] > r["own_params"] > 0
+    by = {r["method"]: r for r in rows}
+    # The features Bridge runs a prefix of the decoder the image Bridge runs in full.
+    assert by["features"]["flops_fwd"] < by["image"]["flops_fwd"]
+    assert by["features"]["params"] - by["features"]["own_params"] < by["image"]["params"] - by["image"]["own_params"]
     table = bench_bridge.format_table(rows)
-    assert "round trip / bridge" in table and "4x4 -> 8x8" in table
-    assert "forward+backward" in bench_bridge.summary(rows)[0]
+    assert "round trip / features" in table and "round trip / image" in table and "4x4 -> 8x8" in table
+    lines = bench_bridge.summary(rows)
+    assert len(lines) == 2 and "features bridge: forward+backward" in lines[0] and "target >= 6x" in lines[0]
 
 
 def test_benchmark_cli_refuses_bad_arguments(capsys):
     from training import bench_bridge
 
-    for argv in (["--sizes", "32,x"], ["--sizes", "0"], ["--repeats", "0"]):
+    for argv in (["--sizes", "32,x"], ["--sizes", "0"], ["--repeats", "0"], ["--paths", "image,pixels"]):
         with pytest.raises(SystemExit) as e:
             bench_bridge.main(argv)
         assert e.value.code == 2
