@@ -58,14 +58,16 @@ def build_models(student_config: dict, teacher_config: dict, k: int = 2, project
     teacher VAE. Everything frozen: only the input latent gets a gradient, as in distillation."""
     from diffusers import AutoencoderKL
 
-    student_vae = AutoencoderKL(**student_config).to(device, dtype)
-    teacher_vae = AutoencoderKL(**teacher_config).requires_grad_(False).eval().to(device, dtype)
+    student_vae, teacher_vae = AutoencoderKL(**student_config), AutoencoderKL(**teacher_config)
+    student_vae, teacher_vae = student_vae.to(device), teacher_vae.requires_grad_(False).eval().to(device)
+    if dtype != torch.float32:
+        student_vae, teacher_vae = student_vae.to(dtype=dtype), teacher_vae.to(dtype=dtype)
     bridges = {}
     for tap in BRIDGES:
         bridge = bridge_model.Bridge.create("sd15", "sd3", k=k, student_vae=student_vae, tap=tap,
                                             **(projector_kwargs or {}))
         bridge.projector.requires_grad_(False)
-        bridges[tap] = bridge.to(device, dtype).eval()
+        bridges[tap] = bridge.to(device, dtype).eval()  # the projector (the VAE is already there)
     return bridges, teacher_vae
 
 
