@@ -251,12 +251,20 @@ def json_rows(summary: dict) -> list[dict]:
 def _pm(entry, digits: int) -> str:
     if entry is None:
         return "—"
+    if len(entry["values"]) == 1:  # one seed: no spread to show
+        return f"{entry['mean']:.{digits}f}"
     return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
 
 
-def findings(table: dict, gap: str | None) -> list[str]:
-    """Plain statements comparing the rows the expectation is about (computed, not written by hand)."""
+def findings(table: dict, gap: str | None, n_prompts: int = 300) -> list[str]:
+    """Plain statements comparing the rows the expectation is about (computed, not written by hand). The noise of
+    a difference is the seeds' spread; with one seed, the binomial error of an accuracy on n_prompts prompts."""
     out = []
+
+    def spread(e):
+        if len(e["values"]) > 1:
+            return e["std"]
+        return math.sqrt(max(e["mean"] * (1 - e["mean"]), 1e-4) / n_prompts)
 
     def compare(a, b, what):
         if a not in table or b not in table:
@@ -268,7 +276,7 @@ def findings(table: dict, gap: str | None) -> list[str]:
                 continue
             ea, eb = table[a][metric], table[b][metric]
             d = ea["mean"] - eb["mean"]
-            noise = math.sqrt(ea["std"] ** 2 + eb["std"] ** 2)
+            noise = math.sqrt(spread(ea) ** 2 + spread(eb) ** 2)
             verdict = ("clearly higher" if d > 2 * noise and d > 0.02 else
                        "clearly lower" if -d > 2 * noise and -d > 0.02 else "within noise")
             parts.append(f"{name} {ea['mean']:.3f} vs {eb['mean']:.3f} ({d:+.3f}, {verdict})")
@@ -331,7 +339,8 @@ def markdown(summary: dict, notes: str | None = None) -> str:
     st = s["settings"]
     lines += [
         "",
-        "Mean ± standard deviation over seeds. Training wall time: Bridge training + distillation; for the "
+        "Mean ± standard deviation over seeds (one seed: the value alone; its accuracies then carry about ±0.02-0.03 "
+        "of binomial noise on these prompts). Training wall time: Bridge training + distillation; for the "
         "synthetic baseline teacher sampling + fine-tuning + distillation. Same-space and the synthetic baseline train "
         "for the cross-space row's wall time of their seed (a time budget, not a step count).",
         "",
@@ -348,7 +357,7 @@ def markdown(summary: dict, notes: str | None = None) -> str:
         "",
         "## Findings (computed from the table)",
         "",
-    ] + findings(table, gap)
+    ] + findings(table, gap, s["settings"]["eval_samples"])
     lines += ["", f"Why the table looks as it does, and what was tried: [{INVESTIGATION}]({INVESTIGATION})."]
     if notes:
         lines += ["", notes.strip()]
