@@ -17,6 +17,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import secrets
 import struct
 import warnings
@@ -109,9 +110,13 @@ def save_safetensors_atomic(path, tensors: dict, metadata: dict) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        # safetensors reports a full disk as "... (os error 28)" without the file: say which file it was.
+        code = re.search(r"\(os error (\d+)\)", str(e)) if type(e).__name__ == "SafetensorError" else None
+        if code:
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), path) from e
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(folder, os.O_RDONLY)

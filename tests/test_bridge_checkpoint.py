@@ -344,3 +344,27 @@ def test_load_warns_on_another_vae_only(saved, student_vae):
 def test_fingerprint_needs_decoder_weights():
     with pytest.raises(ValueError, match="No VAE decoder weights found"):
         decoder_fingerprint({"model.diffusion_model.x": torch.zeros(3)})
+
+
+def test_a_full_disk_while_saving_names_the_file(tmp_path, monkeypatch):
+    """safetensors reports ENOSPC without the file name: the atomic save re-raises it as an OSError naming the file,
+    so the CLI's one error line says which file could not be written; no temporary is left behind."""
+    import errno
+
+    import safetensors
+    import safetensors.torch
+
+    from bridge.checkpoint import save_safetensors_atomic
+    from training.errors import explain
+
+    def full(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                          "message: \"No space left on device\" }) (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    target = tmp_path / "bridge.safetensors"
+    with pytest.raises(OSError) as info:
+        save_safetensors_atomic(target, {"a": torch.zeros(1)}, {})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert str(target) in str(explain(info.value)) and "disk is full" in str(explain(info.value))
+    assert list(tmp_path.iterdir()) == []
