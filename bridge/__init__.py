@@ -11,6 +11,8 @@ from .spaces import SPACES, LatentSpace, get_space, register_space
 _LAZY = {
     "Bridge": "model",
     "exact_round_trip": "model",
+    "projector_config": "model",
+    "TAPS": "taps",
     "Projector": "projector",
     "ProjectorConfig": "projector",
     "BridgeCheckpointError": "checkpoint",

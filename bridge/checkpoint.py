@@ -1,8 +1,10 @@
 """Bridge checkpoints: one `.safetensors` file, projector weights + JSON metadata in the header.
 
 Header metadata (all strings, JSON where structured):
-    format="cross-space-bridge", format_version="1", student_space, teacher_space (full LatentSpace dicts,
-    so custom spaces round-trip), k, projector (ProjectorConfig dict), decoder_fingerprint, training_summary.
+    format="cross-space-bridge", format_version="2", student_space, teacher_space (full LatentSpace dicts,
+    so custom spaces round-trip), k, projector (ProjectorConfig dict), decoder_fingerprint, training_summary,
+    tap ("image" or "features": where the projector reads the student decoder; bridge/taps.py).
+Version 1 files (no tap; projector dicts without input_norm) are read as tap "image", exactly as before.
 Tensors: "projector.<name>" for every entry of the projector's state dict. Nothing is ever unpickled.
 
 Also home of `save_safetensors_atomic`, the one atomic writer every checkpoint in the project uses, and of
@@ -15,6 +17,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import secrets
 import struct
 import warnings
@@ -31,7 +34,8 @@ if TYPE_CHECKING:
     from .model import Bridge
 
 FORMAT = "cross-space-bridge"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: before the tap existed; every version-1 Bridge reads the full image
 PREFIX = "projector."
 # What a header may ask for. A Bridge is a compact net (the default has ~1M parameters); the limits are far above
 # any sensible one, and every tensor shape is checked against the file before anything is built.
@@ -106,9 +110,13 @@ def save_safetensors_atomic(path, tensors: dict, metadata: dict) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        # safetensors reports a full disk as "... (os error 28)" without the file: say which file it was.
+        code = re.search(r"\(os error (\d+)\)", str(e)) if type(e).__name__ == "SafetensorError" else None
+        if code:
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), path) from e
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(folder, os.O_RDONLY)
@@ -144,6 +152,7 @@ def save_bridge(path, bridge: "Bridge", training_summary: dict | None = None,
         "decoder_fingerprint": decoder_fingerprint or "",
         "training_summary": summary,
     }
+    metadata.update(_tap_header(bridge.tap))
     tensors = {PREFIX + k: v for k, v in bridge.projector.state_dict().items()}
     save_safetensors_atomic(path, tensors, metadata)
 
@@ -210,10 +219,10 @@ def _parse_header(raw: dict, name: str) -> dict | None:
     except ValueError:
         raise BridgeCheckpointError(f"{name!r}: format_version {raw.get('format_version')!r} is not "
                                     "a number; the file is corrupt.") from None
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         newer = " It was written by a newer version: update the node pack." if version > FORMAT_VERSION else ""
         raise BridgeCheckpointError(f"{name!r} has Bridge format version {version}; this version "
-                                    f"reads version {FORMAT_VERSION}.{newer}")
+                                    f"reads versions {', '.join(map(str, READABLE_VERSIONS))}.{newer}")
     meta = {"format": FORMAT, "format_version": version}
     try:
         for key in ("student_space", "teacher_space", "projector", "training_summary"):
@@ -228,6 +237,7 @@ def _parse_header(raw: dict, name: str) -> dict | None:
         raise BridgeCheckpointError(f"{name!r} has a damaged Bridge header ({type(e).__name__}: "
                                     f"{e}); the file is corrupt or was edited. Re-export it.") from None
     meta["decoder_fingerprint"] = raw.get("decoder_fingerprint") or None
+    meta["tap"] = _read_tap(raw, version, name)
     return meta
 
 
@@ -239,7 +249,7 @@ def _skeleton(meta: dict, name: str) -> "Bridge":
         with torch.device("meta"):
             projector = Projector(ProjectorConfig.from_dict(meta["projector"]))
         return Bridge(projector, LatentSpace.from_dict(meta["student_space"]),
-                      LatentSpace.from_dict(meta["teacher_space"]), meta["k"], student_vae=None)
+                      LatentSpace.from_dict(meta["teacher_space"]), meta["k"], student_vae=None, tap=meta["tap"])
     except ValueError as e:
         raise BridgeCheckpointError(f"{name!r}: its header describes an impossible Bridge ({e}).") from None
 
@@ -297,10 +307,29 @@ def _open(path) -> tuple[dict, "Bridge"]:
     return meta, skeleton
 
 
+# ---- the tap (format version 2): kept apart from the version-1 fields above ----
+
+def _tap_header(tap: str) -> dict:
+    return {"tap": tap}
+
+
+def _read_tap(raw: dict, version: int, name: str) -> str:
+    from .taps import TAPS
+
+    if version == 1:
+        return "image"  # version 1 had only the full decode
+    tap = raw.get("tap")
+    if tap not in TAPS:
+        raise BridgeCheckpointError(f"{name!r} has a damaged Bridge header (tap {tap!r}; expected one of "
+                                    f"{', '.join(TAPS)}); the file is corrupt or was edited. Re-export it.")
+    return tap
+
+
 def read_bridge_metadata(path) -> dict:
     """format, format_version, student_space / teacher_space (dicts), k, projector (config dict),
-    decoder_fingerprint (str or None), training_summary (dict). Checks everything `load_bridge` checks short of
-    reading the weights (header, tensor names, dtypes and shapes), so a file it accepts loads."""
+    decoder_fingerprint (str or None), training_summary (dict), tap ("image" for version-1 files). Checks
+    everything `load_bridge` checks short of reading the weights (header, tensor names, dtypes and shapes), so a
+    file it accepts loads."""
     return _open(path)[0]
 
 
@@ -327,7 +356,8 @@ def load_bridge(path, student_vae=None, device="cpu", dtype=torch.float32) -> "B
     projector.load_state_dict({k[len(PREFIX):]: v for k, v in tensors.items()}, strict=True, assign=True)
     projector.to(device=device, dtype=dtype)
     if student_vae is not None:
-        bridge = Bridge(projector, bridge.student_space, bridge.teacher_space, bridge.k, student_vae=student_vae)
+        bridge = Bridge(projector, bridge.student_space, bridge.teacher_space, bridge.k, student_vae=student_vae,
+                        tap=bridge.tap)
         warning = check_decoder_fingerprint(meta, decoder_fingerprint(student_vae))
         if warning:
             warnings.warn(warning, stacklevel=2)

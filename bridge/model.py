@@ -1,9 +1,11 @@
 """The Bridge: frozen student VAE decoder + compact projector, student raw latent -> teacher latent.
 
-    z_s raw [B,C_s,h,w] --frozen student decoder--> image01 [B,3,8h,8w] --projector--> teacher [B,C_t,k*h,k*w]
+    tap "image":    z_s raw [B,C_s,h,w] --frozen decoder--> image01 [B,3,8h,8w] --projector--> teacher [B,C_t,k*h,k*w]
+    tap "features": z_s raw --frozen decoder, up to the teacher grid--> [B,C_f,k*h,k*w] --projector--> teacher
 
 The decoder is the spatial prior (it already knows how to turn 4 channels into pixels); only the
 projector is trained. k = teacher pixels / student pixels (2: SD1.5 at 512 px -> SD3.5/Flux at 1024 px).
+The "features" tap (bridge/taps.py) skips the decoder's last, most expensive stages.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import taps
 from .projector import Projector, ProjectorConfig
 from .spaces import LatentSpace, get_space
 
@@ -51,30 +54,57 @@ def exact_round_trip(z_s_raw: torch.Tensor, student_vae: "AutoencoderKL", teache
     return teacher_vae.encode((image * 2 - 1).to(teacher_vae.dtype)).latent_dist.mean
 
 
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k not in (1, 2):
+        raise ValueError(f"Bridge k (teacher pixels / student pixels) must be 1 or 2; got {k!r}.")
+    return k
+
+
+def projector_config(student_space, teacher_space, k: int = 2, tap: str = "image", student_vae=None,
+                     feature_channels: int | None = None, **overrides) -> ProjectorConfig:
+    """The projector config a fresh Bridge needs (overrides: width, depth, ...). The 'features' tap sizes the input
+    layer for the decoder's channels at the teacher grid: from `student_vae`, or `feature_channels` when there is
+    no VAE at hand (e.g. on the meta device)."""
+    s, t = get_space(student_space), get_space(teacher_space)
+    _check_k(k)
+    taps.check_tap(tap)
+    if tap == "image":
+        return ProjectorConfig(out_channels=t.channels, downsample=s.downscale // k, **overrides)
+    if feature_channels is None:
+        if student_vae is None:
+            raise ValueError("A 'features' Bridge sizes its projector for the student decoder's channels: pass "
+                             "student_vae=... (or feature_channels=...).")
+        feature_channels = taps.feature_channels(student_vae, k)
+    return ProjectorConfig(**{"stem_channels": 0, **overrides, "in_channels": feature_channels,
+                              "out_channels": t.channels, "downsample": 1, "input_norm": 1})
+
+
 class Bridge(nn.Module):
     def __init__(self, projector: Projector, student_space, teacher_space, k: int = 2,
-                 student_vae: "AutoencoderKL | None" = None):
+                 student_vae: "AutoencoderKL | None" = None, tap: str = "image"):
         super().__init__()
         self.student_space = get_space(student_space)
         self.teacher_space = get_space(teacher_space)
-        if isinstance(k, bool) or not isinstance(k, int) or k not in (1, 2):
-            raise ValueError(f"Bridge k (teacher pixels / student pixels) must be 1 or 2; got {k!r}.")
-        self.k = k
+        self.k = _check_k(k)
+        self.tap = taps.check_tap(tap)
         c = projector.config
-        want_d = self.student_space.downscale // k
+        want_d = self.student_space.downscale // k if tap == "image" else 1
         problems = []
-        if c.in_channels != 3:
-            problems.append(f"projector in_channels is {c.in_channels}, but it reads RGB images (3)")
+        if tap == "image" and (c.in_channels != 3 or c.input_norm):
+            problems.append(f"projector in_channels is {c.in_channels} (input_norm {c.input_norm}), but it reads "
+                            "RGB images (3, input_norm 0)")
+        if tap == "features" and not c.input_norm:
+            problems.append("projector input_norm is 0, but it reads decoder features (input_norm 1)")
         if c.out_channels != self.teacher_space.channels:
             problems.append(f"projector out_channels is {c.out_channels}, but {display_name(self.teacher_space)} "
                             f"latents have {self.teacher_space.channels} channels")
-        if c.downsample * k != self.student_space.downscale:
-            problems.append(f"projector downsample is {c.downsample}, but {display_name(self.student_space)} "
-                            f"({self.student_space.downscale} px per latent) at k={k} needs {want_d}")
+        if c.downsample != want_d:
+            where = (f"{display_name(self.student_space)} ({self.student_space.downscale} px per latent) at k={k}"
+                     if tap == "image" else "the 'features' tap (already on the teacher grid)")
+            problems.append(f"projector downsample is {c.downsample}, but {where} needs {want_d}")
         if problems:
             raise ValueError("Projector does not fit this Bridge: " + "; ".join(problems) +
-                             f". Build it with ProjectorConfig(out_channels={self.teacher_space.channels}, "
-                             f"downsample={want_d}) or use Bridge.create(...).")
+                             ". Build it with bridge.model.projector_config(...) or use Bridge.create(...).")
         self.projector = projector
         # Kept here too: a training wrapper (DDP) around `projector` hides its config.
         self.projector_config = c
@@ -84,19 +114,24 @@ class Bridge(nn.Module):
                 raise ValueError(f"The student VAE has {got} latent channels, but this Bridge's student space "
                                  f"{display_name(self.student_space)} has {self.student_space.channels}. "
                                  "Pass the VAE of the student model.")
+            if tap == "features":
+                got = taps.feature_channels(student_vae, k)
+                if got != c.in_channels:
+                    raise ValueError(f"This 'features' Bridge reads {c.in_channels} decoder channels at the teacher "
+                                     f"grid, but this student VAE's decoder has {got} there: it is another decoder "
+                                     "architecture. Pass the VAE the Bridge was trained with.")
             # Frozen: gradients pass through the decoder to the latent, never into its weights.
             student_vae.requires_grad_(False)
             student_vae.eval()
         self.student_vae = student_vae
 
     @classmethod
-    def create(cls, student_space="sd15", teacher_space="sd3", k: int = 2, student_vae=None, **projector_kwargs):
-        """A Bridge with a fresh projector sized for the two spaces (projector_kwargs: width, depth, ...)."""
-        s, t = get_space(student_space), get_space(teacher_space)
-        if k not in (1, 2):
-            raise ValueError(f"Bridge k (teacher pixels / student pixels) must be 1 or 2; got {k!r}.")
-        config = ProjectorConfig(out_channels=t.channels, downsample=s.downscale // k, **projector_kwargs)
-        return cls(Projector(config), s, t, k, student_vae=student_vae)
+    def create(cls, student_space="sd15", teacher_space="sd3", k: int = 2, student_vae=None, tap: str = "image",
+               **projector_kwargs):
+        """A Bridge with a fresh projector sized for the two spaces and the tap (projector_kwargs: width, depth, ...;
+        feature_channels for a 'features' Bridge without a VAE)."""
+        config = projector_config(student_space, teacher_space, k, tap, student_vae, **projector_kwargs)
+        return cls(Projector(config), student_space, teacher_space, k, student_vae=student_vae, tap=tap)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -168,12 +203,27 @@ class Bridge(nn.Module):
                              "the latent yourself and call project_image.")
         return decode_to_image01(self.student_vae, z_s_raw, straight_through=straight_through)
 
+    def decode_features(self, z_s_raw: torch.Tensor) -> torch.Tensor:
+        """Student raw latent -> the decoder's features at the teacher grid [B,C_f,k*h,k*w] (the 'features' tap)."""
+        self.check_student_latent(z_s_raw)
+        if self.student_vae is None:
+            raise ValueError("This Bridge has no student VAE: pass student_vae=... (e.g. to load_bridge), or run the "
+                             "partial decode yourself (bridge.taps) and call project_features.")
+        return taps.decode_features(self.student_vae, z_s_raw, self.k)
+
+    def _require_tap(self, tap: str, instead: str) -> None:
+        if self.tap != tap:
+            raise ValueError(f"This Bridge reads the decoder's {'image' if self.tap == 'image' else 'features'} "
+                             f"(tap {self.tap!r}), not its {'image' if tap == 'image' else 'features'}: use {instead}, "
+                             "or forward() with the student latent.")
+
     def project_image_model(self, image01: torch.Tensor) -> torch.Tensor:
         """Decoded image [B,3,H,W] in [0,1] -> teacher MODEL-space latent [B,C_t,H/d,W/d] (what losses use).
 
         The input is the clamped [0,1] image exactly as ComfyUI's VAE.decode returns it, so the ComfyUI node
         (which decodes with ComfyUI's VAE) and the trainer (which decodes with diffusers) feed the projector
         identical inputs."""
+        self._require_tap("image", "project_features")
         self.check_image(image01)
         p = next(self.projector.parameters())
         return self.projector(image01.to(p.dtype))
@@ -184,9 +234,26 @@ class Bridge(nn.Module):
         self.check_finite(image01, "image")
         return self.teacher_space.to_raw(self.project_image_model(image01))
 
+    def project_features_model(self, features: torch.Tensor) -> torch.Tensor:
+        """Decoder features at the teacher grid [B,C_f,k*h,k*w] -> teacher MODEL-space latent [B,C_t,k*h,k*w]."""
+        self._require_tap("features", "project_image")
+        c = self.projector_config.in_channels
+        if not isinstance(features, torch.Tensor) or features.ndim != 4 or features.shape[1] != c:
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"This 'features' Bridge reads decoder features [B,{c},H,W]; got {shape}. A different "
+                             "channel count means another decoder architecture than the one it was trained behind.")
+        p = next(self.projector.parameters())
+        return self.projector(features.to(p.dtype))
+
+    def project_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Decoder features -> teacher RAW latent."""
+        return self.teacher_space.to_raw(self.project_features_model(features))
+
     def forward_model(self, z_s_raw: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
         """Student raw latent -> teacher MODEL-space latent (straight_through: the decoded image's clamp passes
-        gradients, for distillation)."""
+        gradients, for distillation; the features tap has no clamp)."""
+        if self.tap == "features":
+            return self.project_features_model(self.decode_features(z_s_raw))
         return self.project_image_model(self.decode_student(z_s_raw, straight_through=straight_through))
 
     def forward(self, z_s_raw: torch.Tensor) -> torch.Tensor:

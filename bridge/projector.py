@@ -1,4 +1,5 @@
-"""The Bridge's trainable part: a compact conv net from a decoded student image to a teacher latent.
+"""The Bridge's trainable part: a compact conv net from what it reads of the frozen student decoder to a
+teacher latent.
 
     image01 [B,3,H,W]  --(full-res 3x3 stem)--> [B,s,H,W]  --PixelUnshuffle(d)--> [B,s*d*d,H/d,W/d]
       --1x1--> width  --depth x residual(GroupNorm, SiLU, 3x3, GroupNorm, SiLU, 3x3)-->  --3x3--> [B,C_t,H/d,W/d]
@@ -7,6 +8,10 @@ d = student pixels per latent / k, so the output lands on the teacher's latent g
 k = 2: d = 4, 128 x 128). Almost all the work happens at the output resolution, which keeps the net
 cheap next to the SD1.5 decoder that feeds it. The output is in the teacher's MODEL space (normalised,
 about unit variance); the Bridge converts it to raw latents.
+
+The Bridge's 'features' tap (bridge/taps.py) feeds decoder features that already lie on the teacher grid
+instead: in_channels = their channels (512 for SD1.5), d = 1, no stem, and input_norm = 1, a GroupNorm on the
+input (the decoder's residual stream has no fixed scale; its own next layers normalise it too).
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-_MAX = {"in_channels": 64, "out_channels": 1024, "downsample": 64, "width": 8192, "depth": 256,
-        "stem_channels": 1024, "norm_groups": 8192}
+# in_channels: decoder channels for the 'features' tap (SD1.5: 512), 3 for images.
+_MAX = {"in_channels": 8192, "out_channels": 1024, "downsample": 64, "width": 8192, "depth": 256,
+        "stem_channels": 1024, "norm_groups": 8192, "input_norm": 1}
 
 
 @dataclass
@@ -32,18 +38,23 @@ class ProjectorConfig:
     depth: int = 6  # residual blocks at the output resolution
     stem_channels: int = 16  # full-resolution 3x3 stem before space-to-depth; 0 = plain space-to-depth
     norm_groups: int = 32  # GroupNorm groups (the gcd with `width` is used, so any width works)
+    # 1: GroupNorm the input (decoder features of any scale); 0: the input is an image in [0,1], mapped to [-1,1].
+    # Missing from version-1 Bridge files, which all read images: the default keeps them as they were.
+    input_norm: int = 0
 
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ValueError(f"ProjectorConfig.{f.name} must be an integer; got {v!r}.")
-            low = 0 if f.name in ("stem_channels", "depth") else 1
+            low = 0 if f.name in ("stem_channels", "depth", "input_norm") else 1
             if v < low:
                 raise ValueError(f"ProjectorConfig.{f.name} must be >= {low}; got {v}.")
             if v > _MAX[f.name]:
                 # Bounds what a Bridge file's header can ask to be built (far above any sensible projector).
                 raise ValueError(f"ProjectorConfig.{f.name} must be <= {_MAX[f.name]}; got {v}.")
+        if self.input_norm not in (0, 1):
+            raise ValueError(f"ProjectorConfig.input_norm must be 0 or 1; got {self.input_norm}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,6 +95,7 @@ class Projector(nn.Module):
             config = ProjectorConfig(**{**config.to_dict(), **overrides})
         self.config = c = config
         groups = math.gcd(c.norm_groups, c.width)
+        self.norm_in = nn.GroupNorm(math.gcd(c.norm_groups, c.in_channels), c.in_channels) if c.input_norm else None
         if c.stem_channels > 0:
             self.stem = nn.Sequential(nn.Conv2d(c.in_channels, c.stem_channels, 3, padding=1), nn.SiLU())
             unshuffled = c.stem_channels * c.downsample**2
@@ -103,16 +115,23 @@ class Projector(nn.Module):
             self.proj_out.bias.zero_()
         self.gradient_checkpointing = False
 
-    def forward(self, image01: torch.Tensor) -> torch.Tensor:
-        """image01 [B,3,H,W] in [0,1] -> teacher model-space latent [B,C_t,H/d,W/d]."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """image01 [B,3,H,W] in [0,1] (or decoder features [B,in_channels,H,W] with input_norm)
+        -> teacher model-space latent [B,C_t,H/d,W/d]."""
         d = self.config.downsample
-        if image01.ndim != 4 or image01.shape[1] != self.config.in_channels:
-            raise ValueError(f"Projector expects images [B,{self.config.in_channels},H,W]; "
-                             f"got shape {tuple(image01.shape)}.")
-        if image01.shape[-2] % d or image01.shape[-1] % d:
-            raise ValueError(f"Projector needs image sides divisible by {d}; got {image01.shape[-2]}x"
-                             f"{image01.shape[-1]}. Crop or resize the image to a multiple of {d}.")
-        x = image01 * 2 - 1  # the [-1, 1] range VAEs work in
+        what = "images" if not self.config.input_norm else "decoder features"
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"Projector expects {what} [B,{self.config.in_channels},H,W]; "
+                             f"got shape {tuple(x.shape)}.")
+        if x.shape[-2] % d or x.shape[-1] % d:
+            raise ValueError(f"Projector needs input sides divisible by {d}; got {x.shape[-2]}x"
+                             f"{x.shape[-1]}. Crop or resize the image to a multiple of {d}.")
+        if self.norm_in is not None:
+            # contiguous: decoder features can come channels-last, and torch 2.13's CPU GroupNorm backward crashes
+            # (segfault) on a channels-last input that needs no gradient itself (a frozen decoder fed cached latents).
+            x = self.norm_in(x.contiguous())
+        else:
+            x = x * 2 - 1  # images: the [-1, 1] range VAEs work in
         x = self.proj_in(self.unshuffle(self.stem(x)))
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():

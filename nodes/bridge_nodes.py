@@ -15,6 +15,7 @@ from comfy_api.latest import io
 
 from ..bridge.checkpoint import check_decoder_fingerprint, decoder_fingerprint, load_bridge, read_bridge_metadata
 from ..bridge.model import Bridge, display_name
+from ..bridge.taps import ldm_decode_features
 from . import specs
 from ._errors import clean_errors
 from ._schema import build_schema
@@ -122,6 +123,22 @@ def check_student_inputs(handle: BridgeHandle, vae, samples) -> None:
         log.warning("Bridge Project (%s): %s", handle.name, warning)
 
 
+def decode_features(vae, samples: torch.Tensor, k: int) -> torch.Tensor:
+    """The 'features' tap on ComfyUI's own VAE: its decoder (original LDM layout) run only to the teacher grid, with
+    the VAE loaded, placed and typed the way ComfyUI's VAE.decode does it."""
+    memory = vae.memory_used_decode(samples.shape, vae.vae_dtype)
+    mm.load_models_gpu([vae.patcher], memory_required=memory, force_full_load=vae.disable_offload)
+    return ldm_decode_features(vae.first_stage_model, samples.to(vae.vae_dtype).to(vae.device), k)
+
+
+def project(model: Bridge, vae, chunk: torch.Tensor, device) -> torch.Tensor:
+    """One chunk of student latents -> teacher raw latents, reading ComfyUI's decoder where the Bridge's tap says."""
+    if model.tap == "features":
+        return model.project_features(decode_features(vae, chunk, model.k).to(device))
+    image = vae.decode(chunk)  # [b,H,W,3] in [0,1], ComfyUI's own decode (tiles if it must)
+    return model.project_image(image.movedim(-1, 1).to(device))
+
+
 # On a machine without CUDA ComfyUI's OOM_EXCEPTION is plain Exception: then nothing is treated as OOM.
 _OOM = () if mm.OOM_EXCEPTION is Exception else mm.OOM_EXCEPTION
 
@@ -144,8 +161,7 @@ class BridgeProject(io.ComfyNode):
         while start < n:
             chunk = samples[start:start + chunk_size]
             try:
-                image = vae.decode(chunk)  # [b,H,W,3] in [0,1], ComfyUI's own decode (tiles if it must)
-                z = model.project_image(image.movedim(-1, 1).to(device))
+                z = project(model, vae, chunk, device)
             except _OOM:
                 if chunk_size == 1:
                     raise

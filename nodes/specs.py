@@ -24,6 +24,7 @@ NONE = "(none)"  # the "not given" choice of optional model-file combos
 DIFFUSERS = "diffusers"  # ComfyUI's folder of diffusers-format model folders; a combo from it lists the folders
 DIFFUSERS_MARK = " (diffusers folder)"  # how those folders are listed, beside the single files of other folders
 TEACHER_FAMILIES = ("sd35_medium", "sd35_large", "flux_dev", "flux_schnell")  # = training.bridge_cli's (tested)
+BRIDGE_TAPS = ("image", "features")  # = bridge.taps.TAPS (tested)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ BRIDGE_PROJECT = NodeSpec(
     display_name="Bridge Project",
     category=f"{CATEGORY}/bridge",
     description="Maps a student latent (e.g. SD1.5, 4 channels) into the teacher's latent space (16 channels, k "
-                "times larger): decodes it with the student VAE, then runs the Bridge projector. The result is a raw "
+                "times larger): decodes it with the student VAE (fully, or for a 'features' Bridge only up to the "
+                "teacher's latent grid), then runs the Bridge projector. The result is a raw "
                 "teacher LATENT for the teacher's VAE Decode (preview) or as the start of a low-denoise teacher pass.",
     inputs=(
         In("bridge", BRIDGE, tooltip="The Bridge from Load Bridge."),
@@ -240,6 +242,10 @@ TRAIN_BRIDGE = NodeSpec(
         In("student_res", "INT", default=512, min=64, max=4096, step=8,
            tooltip="Student image size in pixels (512 for SD1.5); the teacher sees the same images at twice this "
                    "size."),
+        In("tap", "COMBO", default="image", options=BRIDGE_TAPS,
+           tooltip="Where the Bridge reads the frozen student decoder: image (the full decode) or features (the "
+                   "decoder run only up to the teacher's latent grid, several times cheaper in training and in Bridge "
+                   "Project). Stored in the Bridge file."),
         # Not named "seed": the web UI gives an INT called seed a "control after generate" widget that would change
         # it after every run, and a resumed run must keep its seed.
         In("train_seed", "INT", default=0, min=0, max=0xFFFFFFFF, step=1,

@@ -182,7 +182,7 @@ class TrainBridge(io.ComfyNode):
     @classmethod
     @clean_errors
     def execute(cls, student_checkpoint, student_vae, teacher_family, teacher_model, teacher_vae, clip_l, clip_g, t5,
-                images, output_name, steps, batch_size, lr, attn_weight, student_res, train_seed,
+                images, output_name, steps, batch_size, lr, attn_weight, student_res, tap, train_seed,
                 resume) -> io.NodeOutput:
         require("Train Bridge")
         from ..training import loop
@@ -200,8 +200,8 @@ class TrainBridge(io.ComfyNode):
         out_dir = run_dir("bridge", name)
         config = BridgeTrainConfig(out_dir=out_dir, images=input_path(images, "images", folder=True), steps=steps,
                                    batch_size=batch_size, lr=lr, warmup_steps=_warmup(steps), attn_weight=attn_weight,
-                                   k=2, student_res=student_res, teacher_res=2 * student_res, seed=train_seed,
-                                   resume=resume, cpu=comfy_on_cpu())
+                                   k=2, student_res=student_res, teacher_res=2 * student_res, tap=tap,
+                                   seed=train_seed, resume=resume, cpu=comfy_on_cpu())
         config.validate()  # before minutes of model loading
         stop = loop.StopFlag()
         progress = ComfyProgress(steps, stop)

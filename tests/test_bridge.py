@@ -174,20 +174,123 @@ def test_benchmark_produces_a_table_at_tiny_size(tmp_path):
         student_config=dict(TINY_VAE, latent_channels=4),
         teacher_config=dict(TINY_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False),
         projector_kwargs=SMALL)
-    assert [r["method"] for r in rows] == ["bridge", "round_trip"]
+    assert [r["method"] for r in rows] == ["features", "image", "round_trip"]
     for r in rows:
         assert r["fwd_s"] > 0 and r["fwd_bwd_s"] > 0 and r["flops_fwd_bwd"] > r["flops_fwd"] > 0
         assert r["params"] > r["own_params"] > 0
+    by = {r["method"]: r for r in rows}
+    # The features Bridge runs a prefix of the decoder the image Bridge runs in full.
+    assert by["features"]["flops_fwd"] < by["image"]["flops_fwd"]
+    assert by["features"]["params"] - by["features"]["own_params"] < by["image"]["params"] - by["image"]["own_params"]
     table = bench_bridge.format_table(rows)
-    assert "round trip / bridge" in table and "4x4 -> 8x8" in table
-    assert "forward+backward" in bench_bridge.summary(rows)[0]
+    assert "round trip / features" in table and "round trip / image" in table and "4x4 -> 8x8" in table
+    lines = bench_bridge.summary(rows)
+    assert len(lines) == 2 and "features bridge: forward+backward" in lines[0] and "target >= 6x" in lines[0]
 
 
 def test_benchmark_cli_refuses_bad_arguments(capsys):
     from training import bench_bridge
 
-    for argv in (["--sizes", "32,x"], ["--sizes", "0"], ["--repeats", "0"]):
+    for argv in (["--sizes", "32,x"], ["--sizes", "0"], ["--repeats", "0"], ["--paths", "image,pixels"]):
         with pytest.raises(SystemExit) as e:
             bench_bridge.main(argv)
         assert e.value.code == 2
     assert "--sizes must be comma-separated integers" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ the 'features' tap
+
+def _tapped_output(vae, z, block):
+    """What the full decode computes at the end of up block `block`'s resnets (a hook on the real forward)."""
+    seen = {}
+    hook = vae.decoder.up_blocks[block].resnets[-1].register_forward_hook(lambda m, i, o: seen.setdefault("o", o))
+    with torch.no_grad():
+        vae.decode(z)
+    hook.remove()
+    return seen["o"]
+
+
+@pytest.mark.parametrize("k, block", [(1, 0), (2, 1)])
+def test_features_tap_is_the_decoders_own_activation_on_the_teacher_grid(student_vae, k, block):
+    bridge = make(student_vae, k=k, tap="features")
+    c = bridge.projector.config
+    assert (c.in_channels, c.downsample, c.input_norm, c.stem_channels) == (32, 1, 1, 0)
+    z = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        feats = bridge.decode_features(z)
+        assert feats.shape == (2, 32, 8 * k, 8 * k)
+        torch.testing.assert_close(feats, _tapped_output(student_vae, z, block))
+        assert bridge(z).shape == bridge.forward_model(z).shape == (2, 16, 8 * k, 8 * k)
+        torch.testing.assert_close(bridge(z), bridge.project_features(feats))
+        assert bridge(torch.randn(1, 4, 8, 16)).shape == (1, 16, 8 * k, 16 * k)
+
+
+def test_features_tap_gradients_and_checkpointing(student_vae):
+    torch.manual_seed(2)
+    plain = make(student_vae, tap="features")
+    z = torch.randn(1, 4, 8, 8) * 0.5
+    # As in Bridge training: cached latents need no gradient, only the projector does.
+    plain.forward_model(z).square().mean().backward()
+    assert all(p.grad is not None for p in plain.projector.parameters())
+    grads = []
+    for checkpointing in (False, True):
+        bridge = Bridge(plain.projector, "sd15", "sd3", 2, student_vae=student_vae, tap="features")
+        if checkpointing:
+            bridge.enable_gradient_checkpointing()
+        bridge.projector.zero_grad()
+        zz = z.clone().requires_grad_(True)
+        bridge.forward_model(zz).square().mean().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in bridge.projector.parameters())
+        grads.append((zz.grad.clone(), bridge.projector.proj_in.weight.grad.clone()))
+    student_vae.disable_gradient_checkpointing()
+    plain.projector.disable_gradient_checkpointing()
+    assert grads[0][0].abs().sum() > 0
+    assert all(not p.requires_grad and p.grad is None for p in student_vae.parameters())
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_features_tap_refuses_what_does_not_fit(student_vae):
+    with pytest.raises(ValueError, match="sizes its projector for the student decoder's channels: pass student_vae"):
+        Bridge.create("sd15", "sd3", 2, tap="features", **SMALL)
+    with pytest.raises(ValueError, match="tap must be one of image, features; got 'pixels'"):
+        Bridge.create("sd15", "sd3", 2, student_vae=student_vae, tap="pixels")
+    wider = tiny_vae(4, block_out_channels=(16, 16, 64, 32))  # 64 channels at the k = 2 tap
+    bridge = make(student_vae, tap="features")
+    with pytest.raises(ValueError, match="reads 32 decoder channels at the teacher grid, but this student VAE's "
+                                         "decoder has 64 there"):
+        Bridge(bridge.projector, "sd15", "sd3", 2, student_vae=wider, tap="features")
+    with pytest.raises(ValueError, match="reads RGB images"):
+        Bridge(bridge.projector, "sd15", "sd3", 2, tap="image")
+    image_bridge = make(student_vae)
+    with pytest.raises(ValueError, match="input_norm is 0, but it reads decoder features"):
+        Bridge(image_bridge.projector, "sd15", "sd3", 2, tap="features")
+    with pytest.raises(ValueError, match=r"tap 'features'\), not its image: use project_features"):
+        bridge.project_image(torch.rand(1, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"reads decoder features \[B,32,H,W\]; got \(1, 16, 16, 16\)"):
+        bridge.project_features(torch.rand(1, 16, 16, 16))
+
+
+def test_features_tap_on_the_real_sd15_decoder_skips_the_expensive_stages():
+    """Real SD1.5 decoder (meta device): 512 channels at 128 x 128 for a 64 x 64 latent (k = 2), at 64 x 64 for
+    k = 1, and the features Bridge costs a small fraction of the image Bridge's FLOPs."""
+    from diffusers import AutoencoderKL
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from training.bench_bridge import SD15_VAE_CONFIG
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**SD15_VAE_CONFIG)
+        bridges = {(tap, k): Bridge.create("sd15", "sd3", k=k, student_vae=vae, tap=tap)
+                   for tap in ("image", "features") for k in (1, 2)}
+    z = torch.zeros(1, 4, 64, 64, device="meta")
+    assert bridges["features", 2].decode_features(z).shape == (1, 512, 128, 128)
+    assert bridges["features", 1].decode_features(z).shape == (1, 512, 64, 64)
+    flops = {}
+    for key, bridge in bridges.items():
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            out = bridge.forward_model(z)
+        flops[key] = counter.get_total_flops()
+        assert out.shape == (1, 16, 64 * key[1], 64 * key[1])
+    assert flops["features", 2] < 0.5 * flops["image", 2]
+    assert flops["features", 1] < flops["features", 2]

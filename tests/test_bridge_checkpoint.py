@@ -70,7 +70,7 @@ def test_save_load_round_trip_gives_identical_outputs(saved, student_vae):
 def test_metadata_holds_everything_needed(saved, student_vae):
     path, bridge = saved
     meta = read_bridge_metadata(path)
-    assert meta["format"] == "cross-space-bridge" and meta["format_version"] == 1
+    assert meta["format"] == "cross-space-bridge" and meta["format_version"] == 2 and meta["tap"] == "image"
     assert meta["student_space"] == bridge.student_space.to_dict()
     assert meta["teacher_space"] == bridge.teacher_space.to_dict()
     assert meta["k"] == 2 and meta["projector"] == bridge.projector.config.to_dict()
@@ -170,9 +170,70 @@ def test_a_vae_is_not_a_bridge(tmp_path, student_vae):
 
 
 def test_unknown_format_version(tmp_path, saved):
-    path = _rewrite(saved[0], tmp_path / "v2.safetensors", edit_meta=lambda m: m.update(format_version="2"))
-    with pytest.raises(BridgeCheckpointError, match="format version 2.*reads version 1.*update the node pack"):
+    path = _rewrite(saved[0], tmp_path / "v3.safetensors", edit_meta=lambda m: m.update(format_version="3"))
+    with pytest.raises(BridgeCheckpointError, match="format version 3.*reads versions 1, 2.*update the node pack"):
         load_bridge(path)
+
+
+# ------------------------------------------------------------------------------------------ the tap (version 2)
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def test_a_version_1_file_loads_and_behaves_as_before():
+    """tests/data/bridge_v1.safetensors was written by the version-1 code (before the tap existed), with the
+    output it gave then for a fixed image: it still loads, as an 'image' Bridge, and gives the same output."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(DATA, "bridge_v1.safetensors")
+    with safe_open(path, "pt") as f:
+        raw = f.metadata()
+    assert raw["format_version"] == "1" and "tap" not in raw and "input_norm" not in raw["projector"]
+    meta = read_bridge_metadata(path)
+    assert meta["format_version"] == 1 and meta["tap"] == "image"
+    bridge = load_bridge(path)
+    assert bridge.tap == "image" and bridge.projector.config.input_norm == 0
+    io = load_file(os.path.join(DATA, "bridge_v1_io.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(bridge.project_image(io["image01"]), io["project_image"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="reads the decoder's image .*tap 'image'.*use project_image"):
+        bridge.project_features(torch.zeros(1, 32, 8, 8))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_features_bridge_round_trip(tmp_path, student_vae, k):
+    torch.manual_seed(4)
+    bridge = Bridge.create("sd15", "sd3", k=k, student_vae=student_vae, tap="features", **SMALL)
+    with torch.no_grad():
+        for p in bridge.projector.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / "f.safetensors"
+    save_bridge(path, bridge)
+    meta = read_bridge_metadata(path)
+    assert meta["tap"] == "features" and meta["format_version"] == 2 and meta["projector"]["input_norm"] == 1
+    loaded = load_bridge(path, student_vae=student_vae)
+    assert loaded.tap == "features" and loaded.projector.config == bridge.projector.config
+    z = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(z), bridge(z))
+        assert loaded(z).shape == (2, 16, 8 * k, 8 * k)
+    # Without a VAE it still loads (ComfyUI runs the partial decode on its own VAE).
+    assert load_bridge(path).tap == "features"
+
+
+def test_damaged_or_inconsistent_tap_header(tmp_path, student_vae):
+    bridge = Bridge.create("sd15", "sd3", k=2, student_vae=student_vae, tap="features", **SMALL)
+    path = tmp_path / "f.safetensors"
+    save_bridge(path, bridge)
+    bad = _rewrite(path, tmp_path / "bad.safetensors", edit_meta=lambda m: m.update(tap="pixels"))
+    with pytest.raises(BridgeCheckpointError, match="damaged Bridge header.*tap 'pixels'.*image, features"):
+        read_bridge_metadata(bad)
+    missing = _rewrite(path, tmp_path / "missing.safetensors", edit_meta=lambda m: m.pop("tap"))
+    with pytest.raises(BridgeCheckpointError, match="damaged Bridge header.*tap None"):
+        load_bridge(missing)
+    swapped = _rewrite(path, tmp_path / "swapped.safetensors", edit_meta=lambda m: m.update(tap="image"))
+    with pytest.raises(BridgeCheckpointError, match="impossible Bridge.*reads RGB images"):
+        load_bridge(swapped)
 
 
 def test_missing_unexpected_and_misshapen_tensors(tmp_path, saved):
@@ -283,3 +344,27 @@ def test_load_warns_on_another_vae_only(saved, student_vae):
 def test_fingerprint_needs_decoder_weights():
     with pytest.raises(ValueError, match="No VAE decoder weights found"):
         decoder_fingerprint({"model.diffusion_model.x": torch.zeros(3)})
+
+
+def test_a_full_disk_while_saving_names_the_file(tmp_path, monkeypatch):
+    """safetensors reports ENOSPC without the file name: the atomic save re-raises it as an OSError naming the file,
+    so the CLI's one error line says which file could not be written; no temporary is left behind."""
+    import errno
+
+    import safetensors
+    import safetensors.torch
+
+    from bridge.checkpoint import save_safetensors_atomic
+    from training.errors import explain
+
+    def full(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                          "message: \"No space left on device\" }) (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    target = tmp_path / "bridge.safetensors"
+    with pytest.raises(OSError) as info:
+        save_safetensors_atomic(target, {"a": torch.zeros(1)}, {})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert str(target) in str(explain(info.value)) and "disk is full" in str(explain(info.value))
+    assert list(tmp_path.iterdir()) == []

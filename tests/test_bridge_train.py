@@ -57,6 +57,25 @@ def test_both_losses_fall_and_checkpoint_is_written(tmp_path, images):
     assert z.shape[1] == bridge.student_space.channels
 
 
+def test_features_tap_trains_and_is_recorded(tmp_path, images):
+    """tap 'features': both losses fall and the checkpoint records the tap (k = 2 here; k = 1 in test_cli)."""
+    result = BridgeTrainer(_cfg(tmp_path / "run", images, steps=30, val_every=30, tap="features"),
+                           demo_models()).run()
+    rows = [r for r in _metrics(tmp_path / "run") if "rec" in r]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    assert mean(rows[-5:], "rec") < 0.7 * mean(rows[:5], "rec")
+    assert mean(rows[-5:], "attn") < mean(rows[:5], "attn")
+
+    from bridge.checkpoint import load_bridge, read_bridge_metadata
+
+    meta = read_bridge_metadata(result["bridge"])
+    assert meta["tap"] == "features" and meta["training_summary"]["config"]["tap"] == "features"
+    world = demo_models()
+    bridge = load_bridge(result["bridge"], student_vae=world.student_vae)
+    with torch.no_grad():
+        assert bridge(torch.randn(1, 4, 8, 8)).shape == (1, 16, 16, 16)
+
+
 def _stop_after(n_steps, action):
     """A progress reporter whose callback fires `action` once `n_steps` steps are done (like a user or ComfyUI)."""
     return loop.ProgressReporter(total=100, disable=True,
@@ -124,6 +143,8 @@ def test_nan_steps_are_skipped_then_training_stops_with_a_clear_message(tmp_path
 
 
 def test_bad_config_is_refused_with_a_clear_message(tmp_path, images):
+    with pytest.raises(ValueError, match="tap must be image or features, got 'pixels'"):
+        BridgeTrainer(_cfg(tmp_path / "t", images, tap="pixels"), demo_models())
     with pytest.raises(ValueError, match="teacher_res"):
         BridgeTrainer(_cfg(tmp_path, images, teacher_res=100), demo_models())
     with pytest.raises(ValueError, match="k must be 1 or 2"):

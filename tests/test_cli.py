@@ -60,3 +60,20 @@ def test_options_without_a_command_go_to_the_default_run(monkeypatch):
     monkeypatch.setattr(shapes_run, "main", lambda argv: seen.append(argv) or 0)
     assert main(["--fresh", "--seed", "3"]) == 0 and main([]) == 0 and main(["shapes", "--quick"]) == 0
     assert seen == [["--fresh", "--seed", "3"], [], ["--quick"]]
+
+
+def test_bridge_demo_with_the_features_tap_at_k1(tmp_path, capsys):
+    """`bridge --demo --tap features --k 1`: trains, and the written Bridge reads the decoder's features."""
+    from bridge.checkpoint import read_bridge_metadata
+    from training import data
+
+    data.make_synthetic_images(str(tmp_path / "images"), n=4, size=64, seed=0)
+    out = tmp_path / "run"
+    assert main(["bridge", "--demo", "--tap", "features", "--k", "1", "--steps", "2", "--batch-size", "2",
+                 "--images", str(tmp_path / "images"), "--out", str(out), "--val-fraction", "0.5"]) == 0
+    meta = read_bridge_metadata(out / "bridge.safetensors")
+    assert meta["tap"] == "features" and meta["k"] == 1 and meta["projector"]["downsample"] == 1
+    assert "Bridge checkpoint:" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["bridge", "--demo", "--tap", "pixels"])
+    assert e.value.code == 2

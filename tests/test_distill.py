@@ -122,7 +122,7 @@ def trainer_deps():
     import training.state  # noqa: F401
     import training.text  # noqa: F401
 
-def closed_form_world(seed: int = 0, latent: int = 2, n_target: int = 512):
+def closed_form_world(seed: int = 0, latent: int = 2, n_target: int = 512, tap: str = "image"):
     """A tiny one-step student (SD1.5 UNet config), a tiny frozen SD1.5-style VAE decoder + random projector as
     the Bridge (k = 2) into a small 4-channel teacher space, and a closed-form teacher there.
 
@@ -136,8 +136,8 @@ def closed_form_world(seed: int = 0, latent: int = 2, n_target: int = 512):
 
     space = register_space(LatentSpace("closed_form_test", 4, 8, 1.5305, 0.0609, 32))
     torch.manual_seed(seed)
-    bridge = Bridge.create("sd15", space, k=2, student_vae=tiny_vae(4), width=32, depth=1, stem_channels=8,
-                           norm_groups=8)
+    bridge = Bridge.create("sd15", space, k=2, student_vae=tiny_vae(4), tap=tap, width=32, depth=1,
+                           stem_channels=8 if tap == "image" else 0, norm_groups=8)
     with torch.no_grad():
         bridge.projector.proj_out.weight.mul_(30)  # about unit-variance teacher latents from a random projector
     student = OneStepStudent(tiny_unet(block_out_channels=(32, 32)))
@@ -191,15 +191,19 @@ def _metrics(out_dir):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("options", [{}, dict(grad_norm="student", grad_clip_relative=2.0, straight_through_clamp=True)],
-                         ids=["dmd2", "bridge-options"])
-def test_distillation_moves_bridged_samples_to_the_teacher_distribution(tmp_path, trainer_deps, options):
+@pytest.mark.parametrize("tap,options", [
+    ("image", {}), ("features", {}),
+    ("image", dict(grad_norm="student", grad_clip_relative=2.0, straight_through_clamp=True))],
+    ids=["image", "features", "image-bridge-options"])
+def test_distillation_moves_bridged_samples_to_the_teacher_distribution(tmp_path, trainer_deps, tap, options):
     """Issue 3 "Correctness": 60 steps (~10 s) of DMD against the closed-form teacher through the Bridge at
-    least halve the mean error and cut the covariance error by a third, and the fake score's loss falls; also
+    least halve the mean error and cut the covariance error by a third, and the fake score's loss falls; through
+    an 'image' Bridge and through a 'features' Bridge (the gradient then flows through the partial decode), and
     with the distiller's Bridge options (student-space normalisation, running-norm clip, straight-through clamp)."""
     from training.distill import Distiller
 
-    student, bridge, teacher = closed_form_world(n_target=4096)
+    student, bridge, teacher = closed_form_world(n_target=4096, tap=tap)
+    assert bridge.tap == tap
     mean0, cov0 = _bridged_errors(student, bridge, teacher)
     assert mean0 > 0.3 and cov0 > 0.5  # a real distance to cover
     result = Distiller(_config(tmp_path, **options), _models(student, bridge, teacher)).run()

@@ -194,11 +194,14 @@ def test_default_run_end_to_end_on_a_quick_world(tmp_path, quick_world):
     from training.shapes.run import DEFAULTS, main
 
     out = tmp_path / "run"
-    assert main(["--out", str(out), "--world", quick_world, "--quick", "--threads", "1", "--seed", "1"]) == 0
+    # With the Bridge's 'features' tap (a setting like any other; the benchmark's test runs the default 'image').
+    assert main(["--out", str(out), "--world", quick_world, "--quick", "--threads", "1", "--seed", "1",
+                 "--bridge-tap", "features"]) == 0
 
     world = models.load_shapes_world(quick_world, register=False)
     bridge = load_bridge(str(out / "bridge.safetensors"), student_vae=world.student_vae)
     assert (bridge.student_space, bridge.teacher_space, bridge.k) == (world.student_space, world.teacher_space, 2)
+    assert bridge.tap == "features" and bridge.projector.config.in_channels == 64  # up block 1 of the shapes decoder
     assert read_bridge_metadata(str(out / "bridge.safetensors"))["training_summary"]["config"]["attn_weight"] > 0
     with torch.no_grad():
         assert bridge(torch.randn(2, 4, 8, 8)).shape == (2, 16, 16, 16)

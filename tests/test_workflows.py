@@ -266,6 +266,12 @@ def test_teacher_families_are_the_libraries():
     assert set(specs.TEACHER_FAMILIES) <= set(FAMILIES)
 
 
+def test_bridge_taps_are_the_libraries():
+    from bridge.taps import TAPS
+
+    assert specs.BRIDGE_TAPS == TAPS
+
+
 def _execute_params() -> dict[str, list[str]]:
     """node id -> the parameters of its class's `execute`, read from the node modules' source (importing them needs
     ComfyUI): the class whose define_schema builds `specs.X` is the node of spec X."""

@@ -1,19 +1,18 @@
-"""Benchmark: the Bridge vs the exact round trip E_t(upsample_k(D_s(z_s))).
+"""Benchmark: the Bridge, with either tap, vs the exact round trip E_t(upsample_k(D_s(z_s))).
 
     python -m training.bench_bridge                       # 32->64 and 64->128 on CPU (+ CUDA when present)
     python -m training.bench_bridge --sizes 32 --json bench.json
     python -m training.bench_bridge --device cuda --dtype bf16 --repeats 5
 
 Real configs of the SD1.5 VAE (student) and the SD3/SD3.5 VAE (teacher) with random init (speed and memory
-do not depend on the weights), student latent s x s -> teacher latent 2s x 2s. Both paths run the same
-student decoder. Measured per path: forward time (no grad, as in the ComfyUI node), forward+backward time
+do not depend on the weights), student latent s x s -> teacher latent 2s x 2s. Three paths, all on the same
+student decoder: the 'features' Bridge (decoder run only to the teacher grid, bridge/taps.py), the 'image'
+Bridge (full decode, the paper's design) and the round trip. Measured per path: forward time (no grad, as in the ComfyUI node), forward+backward time
 with the gradient taken w.r.t. the input latent only (as in distillation, where the Bridge is frozen), peak
 memory above the loaded weights for both, parameters and FLOPs (torch FlopCounterMode, counted on the meta
 device so counting costs nothing). CPU peak memory is the process's peak RSS over the pass (Linux); CUDA
-uses torch.cuda.max_memory_allocated. The 64 x 64 case takes about 12 minutes and 18 GB on a 2-core CPU.
-
-Measured (2 shared CPU cores, fp32, torch 2.13): 64 -> 128: Bridge forward+backward 101 s vs 533 s for the
-round trip (5.3x), peak memory 6.6 GB vs 18.1 GB (0.37x), FLOPs 5.3 vs 15.4 TFLOP; 32 -> 64: 4.9x, 0.35x.
+uses torch.cuda.max_memory_allocated. The 64 x 64 case takes about 15 minutes and 18 GB on a 2-core CPU.
+Measured figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -46,43 +45,67 @@ SD3_VAE_CONFIG = dict(
     use_quant_conv=False, use_post_quant_conv=False,
 )
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-METHODS = ("bridge", "round_trip")
+METHODS = ("features", "image", "round_trip")  # the features Bridge, the image Bridge, the exact round trip
+BRIDGES = ("features", "image")
+LABELS = {"features": "features bridge", "image": "image bridge", "round_trip": "round trip"}
 
 
 # ------------------------------------------------------------------------------------------ models
 
 def build_models(student_config: dict, teacher_config: dict, k: int = 2, projector_kwargs: dict | None = None,
                  device="cpu", dtype=torch.float32):
-    """(bridge, teacher_vae): a Bridge around a random-init student VAE, and a random-init teacher VAE.
-    Everything frozen: only the input latent gets a gradient, as in distillation."""
+    """({tap: bridge}, teacher_vae): a Bridge of each tap around one random-init student VAE, and a random-init
+    teacher VAE. Everything frozen: only the input latent gets a gradient, as in distillation."""
     from diffusers import AutoencoderKL
 
-    student_vae = AutoencoderKL(**student_config)
-    teacher_vae = AutoencoderKL(**teacher_config).requires_grad_(False).eval()
-    bridge = bridge_model.Bridge.create("sd15", "sd3", k=k, student_vae=student_vae, **(projector_kwargs or {}))
-    bridge.projector.requires_grad_(False)
-    bridge, teacher_vae = bridge.to(device).eval(), teacher_vae.to(device)
+    student_vae, teacher_vae = AutoencoderKL(**student_config), AutoencoderKL(**teacher_config)
+    student_vae, teacher_vae = student_vae.to(device), teacher_vae.requires_grad_(False).eval().to(device)
     if dtype != torch.float32:
-        bridge, teacher_vae = bridge.to(dtype=dtype), teacher_vae.to(dtype=dtype)
-    return bridge, teacher_vae
+        student_vae, teacher_vae = student_vae.to(dtype=dtype), teacher_vae.to(dtype=dtype)
+    bridges = {}
+    for tap in BRIDGES:
+        bridge = bridge_model.Bridge.create("sd15", "sd3", k=k, student_vae=student_vae, tap=tap,
+                                            **(projector_kwargs or {}))
+        bridge.projector.requires_grad_(False)
+        bridges[tap] = bridge.to(device, dtype).eval()  # the projector (the VAE is already there)
+    return bridges, teacher_vae
 
 
-def _paths(bridge, teacher_vae, k: int, upsample: str) -> dict:
-    """Both paths: student raw latent -> teacher model-space latent."""
-    space = bridge.teacher_space
+def _paths(bridges, teacher_vae, k: int, upsample: str) -> dict:
+    """Every path: student raw latent -> teacher model-space latent."""
+    any_bridge = bridges["image"]
+    space = any_bridge.teacher_space
     return {
-        "bridge": bridge.forward_model,
+        **{tap: b.forward_model for tap, b in bridges.items()},
         "round_trip": lambda z: space.to_model(
-            bridge_model.exact_round_trip(z, bridge.student_vae, teacher_vae, k=k, upsample=upsample)),
+            bridge_model.exact_round_trip(z, any_bridge.student_vae, teacher_vae, k=k, upsample=upsample)),
     }
 
 
-def _param_counts(bridge, teacher_vae) -> dict:
-    vae = bridge.student_vae
+def _param_counts(bridges, teacher_vae) -> dict:
+    """(parameters the path runs, of which its own: projector or teacher encoder). The features Bridge runs only
+    the decoder's layers up to its tap."""
+    vae = bridges["image"].student_vae
     decoder = sum(p.numel() for n, p in vae.named_parameters() if n.startswith(("decoder.", "post_quant_conv.")))
-    projector = sum(p.numel() for p in bridge.projector.parameters())
     encoder = sum(p.numel() for n, p in teacher_vae.named_parameters() if n.startswith(("encoder.", "quant_conv.")))
-    return {"bridge": (decoder + projector, projector), "round_trip": (decoder + encoder, encoder)}
+    out = {"round_trip": (decoder + encoder, encoder)}
+    for tap, bridge in bridges.items():
+        projector = sum(p.numel() for p in bridge.projector.parameters())
+        used = decoder if tap == "image" else _tapped_decoder_params(vae, bridge.k)
+        out[tap] = (used + projector, projector)
+    return out
+
+
+def _tapped_decoder_params(vae, k: int) -> int:
+    """Decoder parameters the 'features' tap runs (post_quant_conv, conv_in, mid block, the up blocks to the tap)."""
+    from ._bridge import taps
+
+    stop, _ = taps._diffusers_plan(vae.decoder, k)
+    d = vae.decoder
+    modules = [d.conv_in, d.mid_block, *d.up_blocks[:stop], *d.up_blocks[stop].resnets]
+    if vae.post_quant_conv is not None:
+        modules.append(vae.post_quant_conv)
+    return sum(p.numel() for m in modules for p in m.parameters())
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -105,10 +128,10 @@ def count_flops(student_config, teacher_config, size: int, batch: int, k: int, u
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        bridge, teacher_vae = build_models(student_config, teacher_config, k, projector_kwargs, device="meta")
+        bridges, teacher_vae = build_models(student_config, teacher_config, k, projector_kwargs, device="meta")
     z = torch.zeros(batch, student_config["latent_channels"], size, size, device="meta")
     out = {}
-    for name, fn in _paths(bridge, teacher_vae, k, upsample).items():
+    for name, fn in _paths(bridges, teacher_vae, k, upsample).items():
         counts = []
         for step in (_fwd, _fwd_bwd):
             with FlopCounterMode(display=False) as counter:
@@ -177,20 +200,26 @@ def _timed(step, fn, z, device, repeats: int, warmup: int) -> tuple[float, int |
 def run_benchmark(sizes=(32, 64), devices=("cpu",), repeats: int | None = None, dtype: str = "fp32", batch: int = 1,
                   k: int = 2, upsample: str = "bicubic", gradient_checkpointing: bool = False,
                   skip_large: bool = False, student_config: dict = SD15_VAE_CONFIG,
-                  teacher_config: dict = SD3_VAE_CONFIG, projector_kwargs: dict | None = None, log=print) -> list[dict]:
-    """One row per (device, size, path) with times, memory, parameters and FLOPs."""
+                  teacher_config: dict = SD3_VAE_CONFIG, projector_kwargs: dict | None = None, log=print,
+                  methods=METHODS) -> list[dict]:
+    """One row per (device, size, path) with times, memory, parameters and FLOPs (paths: `methods`)."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown benchmark path(s) {unknown}; choose from {', '.join(METHODS)}.")
     rows = []
     flops = {s: count_flops(student_config, teacher_config, s, batch, k, upsample, projector_kwargs) for s in sizes}
     for dev_name in devices:
         device = torch.device(dev_name)
         torch.manual_seed(0)
-        bridge, teacher_vae = build_models(student_config, teacher_config, k, projector_kwargs, device, DTYPES[dtype])
+        bridges, teacher_vae = build_models(student_config, teacher_config, k, projector_kwargs, device,
+                                            DTYPES[dtype])
         if gradient_checkpointing:
-            bridge.enable_gradient_checkpointing()  # the shared student decoder and the projector
+            for bridge in bridges.values():
+                bridge.enable_gradient_checkpointing()  # the shared student decoder and the projectors
             teacher_vae.enable_gradient_checkpointing()
-        params = _param_counts(bridge, teacher_vae)
+        params = _param_counts(bridges, teacher_vae)
         elem = torch.finfo(DTYPES[dtype]).bits // 8
-        paths = _paths(bridge, teacher_vae, k, upsample)
+        paths = _paths(bridges, teacher_vae, k, upsample)
         for size in sizes:
             if skip_large and size > 32 and device.type == "cpu":
                 log(f"[{dev_name}] skipping {size}x{size} (--skip-large)")
@@ -201,8 +230,8 @@ def run_benchmark(sizes=(32, 64), devices=("cpu",), repeats: int | None = None, 
             warmup = 1 if device.type == "cuda" else 0
             z = torch.randn(batch, student_config["latent_channels"], size, size,
                             generator=torch.Generator().manual_seed(size)).to(device, DTYPES[dtype])
-            for name in METHODS:
-                log(f"[{dev_name}] {size}x{size} -> {k * size}x{k * size}: {name} ...")
+            for name in methods:
+                log(f"[{dev_name}] {size}x{size} -> {k * size}x{k * size}: {LABELS[name]} ...")
                 fwd_s, fwd_mem = _timed(_fwd, paths[name], z, device, n_rep, warmup)
                 fb_s, fb_mem = _timed(_fwd_bwd, paths[name], z, device, n_rep, warmup)
                 total, own = params[name]
@@ -213,7 +242,7 @@ def run_benchmark(sizes=(32, 64), devices=("cpu",), repeats: int | None = None, 
                     fwd_s=fwd_s, fwd_bwd_s=fb_s, peak_fwd_bytes=fwd_mem, peak_fwd_bwd_bytes=fb_mem,
                     repeats=n_rep, gradient_checkpointing=gradient_checkpointing, upsample=upsample,
                 ))
-        del bridge, teacher_vae, paths
+        del bridges, teacher_vae, paths
         gc.collect()
     return rows
 
@@ -236,7 +265,7 @@ def _cell(value, scale, fmt) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """A text table: both paths per case, then round trip / Bridge ratios (> 1: the Bridge is cheaper)."""
+    """A text table: every path per case, then round trip / Bridge ratios per Bridge (> 1: the Bridge is cheaper)."""
     head = ["device", "student -> teacher", "path"] + [c[0] for c in _COLUMNS]
     lines = []
     cases = {}
@@ -247,14 +276,15 @@ def format_table(rows: list[dict]) -> str:
         for name in METHODS:
             if name in by:
                 r = by[name]
-                lines.append([dev, case, name.replace("_", " ")] + [_cell(r[c[1]], c[2], c[3]) for c in _COLUMNS])
-        if all(m in by for m in METHODS):
-            a, b = by["round_trip"], by["bridge"]
-            ratios = []
-            for _, key, _, _ in _COLUMNS:
-                ok = a[key] is not None and b[key] not in (None, 0)
-                ratios.append(f"{a[key] / b[key]:.2f}x" if ok else "n/a")
-            lines.append([dev, case, "round trip / bridge"] + ratios)
+                lines.append([dev, case, LABELS[name]] + [_cell(r[c[1]], c[2], c[3]) for c in _COLUMNS])
+        for tap in BRIDGES:
+            if tap in by and "round_trip" in by:
+                a, b = by["round_trip"], by[tap]
+                ratios = []
+                for _, key, _, _ in _COLUMNS:
+                    ok = a[key] is not None and b[key] not in (None, 0)
+                    ratios.append(f"{a[key] / b[key]:.2f}x" if ok else "n/a")
+                lines.append([dev, case, f"round trip / {tap}"] + ratios)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
     fmt = lambda cells: "  ".join(str(c).rjust(w) if i >= 3 else str(c).ljust(w)  # noqa: E731
                                   for i, (c, w) in enumerate(zip(cells, widths)))
@@ -262,22 +292,33 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+# Issue 13's targets for the features Bridge at real size; the image Bridge is reported against the same numbers.
+TARGET_SPEEDUP, TARGET_MEMORY = 6.0, 1 / 6
+
+
 def summary(rows: list[dict]) -> list[str]:
-    """The issue's targets per case: forward+backward >= 2x faster, <= half the peak memory."""
+    """Per case and Bridge: forward+backward speed-up over the exact round trip and peak-memory share, against the
+    targets (features Bridge: >= 6x faster, <= 1/6 of the memory)."""
     out = []
     by = {}
     for r in rows:
         by.setdefault((r["device"], r["student"]), {})[r["method"]] = r
     for (dev, s), m in by.items():
-        if not all(x in m for x in METHODS):
+        if "round_trip" not in m:
             continue
-        b, a = m["bridge"], m["round_trip"]
-        speed = a["fwd_bwd_s"] / b["fwd_bwd_s"]
-        line = f"{dev} {s}x{s}: forward+backward {speed:.2f}x faster than the exact round trip (target >= 2x)"
-        if a["peak_fwd_bwd_bytes"] and b["peak_fwd_bwd_bytes"] is not None:
-            mem = b["peak_fwd_bwd_bytes"] / a["peak_fwd_bwd_bytes"]
-            line += f", peak memory {mem:.2f} of it (target <= 0.5)"
-        out.append(line)
+        a = m["round_trip"]
+        for tap in BRIDGES:
+            if tap not in m:
+                continue
+            b = m[tap]
+            speed = a["fwd_bwd_s"] / b["fwd_bwd_s"]
+            line = (f"{dev} {s}x{s}, {tap} bridge: forward+backward {speed:.2f}x faster than the exact round trip "
+                    f"(target >= {TARGET_SPEEDUP:g}x: {'met' if speed >= TARGET_SPEEDUP else 'missed'})")
+            if a["peak_fwd_bwd_bytes"] and b["peak_fwd_bwd_bytes"] is not None:
+                mem = b["peak_fwd_bwd_bytes"] / a["peak_fwd_bwd_bytes"]
+                line += (f", peak memory {mem:.3f} of it (target <= {TARGET_MEMORY:.3f}: "
+                         f"{'met' if mem <= TARGET_MEMORY else 'missed'})")
+            out.append(line)
     return out
 
 
@@ -305,8 +346,13 @@ def main(argv=None) -> int:
                    help="how the round trip upsamples the decoded image to teacher resolution")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="enable gradient checkpointing in both paths (off by default in both)")
+    p.add_argument("--paths", default=",".join(METHODS),
+                   help=f"comma-separated paths to measure (default all: {','.join(METHODS)})")
     p.add_argument("--json", metavar="OUT.json", help="also write the rows as JSON")
     args = p.parse_args(argv)
+    methods = tuple(m.strip() for m in args.paths.split(",") if m.strip())
+    if not methods or any(m not in METHODS for m in methods):
+        p.error(f"--paths takes a comma-separated subset of {','.join(METHODS)}; got {args.paths!r}")
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
@@ -326,8 +372,10 @@ def main(argv=None) -> int:
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     rows = run_benchmark(sizes, devices, args.repeats, args.dtype, args.batch, upsample=args.upsample,
-                         gradient_checkpointing=args.gradient_checkpointing, skip_large=args.skip_large, log=log)
-    print(f"\nBridge (SD1.5 decoder + projector) vs exact round trip E_t(upsample(D_s(z))) with SD1.5 / SD3 VAEs, "
+                         gradient_checkpointing=args.gradient_checkpointing, skip_large=args.skip_large, log=log,
+                         methods=methods)
+    print(f"\nBridge (SD1.5 decoder to its features or to the image + projector) vs exact round trip "
+          f"E_t(upsample(D_s(z))) with SD1.5 / SD3 VAEs, "
           f"random init, {args.dtype}, batch {args.batch}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads" + _load_note())
     print(format_table(rows))

@@ -88,8 +88,10 @@ class PhaseTimer:
             self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
 
 
-def build(size: str, batch: int, fake_updates: int, out_dir: str, checkpointing: bool):
-    """A Distiller over random-init models of `size` (teacher: SD3.5-style)."""
+def build(size: str, batch: int, fake_updates: int, out_dir: str, checkpointing: bool, student_lora_rank: int = 0,
+          tap: str = "image"):
+    """A Distiller over random-init models of `size` (teacher: SD3.5-style; Bridge with `tap`). On CUDA the models
+    are created on the GPU (random init of SD3.5 Medium on a CPU takes a minute)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 
     from . import tiny
@@ -102,13 +104,16 @@ def build(size: str, batch: int, fake_updates: int, out_dir: str, checkpointing:
 
     spec = SIZES[size]
     torch.manual_seed(0)
-    if size == "tiny":
-        unet, vae, transformer = tiny.tiny_unet(), tiny.tiny_vae(4), tiny.tiny_sd3_transformer("sd35")
-    else:
-        unet = UNet2DConditionModel(**spec["unet"])
-        vae = AutoencoderKL(**dict(SD15_VAE_CONFIG, **spec["vae"]))
-        transformer = SD3Transformer2DModel(**spec["transformer"])
-    bridge = bridge_model.Bridge.create("sd15", "sd3", k=2, student_vae=vae.requires_grad_(False), **spec["projector"])
+    where = torch.device("cuda") if torch.cuda.is_available() else contextlib.nullcontext()
+    with where:
+        if size == "tiny":
+            unet, vae, transformer = tiny.tiny_unet(), tiny.tiny_vae(4), tiny.tiny_sd3_transformer("sd35")
+        else:
+            unet = UNet2DConditionModel(**spec["unet"])
+            vae = AutoencoderKL(**dict(SD15_VAE_CONFIG, **spec["vae"]))
+            transformer = SD3Transformer2DModel(**spec["transformer"])
+        bridge = bridge_model.Bridge.create("sd15", "sd3", k=2, student_vae=vae.requires_grad_(False), tap=tap,
+                                            **spec["projector"])
     teacher = make_teacher("sd35_medium", transformer.requires_grad_(False).eval())
 
     def encode(shape, pooled):
@@ -120,7 +125,7 @@ def build(size: str, batch: int, fake_updates: int, out_dir: str, checkpointing:
                            encode_student=encode(spec["student_text"], 0))
     cfg = DistillConfig(out_dir=out_dir, prompts=[f"prompt {i}" for i in range(8)], batch_size=batch,
                         resolution=spec["resolution"], fake_rank=spec["fake_rank"], fake_updates=fake_updates,
-                        resume=False, gradient_checkpointing=checkpointing)
+                        resume=False, gradient_checkpointing=checkpointing, student_lora_rank=student_lora_rank)
     distiller = Distiller(cfg, models)
     if distiller.device.type == "cuda":  # frozen parts in bf16, the student trains in fp32 under autocast
         vae.to(distiller.device, torch.bfloat16)
@@ -134,9 +139,10 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def bench(size: str, batch: int, fake_updates: int, steps: int, warmup: int, checkpointing: bool) -> dict:
+def bench(size: str, batch: int, fake_updates: int, steps: int, warmup: int, checkpointing: bool,
+          student_lora_rank: int = 0, tap: str = "image") -> dict:
     with tempfile.TemporaryDirectory() as out:
-        d = build(size, batch, fake_updates, out, checkpointing)
+        d = build(size, batch, fake_updates, out, checkpointing, student_lora_rank, tap)
         d.prepare()
         for step in range(warmup):
             d.train_step(step)
@@ -152,7 +158,8 @@ def bench(size: str, batch: int, fake_updates: int, steps: int, warmup: int, che
         ours = total - sum(per_step.get(k, 0.0) for k in TEACHER_PARTS)
         return {"size": size, "device": str(d.device), "batch": batch, "fake_updates": fake_updates,
                 "steps": steps, "step_s": total, "parts_s": per_step, "non_teacher_share": ours / total,
-                "peak_memory_gb": peak_memory_gb(d.device), "gradient_checkpointing": checkpointing}
+                "peak_memory_gb": peak_memory_gb(d.device), "gradient_checkpointing": checkpointing,
+                "student_lora_rank": student_lora_rank, "tap": tap}
 
 
 def count_flops(size: str, batch: int, fake_updates: int) -> dict:
@@ -226,7 +233,10 @@ def format_flops(r: dict) -> str:
 
 
 def format_table(r: dict) -> str:
-    lines = [f"== {r['size']} on {r['device']}: batch {r['batch']}, {r['fake_updates']} fake updates/step, "
+    options = (f"gradient checkpointing {'on' if r.get('gradient_checkpointing') else 'off'}, "
+               f"student {'LoRA rank ' + str(r['student_lora_rank']) if r.get('student_lora_rank') else 'full UNet'}, "
+               f"{r.get('tap', 'image')} Bridge")
+    lines = [f"== {r['size']} on {r['device']}: batch {r['batch']}, {r['fake_updates']} fake updates/step, {options}, "
              f"{r['step_s']:.3f} s/step, peak memory {r['peak_memory_gb']:.2f} GB",
              f"{'part':<18}{'s/step':>10}{'share':>9}"]
     for k in (*PARTS, "other"):
@@ -249,6 +259,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps (after --warmup untimed ones)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--student-lora-rank", type=int, default=0, help="train a student LoRA of this rank (0: full UNet)")
+    p.add_argument("--tap", default="image", choices=("image", "features"), help="the Bridge's tap")
     p.add_argument("--flops", default="auto",
                    help="comma-separated sizes whose step is broken down in counted FLOPs (meta device, no compute); "
                         "default: real on CPU, none on CUDA; 'none' to skip")
@@ -269,7 +281,8 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} CPU threads")
     results = []
     for size in sizes:
-        r = bench(size, args.batch, args.fake_updates, args.steps, args.warmup, args.gradient_checkpointing)
+        r = bench(size, args.batch, args.fake_updates, args.steps, args.warmup, args.gradient_checkpointing,
+                  args.student_lora_rank, args.tap)
         results.append(r)
         print(format_table(r), flush=True)
     flop_sizes = ("real" if args.device == "cpu" else "none") if args.flops == "auto" else args.flops

@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--attn-queries", type=int, default=64, help="image-token queries sampled per block")
     t.add_argument("--width", type=int, help="projector width (channels)")
     t.add_argument("--depth", type=int, help="projector depth (residual blocks)")
+    t.add_argument("--tap", default="image", choices=("image", "features"),
+                   help="where the projector reads the frozen student decoder: image (the full decode, default) or "
+                        "features (the decoder run only up to the teacher's latent grid: several times cheaper)")
     t.add_argument("--val-every", type=int, help="validation metrics + grid every N steps")
     t.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps")
     t.add_argument("--log-every", type=int, default=10, help="metrics.jsonl line every N steps")
@@ -174,6 +177,7 @@ def config_from_args(args, demo: bool):
         attn_queries=args.attn_queries, val_fraction=args.val_fraction,
         val_every=_given(args.val_every, 50 if demo else 200), ckpt_every=args.ckpt_every, log_every=args.log_every,
         seed=args.seed, k=args.k, student_res=student_res, teacher_res=args.k * student_res, projector=projector,
+        tap=args.tap,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         resume=not args.restart, cache_dir=args.cache_dir,
     )

@@ -55,6 +55,7 @@ class BridgeTrainConfig:
     student_res: int = 512
     teacher_res: int = 1024
     projector: dict = field(default_factory=dict)  # ProjectorConfig overrides (width, depth, ...)
+    tap: str = "image"  # where the projector reads the frozen decoder: "image" (full decode) or "features"
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     cpu: bool = False  # train on the CPU even where CUDA exists
     gradient_checkpointing: bool = False
@@ -92,6 +93,8 @@ class BridgeTrainConfig:
         ]
         if number_problem("val_fraction", self.val_fraction) or not 0 < self.val_fraction < 1:
             problems.append(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.tap not in ("image", "features"):
+            problems.append(f"tap must be image or features, got {self.tap!r}")
         if self.mixed_precision not in ("auto", "bf16", "no"):
             problems.append(f"mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}")
         problems = [p for p in problems if p]
@@ -195,14 +198,11 @@ class BridgeTrainer:
 
     def build_bridge(self):
         cfg = self.cfg
-        pcfg = bridge_projector.ProjectorConfig(
-            out_channels=self.m.teacher_space.channels,
-            downsample=self.m.student_space.downscale // cfg.k,
-            **cfg.projector,
-        )
+        pcfg = bridge_model.projector_config(self.m.student_space, self.m.teacher_space, cfg.k, cfg.tap,
+                                             self.m.student_vae, **cfg.projector)
         torch.manual_seed(cfg.seed)  # projector init is part of the run's identity
         bridge = bridge_model.Bridge(bridge_projector.Projector(pcfg), self.m.student_space, self.m.teacher_space,
-                                     cfg.k, student_vae=self.m.student_vae)
+                                     cfg.k, student_vae=self.m.student_vae, tap=cfg.tap)
         if cfg.gradient_checkpointing:
             bridge.enable_gradient_checkpointing()
             self.m.teacher.enable_gradient_checkpointing()
@@ -368,7 +368,7 @@ class BridgeTrainer:
 
     def _plain_bridge(self, projector):
         b = self.bridge
-        return bridge_model.Bridge(projector, b.student_space, b.teacher_space, b.k, student_vae=None)
+        return bridge_model.Bridge(projector, b.student_space, b.teacher_space, b.k, student_vae=None, tap=b.tap)
 
     # ---- main loop ----
     def run(self) -> dict:

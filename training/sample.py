@@ -95,13 +95,18 @@ def load_student_for_sampling(student_path: str, base: str | None, device, dtype
         raise ValueError(f"Student not found: {student_path!r}.")
     is_ckpt = False
     if os.path.isfile(student_path) and student_path.lower().endswith(".safetensors"):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         from ._bridge import files
+        from .errors import UserError
 
         files.check_safetensors_file(student_path, what="Student")
-        with safe_open(student_path, framework="pt") as f:
-            is_ckpt = (f.metadata() or {}).get("format") == STUDENT_FORMAT
+        try:
+            with safe_open(student_path, framework="pt") as f:
+                is_ckpt = (f.metadata() or {}).get("format") == STUDENT_FORMAT
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"The student {student_path!r} (--student) is not a readable safetensors file (truncated "
+                            f"or corrupt? {e}): give the student checkpoint or exported SD1.5 file again.") from None
     if is_ckpt and not base:
         raise ValueError(f"{os.path.basename(student_path)!r} is a student checkpoint (UNet only): give --base, "
                          "the SD1.5 model whose VAE and CLIP-L it was distilled with.")

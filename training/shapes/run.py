@@ -43,6 +43,7 @@ DEFAULTS = dict(
     n_images=1200,  # rendered training images for the Bridge (10% held out for its validation)
     bridge_steps=400, bridge_batch=16, bridge_lr=1e-3, attn_weight=0.1, attn_queries=64,
     projector_width=64, projector_depth=2,
+    bridge_tap="image",  # where the Bridge reads the student decoder: image (full decode) or features (bridge/taps.py)
     distill_steps=300, distill_batch=16, student_lr=2e-5, fake_lr=1e-3, fake_rank=16, fake_updates=2,
     distill_s_min=0.02,
     # The distiller's options for the Bridge's Jacobian (DistillConfig; docs/shapes_investigation.md): DMD2's
@@ -186,7 +187,7 @@ def train_bridge(world: "ShapesWorld", out_dir: str, images: str, settings: dict
         attn_queries=settings["attn_queries"], val_every=steps, ckpt_every=max(1, steps // 5), log_every=max(1, steps // 50),
         seed=seed, k=world.k, student_res=models.STUDENT_RESOLUTION, teacher_res=models.TEACHER_RESOLUTION,
         projector={"width": settings["projector_width"], "depth": settings["projector_depth"]},
-        mixed_precision="no", resume=True,
+        tap=settings["bridge_tap"], mixed_precision="no", resume=True,
     )
     bridge_models = BridgeModels(
         student_vae=world.student_vae, teacher_vae=world.teacher_vae, teacher=shapes_teacher(world),
