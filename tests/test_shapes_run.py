@@ -196,7 +196,7 @@ def test_default_run_end_to_end_on_a_quick_world(tmp_path, quick_world):
     out = tmp_path / "run"
     # With the Bridge's 'features' tap (a setting like any other; the benchmark's test runs the default 'image').
     assert main(["--out", str(out), "--world", quick_world, "--quick", "--threads", "1", "--seed", "1",
-                 "--bridge-tap", "features"]) == 0
+                 "--bridge-tap", "features", "--same-space-row"]) == 0
 
     world = models.load_shapes_world(quick_world, register=False)
     bridge = load_bridge(str(out / "bridge.safetensors"), student_vae=world.student_vae)

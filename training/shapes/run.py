@@ -1,4 +1,4 @@
-"""The default run: the whole method on the shapes world, on a CPU, in about five minutes (2 cores).
+"""The default run: the whole method on the shapes world, on a CPU (2 cores; README says how long it takes).
 
     python -m training.run                        # = python -m training.shapes.run (all defaults)
     python -m training.shapes.run --out runs/shapes --world assets/shapes --seed 0
@@ -7,16 +7,18 @@
 1. data: renders a captioned training set (PNG + .txt captions) into <out>/data/images;
 2. Bridge: trains shapes_student (8x8x4 raw latents) -> shapes_teacher (16x16x16), k = 2, with the library's
    BridgeTrainer: latent reconstruction + attention fidelity through the frozen shapes teacher;
-3. distillation: the one-step student (a copy of the student base UNet, run once at t = 999) is distilled
-   cross-space with the library's Distiller: its samples go through the frozen Bridge into the teacher's
-   space, where the DMD2 gradient is computed (fake score: a LoRA on the teacher);
+3. distillation: the one-step student (a copy of the student base UNet, run once at `student_timestep`) is
+   distilled cross-space with the library's Distiller: its samples go through the frozen Bridge into the teacher's
+   space, where the DMD2 gradient is computed (fake score: a LoRA on the teacher), with the distiller's options for
+   the Bridge's Jacobian; with --same-space-row also a same-space student from the student base (same steps);
 4. evaluation with the judge on held-out prompts and evaluation seeds: teacher (its 20 steps + CFG), student base
-   (25 DDIM steps + CFG), student base one-step, the distilled cross-space one-step student.
+   (25 DDIM steps + CFG), student base one-step, both distilled one-step students; the attribute the student base
+   lacks (world.json knowledge_gap) is reported on its own.
 
-Writes <out>/bridge.safetensors, <out>/student_unet.safetensors (+ the trainers' own folders bridge/, distill/),
-<out>/grid.png (columns: fixed prompts x seeds; rows: student one-step before, after, teacher) and
-<out>/report.md + report.json with every figure measured in this run. Ctrl-C saves the current stage; the same
-command resumes it (--fresh starts over). The benchmark
+Writes <out>/bridge.safetensors, <out>/student_unet.safetensors (+ the trainers' own folders bridge/, distill/,
+distill_same/), <out>/grid.png (columns: fixed prompts x seeds; rows: student one-step before, after cross-space,
+same-space, teacher) and <out>/report.md + report.json with every figure measured in this run. Ctrl-C saves the
+current stage; the same command resumes it (--fresh starts over). The benchmark
 (`python -m training.shapes.benchmark`) reuses these pieces for its table.
 """
 
@@ -59,7 +61,9 @@ DEFAULTS = dict(
     student_timestep=700,
     guidance=0.0,  # real-score CFG; 0: the teacher's own sampling CFG (world.json)
     eval_samples=300, eval_batch=100, grid_prompts=6, grid_seeds=2,
-    same_space_row=True,  # the default run also distils same-space (same steps, not equal time), for comparison
+    # --same-space-row: also distil same-space from the student base (same steps, not equal time), for comparison;
+    # off by default because it takes the default run past its 10-minute budget on 2 cores (measured: ~11 min).
+    same_space_row=False,
     # The synthetic-data baseline (benchmark): teacher samples -> student VAE -> fine-tune the student base on them
     # (multi-step objective) -> same-space distillation, all in the cross-space row's wall time.
     synthetic_images=800, synthetic_finetune_steps=200, synthetic_batch=64, synthetic_lr=2e-4,
