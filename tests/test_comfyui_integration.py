@@ -890,7 +890,7 @@ def tinyfy(prompt: dict, p: dict) -> dict:
     for nid, node in prompt.items():
         if node["class_type"] == "CLIPTextEncode":
             src = node["inputs"]["clip"][0]
-            while prompt[src]["class_type"] == "LoraLoader":  # Load LoRA passes the checkpoint's CLIP on
+            while src in prompt and prompt[src]["class_type"] == "LoraLoader":  # Load LoRA passes the CLIP on
                 src = prompt[src]["inputs"]["clip"][0]
             fam = family[src]
             name = {"sd15": "sd15", "flux": "flux_pos"}.get(fam) or ("sd3_neg" if not node["inputs"]["text"] else
