@@ -88,15 +88,30 @@ class PhaseTimer:
             self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
 
 
-def build(size: str, batch: int, fake_updates: int, out_dir: str, checkpointing: bool, student_lora_rank: int = 0,
-          tap: str = "image"):
-    """A Distiller over random-init models of `size` (teacher: SD3.5-style; Bridge with `tap`). On CUDA the models
-    are created on the GPU (random init of SD3.5 Medium on a CPU takes a minute)."""
+def _models(size: str, tap: str = "image"):
+    """(unet, student VAE, SD3.5-style transformer, Bridge) of `size`, random init, on the current default device."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 
     from . import tiny
     from ._bridge import model as bridge_model
     from .bench_bridge import SD15_VAE_CONFIG
+
+    spec = SIZES[size]
+    if size == "tiny":
+        unet, vae, transformer = tiny.tiny_unet(), tiny.tiny_vae(4), tiny.tiny_sd3_transformer("sd35")
+    else:
+        unet = UNet2DConditionModel(**spec["unet"])
+        vae = AutoencoderKL(**dict(SD15_VAE_CONFIG, **spec["vae"]))
+        transformer = SD3Transformer2DModel(**spec["transformer"])
+    bridge = bridge_model.Bridge.create("sd15", "sd3", k=2, student_vae=vae.requires_grad_(False), tap=tap,
+                                        **spec["projector"])
+    return unet, vae, transformer, bridge
+
+
+def build(size: str, batch: int, fake_updates: int, out_dir: str, checkpointing: bool, student_lora_rank: int = 0,
+          tap: str = "image"):
+    """A Distiller over random-init models of `size` (teacher: SD3.5-style; Bridge with `tap`). On CUDA the models
+    are created on the GPU (random init of SD3.5 Medium on a CPU takes a minute)."""
     from .distill import DistillConfig, DistillModels, Distiller
     from .student import OneStepStudent
     from .teachers import make_teacher
@@ -106,14 +121,7 @@ def build(size: str, batch: int, fake_updates: int, out_dir: str, checkpointing:
     torch.manual_seed(0)
     where = torch.device("cuda") if torch.cuda.is_available() else contextlib.nullcontext()
     with where:
-        if size == "tiny":
-            unet, vae, transformer = tiny.tiny_unet(), tiny.tiny_vae(4), tiny.tiny_sd3_transformer("sd35")
-        else:
-            unet = UNet2DConditionModel(**spec["unet"])
-            vae = AutoencoderKL(**dict(SD15_VAE_CONFIG, **spec["vae"]))
-            transformer = SD3Transformer2DModel(**spec["transformer"])
-        bridge = bridge_model.Bridge.create("sd15", "sd3", k=2, student_vae=vae.requires_grad_(False), tap=tap,
-                                            **spec["projector"])
+        unet, vae, transformer, bridge = _models(size, tap)
     teacher = make_teacher("sd35_medium", transformer.requires_grad_(False).eval())
 
     def encode(shape, pooled):
@@ -166,22 +174,11 @@ def count_flops(size: str, batch: int, fake_updates: int) -> dict:
     """FLOPs of each part of a step, counted on the meta device (no compute, no memory), so the real size can be
     broken down on a CPU. Same parts as the timed step; the teacher is the bare SD3.5 transformer (the fake
     LoRA's own FLOPs are negligible), the fake update is its forward + backward to the input."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
-
-    from . import tiny
-    from ._bridge import model as bridge_model
-    from .bench_bridge import SD15_VAE_CONFIG
 
     spec = SIZES[size]
     with torch.device("meta"):
-        if size == "tiny":
-            unet, vae, transformer = tiny.tiny_unet(), tiny.tiny_vae(4), tiny.tiny_sd3_transformer("sd35")
-        else:
-            unet = UNet2DConditionModel(**spec["unet"])
-            vae = AutoencoderKL(**dict(SD15_VAE_CONFIG, **spec["vae"]))
-            transformer = SD3Transformer2DModel(**spec["transformer"])
-        bridge = bridge_model.Bridge.create("sd15", "sd3", k=2, student_vae=vae, **spec["projector"])
+        unet, vae, transformer, bridge = _models(size)
         transformer.requires_grad_(False)
         h = spec["resolution"] // 8
         noise = torch.zeros(batch, 4, h, h)
