@@ -174,6 +174,14 @@ def stage_student(out: str, data_path: str, cfg: dict, seed: int, threads: int) 
     return {"parameters": _count(unet), "seconds": time.perf_counter() - t0}
 
 
+def _check_noise_attribute(attribute: str) -> None:
+    from .render import ATTRIBUTES
+
+    if attribute not in ATTRIBUTES:
+        raise ValueError(f"student_caption_noise must be one of {', '.join(ATTRIBUTES)} or '' (none); "
+                         f"got {attribute!r}.")
+
+
 def noisy_captions(scenes, attribute: str, seed: int) -> list[str]:
     """The scenes' captions with `attribute`'s word replaced by a uniformly random valid value, drawn
     independently of the image (so the word carries no information about it). A background stays different
@@ -182,9 +190,7 @@ def noisy_captions(scenes, attribute: str, seed: int) -> list[str]:
 
     from .render import ATTRIBUTES, caption_of
 
-    if attribute not in ATTRIBUTES:
-        raise ValueError(f"student_caption_noise must be one of {', '.join(ATTRIBUTES)} or '' (none); "
-                         f"got {attribute!r}.")
+    _check_noise_attribute(attribute)
     g = torch.Generator().manual_seed(seed)
     values = ATTRIBUTES[attribute]
     out = []
@@ -259,7 +265,7 @@ def pretrain(out: str, quick: bool = False, seed: int = 0, threads: int = 1, job
         raise ValueError(f"Unknown stages {sorted(bad)} for --only; choose from {', '.join(STAGE_SETTINGS)}.")
     cfg = dict(QUICK if quick else DEFAULTS, **overrides)
     if cfg["student_caption_noise"]:
-        noisy_captions(sample_scenes(1, "train", 0), cfg["student_caption_noise"], 0)  # validates the name early
+        _check_noise_attribute(cfg["student_caption_noise"])  # before any stage runs
     _setup(threads, seed)
     previous = {}
     teacher_phases = TEACHER_PHASES
