@@ -243,16 +243,29 @@ def test_benchmark_table_has_every_row_and_resumes(tmp_path, quick_world):
     out, doc = tmp_path / "bench", tmp_path / "bench.md"
     options = dict(distill_clip_relative=0.0, distill_timesteps="uniform")  # two options on: their ablations run
     summary = benchmark([0], str(out), quick_world, doc=str(doc), jobs=1, threads=1, quick=True, **options)
-    expected = set(ROWS) - {"off_clip", "off_timesteps"}  # options that are off have no "off" row
+    # Options that are off have no "off" row; the image tap is the benchmark's own, the features tap gets its row.
+    expected = set(ROWS) - {"off_clip", "off_timesteps", "cross_space_image"}
     assert set(summary["table"]) == expected
     for row in expected:
         assert 0 <= summary["table"][row]["accuracy"]["mean"] <= 1
         assert 0 <= summary["table"][row]["mean_attributes"]["mean"] <= 1
-    for row in ("same_space", "cross_space", "synthetic", "cross_space_no_attn", "round_trip", "off_all"):
+    for row in ("same_space", "cross_space", "cross_space_features", "synthetic", "cross_space_no_attn", "round_trip",
+                "off_all"):
         assert summary["table"][row]["training_s"]["mean"] > 0
     by_task = {r["task"]: r for r in summary["results"]}
     assert "bridge" in by_task["cross_space_no_attn"]["training_s"]
     assert by_task["cross_space"]["training_s"]["bridge"] == by_task["bridge"]["training_s"]["bridge"]  # shared
+    # Each tap has its Bridge: the features row distils through the features Bridge (its own checkpoint).
+    assert by_task["bridge"]["tap"] == "image" and by_task["bridge_features"]["tap"] == "features"
+    assert (by_task["cross_space_features"]["training_s"]["bridge"]
+            == by_task["bridge_features"]["training_s"]["bridge"])
+    from bridge.checkpoint import read_bridge_metadata
+    assert read_bridge_metadata(by_task["bridge_features"]["bridge"])["tap"] == "features"
+    quality = summary["bridge_quality"]
+    assert set(quality) == {"bridge_image", "bridge_features", "bridge_no_attn", "round_trip"}
+    for entry in quality.values():
+        assert entry["image_psnr"]["mean"] > 0 and 0 <= entry["latent_mse"]["mean"]
+        assert -1 <= entry["attn_sim_mean"]["mean"] <= 1
     # Equal wall time: same-space and the baseline get the cross-space row's training time as their budget.
     cross = sum(by_task["cross_space"]["training_s"].values())
     for task in ("same_space", "synthetic"):
@@ -262,13 +275,14 @@ def test_benchmark_table_has_every_row_and_resumes(tmp_path, quick_world):
     for row in expected:
         assert summary["row_labels"][row] in text
     assert "knowledge gap" in text.lower()
+    assert "Bridge quality on held-out images" in text and "features tap" in text
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert {r["name"] for r in rows} == expected
     for r in rows:
         assert r["seeds"][0]["seed"] == 0 and set(r["seeds"][0]) >= {"accuracy", "background", "fd", "training_s"}
     # Finished tasks are kept: a second call only re-aggregates.
     results = sorted((out / "seed0").glob("*/result.json"))
-    assert len(results) == 10
+    assert len(results) == 12
     stamps = [p.stat().st_mtime_ns for p in results]
     again = benchmark([0], str(out), quick_world, doc=str(doc), jobs=1, threads=1, quick=True, **options)
     assert again["table"]["cross_space"]["accuracy"] == summary["table"]["cross_space"]["accuracy"]

@@ -48,8 +48,12 @@ OPTION_LABELS = {
     "timesteps": "the teacher's own noise levels",
     "straight_through": "straight-through clamp",
 }
+# The Bridge's two taps (bridge/taps.py): the benchmark's cross-space row uses the settings' tap; the other tap gets a
+# Bridge of its own (task "bridge_<tap>") and a cross-space row of its own ("cross_space_<tap>").
+TAPS = ("image", "features")
 ROWS = ("teacher", "student_base", "student_base_one_step", "student_base_start", "same_space", "cross_space",
-        "synthetic", "cross_space_no_attn", "round_trip", *(f"off_{o}" for o in OPTION_OFF), "off_all",
+        *(f"cross_space_{t}" for t in TAPS), "synthetic", "cross_space_no_attn",
+        "round_trip", *(f"off_{o}" for o in OPTION_OFF), "off_all",
         "student_vae_ceiling")
 PRETRAINED = ("teacher", "student_base", "student_base_one_step", "student_base_start", "student_vae_ceiling")
 ATTRIBUTES = ("shape", "colour", "background", "position")
@@ -68,14 +72,21 @@ def option_overrides(settings: dict) -> dict[str, dict]:
     return out
 
 
-DEPENDS = {"cross_space": ("bridge",), "same_space": ("cross_space",), "synthetic": ("cross_space",)}
+DEPENDS = {"cross_space": ("bridge",), "same_space": ("cross_space",), "synthetic": ("cross_space",),
+           **{f"cross_space_{t}": (f"bridge_{t}",) for t in TAPS}}
+
+
+def other_tap(settings: dict) -> str:
+    """The tap the benchmark's cross-space row does not use: it gets its own Bridge and cross-space row."""
+    return next(t for t in TAPS if t != settings["bridge_tap"])
 
 
 def phases(settings: dict, tasks: tuple[str, ...] | None = None) -> list[tuple[str, ...]]:
     """Tasks in dependency order: each phase needs only results of the phases before it. tasks: run only these
     (and what they need), e.g. the headline rows first when time is short."""
-    order = [("bridge", "base", "round_trip", "cross_space_no_attn"),
-             ("cross_space", *option_overrides(settings)),
+    other = other_tap(settings)
+    order = [("bridge", f"bridge_{other}", "base", "round_trip", "cross_space_no_attn"),
+             ("cross_space", f"cross_space_{other}", *option_overrides(settings)),
              ("same_space", "synthetic")]
     if tasks is None:
         return order
@@ -142,18 +153,20 @@ def run_task(task: str, seed: int, out: str, world_dir: str, settings: dict, thr
     if task == "base":
         rows = dict(base_generators(world), **shapes_run.start_rows(world, settings),
                     student_vae_ceiling=student_vae_ceiling(world))
-    elif task == "bridge":  # the seed's cross-space Bridge, shared by the rows that use it
-        bridge, res = shapes_run.train_bridge(world, folder, images, settings, seed)
+    elif task == "bridge" or task.startswith("bridge_"):  # a Bridge of the seed, shared by the rows that use it
+        tap = task[len("bridge_"):] if task != "bridge" else settings["bridge_tap"]
+        bridge, res = shapes_run.train_bridge(world, folder, images, dict(settings, bridge_tap=tap), seed)
         if bridge is None:
             raise _stopped(task, seed)
-        result = {"task": task, "seed": seed, "threads": threads, "rows": {}, "bridge": res["bridge"],
+        result = {"task": task, "seed": seed, "threads": threads, "rows": {}, "bridge": res["bridge"], "tap": tap,
                   "training_s": {"bridge": res["wall_s"]}, "bridge_val": (res.get("last_val") or {}).get("val")}
         write_json(_result_path(out, seed, task), result)
         return result
     else:
         bridge, budget, base_unet, task_settings = None, 0.0, None, settings
-        if task in ("cross_space", *ablations):
-            shared = _load_result(out, seed, "bridge")
+        if task in ("cross_space", *ablations) or task.startswith("cross_space_") and task != "cross_space_no_attn":
+            shared = _load_result(out, seed, "bridge" if task in ("cross_space", *ablations) else
+                                  "bridge_" + task[len("cross_space_"):])
             bridge = bridge_checkpoint.load_bridge(shared["bridge"], student_vae=world.student_vae)
             training_s["bridge"] = shared["training_s"]["bridge"]
             task_settings = dict(settings, **ablations.get(task, {}))
@@ -217,19 +230,51 @@ def aggregate(results: list[dict], seeds: list[int]) -> dict:
                "mean_attributes": _mean_attributes, "fd": lambda r: r.get("fd"),
                "training_s": lambda r: r.get("training_s"), "latency_ms": lambda r: r["seconds_per_image"] * 1000}
     for row in ROWS:
-        per_seed = [r["rows"][row] for seed in seeds for r in results if r["seed"] == seed and row in r["rows"]]
-        if not per_seed:
+        found = [(seed, r["rows"][row]) for seed in seeds for r in results if r["seed"] == seed and row in r["rows"]]
+        if not found:
             continue
         entry = {}
         for metric, get in getters.items():
-            vals = [get(r) for r in per_seed]
+            vals = [get(r) for _, r in found]
             if any(v is None for v in vals):
                 entry[metric] = None
                 continue
             m, sd = _mean_std(vals)
-            entry[metric] = {"mean": m, "std": sd, "values": vals}
+            entry[metric] = {"mean": m, "std": sd, "values": vals, "seeds": [seed for seed, _ in found]}
         table[row] = entry
     return table
+
+
+def bridge_quality(results: list[dict], seeds: list[int], settings: dict) -> dict:
+    """{name: {metric: {"mean", "std", "values"}}} of the Bridges' held-out validation (latent MSE and PSNR, image
+    PSNR after the teacher VAE, attention similarity per teacher block and their mean, training wall time), for
+    each tap's Bridge, the Bridge without attention fidelity, and the exact round trip as the reference."""
+    sources = {f"bridge_{settings['bridge_tap']}": "bridge", f"bridge_{other_tap(settings)}": f"bridge_{other_tap(settings)}",
+               "bridge_no_attn": "cross_space_no_attn"}
+    per_name: dict[str, list[dict]] = {}
+    for name, task in sources.items():
+        for seed in seeds:
+            for r in results:
+                if r["seed"] == seed and r["task"] == task and r.get("bridge_val"):
+                    val = r["bridge_val"]
+                    per_name.setdefault(name, []).append(dict(val["bridge"], training_s=r["training_s"]["bridge"]))
+                    if task == "bridge":  # the round trip does not depend on the Bridge: one reference per seed
+                        per_name.setdefault("round_trip", []).append(dict(val["round_trip"]))
+    out = {}
+    for name, vals in per_name.items():
+        metrics = sorted({k for v in vals for k in v})
+        entry = {}
+        for v in vals:
+            attn = [x for k, x in v.items() if k.startswith("attn_sim/")]
+            v["attn_sim_mean"] = sum(attn) / len(attn) if attn else None
+        for m in (*metrics, "attn_sim_mean"):
+            xs = [v.get(m) for v in vals]
+            if any(x is None for x in xs):
+                continue
+            mean, sd = _mean_std(xs)
+            entry[m] = {"mean": mean, "std": sd, "values": xs}
+        out[name] = entry
+    return out
 
 
 def json_rows(summary: dict) -> list[dict]:
@@ -237,9 +282,7 @@ def json_rows(summary: dict) -> list[dict]:
     out = []
     for row, entry in summary["table"].items():
         seeds = []
-        for i, seed in enumerate(summary["seeds"]):
-            if entry["accuracy"] is None or i >= len(entry["accuracy"]["values"]):
-                continue
+        for i, seed in enumerate(entry["accuracy"]["seeds"] if entry["accuracy"] else []):
             seeds.append({"seed": seed, **{m: (entry[m]["values"][i] if entry[m] else None)
                                            for m in ("accuracy", *ATTRIBUTES, "mean_attributes", "fd", "training_s")}})
         out.append({"name": row, "label": summary["row_labels"][row],
@@ -256,7 +299,7 @@ def _pm(entry, digits: int) -> str:
     return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
 
 
-def findings(table: dict, gap: str | None, n_prompts: int = 300) -> list[str]:
+def findings(table: dict, gap: str | None, n_prompts: int = 300, quality: dict | None = None) -> list[str]:
     """Plain statements comparing the rows the expectation is about (computed, not written by hand). The noise of
     a difference is the seeds' spread; with one seed, the binomial error of an accuracy on n_prompts prompts."""
     out = []
@@ -287,6 +330,16 @@ def findings(table: dict, gap: str | None, n_prompts: int = 300) -> list[str]:
     compare("cross_space", "student_base_start", "Cross-space vs its starting point")
     compare("same_space", "student_base_start", "Same-space vs its starting point")
     compare("cross_space", "cross_space_no_attn", "Bridge with vs without attention fidelity")
+    for t in TAPS:
+        compare(f"cross_space_{t}", "cross_space", f"Cross-space through the {t}-tap Bridge vs the benchmark's tap")
+    q = quality or {}
+    if "bridge_features" in q and "bridge_image" in q and "image_psnr" in q["bridge_features"]:
+        f, i = q["bridge_features"]["image_psnr"], q["bridge_image"]["image_psnr"]
+        d = f["mean"] - i["mean"]
+        out.append(f"- Bridge quality, features vs image tap: image PSNR {f['mean']:.2f} vs {i['mean']:.2f} dB "
+                   f"({d:+.2f} dB; the target is within 0.3 dB or better: "
+                   f"{'met' if d >= -0.3 else 'missed'}); Bridge training {q['bridge_features']['training_s']['mean']:.0f} "
+                   f"vs {q['bridge_image']['training_s']['mean']:.0f} s.")
     compare("cross_space", "round_trip", "Trained Bridge vs the exact round trip")
     for o in OPTION_OFF:
         compare("cross_space", f"off_{o}", f"Distiller with vs without {OPTION_LABELS[o]}")
@@ -305,7 +358,40 @@ def row_labels(world, settings: dict) -> dict:
     for o in OPTION_OFF:
         labels[f"off_{o}"] = f"ablation: cross-space without {OPTION_LABELS[o]}"
     labels["off_all"] = "ablation: cross-space with the DMD2 distiller as is (every Bridge option off)"
+    labels["cross_space"] = f"one-step, distilled cross-space (through the Bridge, {settings['bridge_tap']} tap)"
+    for t in TAPS:
+        labels[f"cross_space_{t}"] = f"one-step, distilled cross-space through the {t}-tap Bridge"
     return labels
+
+
+BRIDGE_LABELS = {"bridge_image": "Bridge, image tap (full decode, the paper's design)",
+                 "bridge_features": "Bridge, features tap (decoder stopped at the teacher's grid)",
+                 "bridge_no_attn": "Bridge without attention fidelity (benchmark's tap)",
+                 "round_trip": "exact round trip E_t(up(D_s(z))) (reference)"}
+
+
+def bridge_markdown(quality: dict) -> list[str]:
+    if not quality:
+        return []
+    blocks = sorted({m for e in quality.values() for m in e if m.startswith("attn_sim/")})
+    lines = ["", "## Bridge quality on held-out images", "",
+             "Each seed's Bridges on the 10% of its rendered images held out from Bridge training. Latent MSE/PSNR: "
+             "against the teacher VAE's encoding of the image at teacher resolution; image PSNR: after the teacher "
+             "VAE's decoder; attention similarity: cosine of the teacher's attention maps on the Bridge's latent vs "
+             "on the encoded image, per teacher block.", "",
+             "| Bridge | latent MSE | latent PSNR (dB) | image PSNR (dB) | attention similarity (mean) | "
+             + " | ".join(b.split("/", 1)[1].replace("transformer_blocks.", "block ").replace(".attn", "")
+                          for b in blocks) + " | training wall time (s) |",
+             "|---|---|---|---|---|" + "---|" * len(blocks) + "---|"]
+    for name in ("bridge_image", "bridge_features", "bridge_no_attn", "round_trip"):
+        if name not in quality:
+            continue
+        e = quality[name]
+        cells = [_pm(e.get("latent_mse"), 5), _pm(e.get("latent_psnr"), 2), _pm(e.get("image_psnr"), 2),
+                 _pm(e.get("attn_sim_mean"), 4), *(_pm(e.get(b), 4) for b in blocks),
+                 _pm(e.get("training_s"), 0) if "training_s" in e else "—"]
+        lines.append(f"| {BRIDGE_LABELS[name]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(summary: dict, notes: str | None = None) -> str:
@@ -334,7 +420,9 @@ def markdown(summary: dict, notes: str | None = None) -> str:
         e = table[row]
         train = (_pm(e["training_s"], 0) if e["training_s"] else "— (pretrained)" if row in PRETRAINED else "—")
         per_attr = " / ".join(f"{e[a]['mean']:.2f}" for a in ATTRIBUTES)
-        lines.append(f"| {labels[row]} | {_pm(e['accuracy'], 3)} | {_pm(e[gap], 3) if gap else '—'} | "
+        n = len(e["accuracy"]["values"])
+        label = labels[row] + (f" ({n} of {len(s['seeds'])} seeds)" if n < len(s["seeds"]) else "")
+        lines.append(f"| {label} | {_pm(e['accuracy'], 3)} | {_pm(e[gap], 3) if gap else '—'} | "
                      f"{_pm(e['mean_attributes'], 3)} | {per_attr} | {_pm(e['fd'], 2)} | {train} |")
     st = s["settings"]
     lines += [
@@ -357,7 +445,8 @@ def markdown(summary: dict, notes: str | None = None) -> str:
         "",
         "## Findings (computed from the table)",
         "",
-    ] + findings(table, gap, s["settings"]["eval_samples"])
+    ] + findings(table, gap, s["settings"]["eval_samples"], s.get("bridge_quality"))
+    lines += bridge_markdown(s.get("bridge_quality") or {})
     lines += ["", f"Why the table looks as it does, and what was tried: [{INVESTIGATION}]({INVESTIGATION})."]
     if notes:
         lines += ["", notes.strip()]
@@ -435,7 +524,8 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
         "format": "shapes-benchmark", "version": 2, "quick": quick, "world": os.path.abspath(world_dir),
         "world_version": world.config.get("version"), "gap": gap, "seeds": seeds, "jobs": jobs, "threads": threads,
         "settings": settings, "wall_s": wall, "command": command, "row_labels": row_labels(world, settings),
-        "table": aggregate(results, seeds), "results": results,
+        "table": aggregate(results, seeds), "bridge_quality": bridge_quality(results, seeds, settings),
+        "results": results,
     }
     summary["rows"] = json_rows(summary)
     write_json(os.path.join(out, "benchmark.json"), summary)
@@ -446,7 +536,7 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
             f.write(text)
         write_json(os.path.splitext(doc)[0] + ".json",
                    {k: summary[k] for k in ("format", "version", "world_version", "gap", "seeds", "settings",
-                                            "wall_s", "command", "rows")})
+                                            "wall_s", "command", "rows", "bridge_quality")})
     print(text, flush=True)
     return summary
 
