@@ -410,3 +410,29 @@ def test_relearn_fine_tunes_the_student_base_and_scores_it(tmp_path, quick_world
     assert again[1]["finetune_s"] == rows[1]["finetune_s"]  # reused, not trained again
     saved = json.loads((out / "relearn.json").read_text())
     assert saved["rows"] == again and saved["gap"] == world.config["knowledge_gap"]["attribute"]
+
+
+@pytest.mark.slow
+def test_fake_score_diagnostic_loads_the_runs_fake_lora(tmp_path, quick_world):
+    """The fake-score diagnostic rebuilds the distillation's fake score from its training state (the saved LoRA,
+    not a fresh zero one) and scores it next to the teacher; a state from another rank is refused."""
+    from training.shapes import relearn
+    from training.shapes import run as shapes_run
+    from training.shapes.adapters import RoundTripBridge
+    from training.state import read_module_tensors
+
+    world = models.load_shapes_world(quick_world, register=False)
+    bridge = RoundTripBridge(world.student_vae, world.teacher_vae, world.student_space, world.teacher_space, world.k)
+    out = tmp_path / "distill"
+    unet, _ = shapes_run.distill_student(world, str(out), "cross", shapes_run.QUICK, bridge=bridge)
+    saved = read_module_tensors(out / "train_state.safetensors", "fake")
+    # Trained: lora_B (zero at init; every second tensor) moved in most layers (a last block's unused context
+    # projections get no gradient).
+    b = [saved[f"params.{i}"] for i in range(1, len(saved), 2)]
+    assert sum(bool(t.abs().sum() > 0) for t in b) > len(b) // 2
+    result = relearn.fake_score(str(out), quick_world, n_eval=8, threads=1)
+    assert set(result["rows"]) == {"teacher_cfg1", "fake_score_cfg1"}
+    for row in result["rows"].values():
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row[result["gap"]] <= 1
+    with pytest.raises(ValueError, match="another --rank"):
+        relearn.fake_score(str(out), quick_world, n_eval=8, rank=shapes_run.QUICK["fake_rank"] + 1, threads=1)

@@ -153,6 +153,16 @@ def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
     return state, tensors
 
 
+def read_module_tensors(path, module: str) -> dict[str, torch.Tensor]:
+    """One saved module's tensors ({key: tensor}, keys as in its state dict) from a validated training state, for
+    tools that inspect a run (e.g. its fake score) without rebuilding the trainer."""
+    state, tensors = _read(path)
+    if module not in state["modules"]:
+        raise TrainingStateError(f"{os.path.basename(os.fspath(path))!r} holds modules {sorted(state['modules'])}, "
+                                 f"not {module!r}.")
+    return {k: tensors[f"module/{module}/{k}"] for k in state["modules"][module]}
+
+
 def _same_names(kind: str, saved, given, name: str) -> None:
     if sorted(saved) != sorted(given):
         raise TrainingStateError(f"{name!r}: the file holds {kind} {sorted(saved)} but this run has "

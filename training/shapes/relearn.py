@@ -9,11 +9,21 @@ their true captions (the synthetic-data baseline's fine-tuning stage, `run.finet
 student base for each --steps value (a separate run each, its own cosine schedule), and scores the fine-tuned
 base with its default multi-step sampler. If even this does not move the gap attribute within a budget, the
 one-step distillations (whose signal is weaker and noisier) cannot be expected to within it either.
+
+    python -m training.shapes.relearn --fake-score runs/shapes-benchmark/seed0/cross_space/distill
+
+The second diagnostic asks what the distillation's fake score believes. DMD's gradient on the gap attribute is
+(fake - real): it exists only where the fake score (a LoRA on the teacher, zero-initialised, so it starts AS the
+teacher) has learnt that the student draws that attribute at random. This loads the fake LoRA from a distillation
+run's training state and samples teacher and fake score alike (the teacher's own steps, CFG 1, as the distiller
+queries both): if the fake score still draws the gap attribute as right as the teacher, the student gets no signal
+on it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -66,6 +76,66 @@ def relearn(out: str, steps: list[int], world_dir: str | None = None, n_samples:
     return rows
 
 
+def fake_score(run_dir: str, world_dir: str | None = None, n_eval: int = 300, seed: int = 0,
+               rank: int | None = None, threads: int = 0) -> dict:
+    """Judge scores of the teacher and of the fake score saved in a cross-space distillation run (`run_dir`: its
+    folder with train_state.safetensors and metrics), both sampled with the teacher's steps at CFG 1."""
+    import torch
+
+    from .. import state as train_state
+    from . import models
+    from . import run as shapes_run
+    from .evaluate import evaluate_generators
+    from .sampling import sample_teacher
+
+    if threads:
+        torch.set_num_threads(threads)
+    world = models.load_shapes_world(world_dir or models.DEFAULT_DIR, register=False)
+    gap = (world.config.get("knowledge_gap") or {}).get("attribute")
+    path = os.path.join(run_dir, "train_state.safetensors")
+    tensors = train_state.read_module_tensors(path, "fake")
+    if rank is None:  # the run's own: the first LoRA tensor is lora_A [rank, in_features]
+        rank = int(tensors["params.0"].shape[0])
+    teacher = shapes_run.shapes_teacher(world, own_copy=True)
+    teacher.add_fake_adapter(rank=rank, alpha=rank)
+    params = teacher.fake_parameters()
+    if len(tensors) != len(params):
+        raise ValueError(f"{path} holds {len(tensors)} fake-score tensors, the adapter has {len(params)}: another "
+                         "--rank?")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            t = tensors[f"params.{i}"]
+            if t.shape != p.shape:
+                raise ValueError(f"{path}: fake-score tensor {i} has shape {list(t.shape)}, the adapter's "
+                                 f"{list(p.shape)}: another --rank?")
+            p.copy_(t)
+    s = world.config["teacher_sampling"]
+    neg, neg_pooled = world._empty_prompt("teacher")
+
+    def sampler(fake: bool):
+        def run(prompts, generator):
+            embeds, pooled = world.encode_teacher_prompts(prompts)
+            noise = torch.randn((len(prompts), 16, models.TEACHER_RESOLUTION // 8, models.TEACHER_RESOLUTION // 8),
+                                generator=generator)
+            with teacher.fake() if fake else contextlib.nullcontext():
+                x = sample_teacher(teacher.model, embeds, pooled, neg, neg_pooled, noise, steps=s["steps"], cfg=1.0,
+                                   shift=s["shift"])
+            return world.decode_teacher(x)
+        return run
+
+    r = evaluate_generators(world, {"teacher_cfg1": sampler(False), "fake_score_cfg1": sampler(True)}, n=n_eval,
+                            seed=seed, batch_size=100)
+    out = {"gap": gap, "run": os.path.abspath(run_dir), "eval_prompts": n_eval, "seed": seed,
+           "rows": {k: {m: r[k][m] for m in ("accuracy", "fd", "shape", "colour", "background", "position")}
+                    for k in ("teacher_cfg1", "fake_score_cfg1")}}
+    print(f"| sampler ({s['steps']} steps, CFG 1) | prompt accuracy | {gap} (the gap) | shape / colour / background / "
+          "position | FD |\n|---|---|---|---|---|")
+    for k, v in out["rows"].items():
+        print(f"| {k} | {v['accuracy']:.3f} | {v[gap]:.3f} | {v['shape']:.2f} / {v['colour']:.2f} / "
+              f"{v['background']:.2f} / {v['position']:.2f} | {v['fd']:.1f} |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..errors import explain
 
@@ -80,10 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="fine-tuning batch (default: the baseline's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--fake-score", metavar="DISTILL_DIR",
+                        help="instead: score the fake score saved in this cross-space distillation run")
+    parser.add_argument("--rank", type=int, default=None, help="that run's fake-score LoRA rank (default: its own)")
     args = parser.parse_args(argv)
     if any(s < 1 for s in args.steps) or args.samples < 1 or args.eval < 1 or (args.batch or 1) < 1:
         parser.error("--steps, --samples, --eval and --batch must be >= 1")
     try:
+        if args.fake_score:
+            from ..loop import write_json
+
+            result = fake_score(args.fake_score, args.world, args.eval, args.seed, args.rank, args.threads)
+            write_json(os.path.join(args.fake_score, "fake_score.json"), result)
+            return 0
         relearn(args.out, args.steps, args.world, args.samples, args.eval, args.lr, args.seed, args.threads, args.batch)
     except (ValueError, OSError, MemoryError) as e:
         user = explain(e)
