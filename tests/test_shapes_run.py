@@ -290,6 +290,14 @@ def test_benchmark_table_has_every_row_and_resumes(tmp_path, quick_world):
     again = benchmark([0], str(out), quick_world, doc=str(doc), jobs=1, threads=1, quick=True, **options)
     assert again["table"]["cross_space"]["accuracy"] == summary["table"]["cross_space"]["accuracy"]
     assert [p.stat().st_mtime_ns for p in results] == stamps
+    # --report-only tables what is finished: a missing task is left out, and a row with fewer seeds says so.
+    import shutil
+
+    shutil.rmtree(out / "seed0" / "round_trip")
+    partial = benchmark([0, 1], str(out), quick_world, doc=str(doc), jobs=1, threads=1, quick=True,
+                        report_only=True, **options)
+    assert "round_trip" not in partial["table"] and not (out / "seed1").exists()
+    assert "(1 of 2 seeds)" in doc.read_text()
     with pytest.raises(ValueError, match="other settings"):
         benchmark([0], str(out), quick_world, doc="", jobs=1, threads=1, quick=True, distill_steps=5)
 

@@ -456,7 +456,7 @@ def markdown(summary: dict, notes: str | None = None) -> str:
 def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str = DEFAULT_DOC, jobs: int = 2,
               threads: int = 1, quick: bool = False, fresh: bool = False, notes: str | None = None,
               command: str = "python -m training.shapes.benchmark", tasks: tuple[str, ...] | None = None,
-              **overrides) -> dict:
+              report_only: bool = False, **overrides) -> dict:
     import multiprocessing as mp
     import shutil
     from concurrent.futures import ProcessPoolExecutor
@@ -487,7 +487,7 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
     write_json(settings_path, identity)
 
     t0 = time.perf_counter()
-    for seed in seeds:  # rendered once here, so parallel tasks never write the same folder
+    for seed in seeds if not report_only else ():  # rendered once here, so parallel tasks never write one folder
         shapes_run.render_images(os.path.join(out, "data", f"seed{seed}"), settings["n_images"], seed)
     results = []
     for number, phase in enumerate(phases(settings, tasks), 1):
@@ -498,6 +498,9 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
                     results.append(_load_result(out, seed, task))
                 else:
                     todo.append((task, seed))
+        if report_only:  # tables from the finished tasks only; rows missing a seed say so
+            print(f"[benchmark] phase {number}: {len(todo)} task(s) not run (--report-only)", flush=True)
+            continue
         print(f"[benchmark] phase {number}: {len(todo)} task(s) to run with {jobs} job(s)", flush=True)
         if jobs == 1:
             for task, seed in todo:
@@ -513,7 +516,7 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
                     print(f"[benchmark] done: {task} seed {seed}", flush=True)
     # Summed over invocations, so a resumed (or re-aggregated) benchmark reports what it cost in all.
     wall_path = os.path.join(out, "wall_s.json")
-    wall = time.perf_counter() - t0
+    wall = 0.0 if report_only else time.perf_counter() - t0
     if os.path.exists(wall_path):
         with open(wall_path, encoding="utf-8") as f:
             wall += float(json.load(f)["wall_s"])
@@ -555,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per task (default 1)")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke test, not a result")
     parser.add_argument("--fresh", action="store_true", help="delete earlier results in --out first")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the tables from the tasks already finished in --out")
     parser.add_argument("--tasks", nargs="+", metavar="TASK",
                         help="run only these tasks (and the ones they need), e.g. --tasks base cross_space same_space "
                              "synthetic; a later call without --tasks adds the rest")
@@ -568,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m training.shapes.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
     benchmark(args.seeds, args.out, args.world, doc=args.doc, jobs=args.jobs, threads=args.threads, quick=args.quick,
               fresh=args.fresh, notes=notes, command=command.strip(), tasks=tuple(args.tasks) if args.tasks else None,
-              **overrides)
+              report_only=args.report_only, **overrides)
     return 0
 
 
