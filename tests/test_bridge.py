@@ -136,7 +136,7 @@ def test_default_projector_fits_the_budget_against_the_real_sd15_decoder():
     from diffusers import AutoencoderKL
     from torch.utils.flop_counter import FlopCounterMode
 
-    from training.bench_bridge import SD15_VAE_CONFIG
+    from training.bench.bridge import SD15_VAE_CONFIG
 
     with torch.device("meta"):  # real config, no memory, no compute: FLOPs come from shapes
         vae = AutoencoderKL(**SD15_VAE_CONFIG)
@@ -166,7 +166,7 @@ def test_exact_round_trip_shapes(student_vae):
 
 
 def test_benchmark_produces_a_table_at_tiny_size(tmp_path):
-    from training import bench_bridge
+    from training.bench import bridge as bench_bridge
     from training.tiny import TINY_VAE
 
     rows = bench_bridge.run_benchmark(
@@ -189,7 +189,7 @@ def test_benchmark_produces_a_table_at_tiny_size(tmp_path):
 
 
 def test_benchmark_cli_refuses_bad_arguments(capsys):
-    from training import bench_bridge
+    from training.bench import bridge as bench_bridge
 
     for argv in (["--sizes", "32,x"], ["--sizes", "0"], ["--repeats", "0"], ["--paths", "image,pixels"]):
         with pytest.raises(SystemExit) as e:
@@ -277,7 +277,7 @@ def test_features_tap_on_the_real_sd15_decoder_skips_the_expensive_stages():
     from diffusers import AutoencoderKL
     from torch.utils.flop_counter import FlopCounterMode
 
-    from training.bench_bridge import SD15_VAE_CONFIG
+    from training.bench.bridge import SD15_VAE_CONFIG
 
     with torch.device("meta"):
         vae = AutoencoderKL(**SD15_VAE_CONFIG)
