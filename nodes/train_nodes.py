@@ -230,7 +230,7 @@ class DistillStudent(io.ComfyNode):
         require("Distill Student")
         from ..training import loop
         from ..training.distill import DistillConfig, Distiller, load_real_models, parse_prompts, read_prompts
-        from ..training.export import export_sd15
+        from ..training.models.export import export_sd15
 
         name = checked_name(output_name)
         spec = specs.DISTILL_STUDENT

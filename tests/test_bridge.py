@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from bridge.model import Bridge, exact_round_trip
 from bridge.projector import Projector, ProjectorConfig
 from bridge.spaces import SPACES, LatentSpace
-from training.tiny import tiny_vae
+from training.models.tiny import tiny_vae
 
 SMALL = dict(width=32, depth=2)  # keeps the tests fast; the default size is checked separately
 
@@ -167,7 +167,7 @@ def test_exact_round_trip_shapes(student_vae):
 
 def test_benchmark_produces_a_table_at_tiny_size(tmp_path):
     from training.bench import bridge as bench_bridge
-    from training.tiny import TINY_VAE
+    from training.models.tiny import TINY_VAE
 
     rows = bench_bridge.run_benchmark(
         sizes=(4,), devices=("cpu",), repeats=1, log=lambda _: None,

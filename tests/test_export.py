@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from training.export import (export_diffusers, export_single_file, load_student_unet, read_student_metadata,
+from training.models.export import (export_diffusers, export_single_file, load_student_unet, read_student_metadata,
                              save_student_lora, save_student_unet)
 from training.student import OneStepStudent
-from training.tiny import tiny_clip_text, tiny_clip_tokenizer, tiny_unet, tiny_vae
+from training.models.tiny import tiny_clip_text, tiny_clip_tokenizer, tiny_unet, tiny_vae
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_lora_file_loaded_by_diffusers_reproduces_the_fused_student(parts, tmp_p
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
-    from training.export import one_step_scheduler
+    from training.models.export import one_step_scheduler
 
     torch.manual_seed(3)
     base = tiny_unet().eval()

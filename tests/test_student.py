@@ -3,7 +3,7 @@ import torch
 
 from bridge.spaces import get_space
 from training.student import OneStepStudent, alphas_cumprod, eps_to_x0, x0_to_eps
-from training.tiny import tiny_unet
+from training.models.tiny import tiny_unet
 
 
 def _student(**kw):

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-TEACHER_FAMILIES = ("sd35_medium", "sd35_large", "flux_dev", "flux_schnell")
+from .models.families import TEACHER_FAMILIES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,11 +77,11 @@ def demo_models(seed: int = 0, teacher_family: str | None = None):
     (transformer, 16-channel VAE, CLIP-L/G, T5), or a Flux-dev-like one with teacher_family="flux_dev"."""
     import torch
 
-    from . import tiny
+    from .models import tiny
     from ._bridge import spaces
     from .bridge_train import BridgeModels
     from .teachers import make_teacher
-    from .text import encode_for_family
+    from .models.text import encode_for_family
 
     family = teacher_family or "sd35_medium"
     flux = family.startswith("flux")
@@ -118,11 +118,12 @@ def load_real_models(student: str, teacher_family: str, teacher: str | None = No
     cpu: load onto the CPU even where CUDA exists (pair it with the trainer config's cpu)."""
     import torch
 
-    from . import loading, loop
+    from . import loop
+    from .models import loading
     from ._bridge import spaces
     from .bridge_train import BridgeModels
     from .teachers import make_teacher
-    from .text import encode_for_family
+    from .models.text import encode_for_family
 
     if teacher_family not in TEACHER_FAMILIES:
         raise ValueError(f"Unknown teacher family {teacher_family!r}; choose one of {', '.join(TEACHER_FAMILIES)}.")

@@ -36,10 +36,10 @@ from . import dmd, loop
 from .errors import UserError
 from .state import load_training_state, save_training_state
 from .student import OneStepStudent
-from .text import encode_sd15
+from .models.text import encode_sd15
 
 if TYPE_CHECKING:
-    from .text import TextCond
+    from .models.text import TextCond
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -264,7 +264,7 @@ class Distiller:
         """Encode every prompt once (teacher: all its encoders; student: CLIP-L), cache on disk, free encoders."""
         from safetensors import SafetensorError
 
-        from .text import TextCond
+        from .models.text import TextCond
 
         c = self.cfg
         self.val_prompts = list(c.val_prompts or c.prompts[:4])
@@ -502,7 +502,7 @@ class Distiller:
                 "nan_skipped": self.nan_guard.skipped_total}
 
     def save(self, step: int, state: bool = True) -> None:
-        from .export import save_student_lora, save_student_unet
+        from .models.export import save_student_lora, save_student_unet
 
         if not self.accel.is_main_process:
             return
@@ -616,7 +616,7 @@ DEMO_PROMPTS = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .bridge_cli import TEACHER_FAMILIES
+    from .models.families import TEACHER_FAMILIES
 
     g = p.add_argument_group("models")
     g.add_argument("--demo", action="store_true",
@@ -752,7 +752,7 @@ def demo_models(seed: int = 0, bridge_path: str | None = None) -> tuple[DistillM
     `bridge_path` that is given must exist (a typo must not train against an untrained Bridge)."""
     import warnings
 
-    from . import tiny
+    from .models import tiny
     from ._bridge import checkpoint as bridge_checkpoint
     from ._bridge import model as bridge_model
     from .bridge_cli import demo_models as bridge_demo_models
@@ -794,7 +794,7 @@ def load_real_models(student: str, bridge: str, teacher_family: str, teacher: st
     """Student UNet + CLIP-L from the SD1.5 file `student`, the Bridge file, and the teacher (transformer, VAE, text
     encoders) from local files, as the CLI and the ComfyUI node take them. Returns (models, None): unlike
     `demo_models` there are no in-memory base components; the export reads them from `student`."""
-    from . import loading
+    from .models import loading
     from ._bridge import checkpoint as bridge_checkpoint
     from .bridge_cli import load_real_models as bridge_load_real_models
 
@@ -843,7 +843,7 @@ def real_models(args) -> DistillModels:
 
 
 def run(args) -> int:
-    from .export import export_diffusers, export_sd15, export_single_file
+    from .models.export import export_diffusers, export_sd15, export_single_file
 
     from .errors import output_dir
 

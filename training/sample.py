@@ -35,7 +35,7 @@ def sample_images(student, vae, text_encoder, tokenizer, prompt: str, seed: int 
     from PIL import Image
 
     from ._bridge import model as bridge_model
-    from .text import encode_sd15
+    from .models.text import encode_sd15
 
     check_sampling(batch=batch, resolution=resolution, seed=seed)
     size = student.latent_size(resolution)
@@ -88,7 +88,7 @@ def resolve_device(name: str) -> str:
 
 def load_student_for_sampling(student_path: str, base: str | None, device, dtype=torch.float32):
     """(OneStepStudent, vae, text_encoder, tokenizer) from an exported SD1.5 model or a student checkpoint."""
-    from .export import STUDENT_FORMAT, load_student_unet
+    from .models.export import STUDENT_FORMAT, load_student_unet
     from .student import OneStepStudent
 
     if not os.path.exists(student_path):
@@ -110,7 +110,7 @@ def load_student_for_sampling(student_path: str, base: str | None, device, dtype
     if is_ckpt and not base:
         raise ValueError(f"{os.path.basename(student_path)!r} is a student checkpoint (UNet only): give --base, "
                          "the SD1.5 model whose VAE and CLIP-L it was distilled with.")
-    from . import loading
+    from .models import loading
 
     if is_ckpt:
         student = load_student_unet(student_path, device=device, dtype=dtype)

@@ -92,7 +92,7 @@ def _models(size: str, tap: str = "image"):
     """(unet, student VAE, SD3.5-style transformer, Bridge) of `size`, random init, on the current default device."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 
-    from .. import tiny
+    from ..models import tiny
     from .._bridge import model as bridge_model
     from .bridge import SD15_VAE_CONFIG
 
@@ -115,7 +115,7 @@ def build(size: str, batch: int, fake_updates: int, out_dir: str, checkpointing:
     from ..distill import DistillConfig, DistillModels, Distiller
     from ..student import OneStepStudent
     from ..teachers import make_teacher
-    from ..text import TextCond
+    from ..models.text import TextCond
 
     spec = SIZES[size]
     torch.manual_seed(0)

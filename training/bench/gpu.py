@@ -28,7 +28,7 @@ DISTILL_VARIANTS = ((False, 0), (True, 0), (False, 64), (True, 64))
 
 def _bridge_args(reduced: bool) -> dict:
     from . import bridge as bench_bridge
-    from ..tiny import TINY_VAE
+    from ..models.tiny import TINY_VAE
 
     if reduced:
         return dict(sizes=(4,), devices=("cpu",), repeats=1, dtype="fp32",
