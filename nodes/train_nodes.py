@@ -186,7 +186,7 @@ class TrainBridge(io.ComfyNode):
                 resume) -> io.NodeOutput:
         require("Train Bridge")
         from ..training import loop
-        from ..training.bridge_cli import load_real_models
+        from ..training.cli.bridge import load_real_models
         from ..training.bridge_train import BridgeTrainConfig, BridgeTrainer
 
         name = checked_name(output_name)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from training import data, loop
-from training.bridge_cli import demo_models
+from training.cli.bridge import demo_models
 from training.bridge_train import BridgeTrainConfig, BridgeTrainer
 
 

@@ -180,7 +180,7 @@ def test_sample_command_writes_the_students_images(parts, tmp_path):
     from PIL import Image
 
 
-    from training import sample
+    from training.cli import sample
     from training.run import build_parser
 
     folder = export_diffusers(tmp_path / "student", parts["student"].unet, parts["vae"], parts["text_encoder"],
@@ -201,7 +201,7 @@ def test_sample_command_writes_the_students_images(parts, tmp_path):
 
 
 def test_sample_needs_base_for_a_student_checkpoint(parts, tmp_path):
-    from training.sample import load_student_for_sampling
+    from training.cli.sample import load_student_for_sampling
 
     path = tmp_path / "student_unet.safetensors"
     save_student_unet(path, parts["student"])

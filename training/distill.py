@@ -755,7 +755,7 @@ def demo_models(seed: int = 0, bridge_path: str | None = None) -> tuple[DistillM
     from .models import tiny
     from ._bridge import checkpoint as bridge_checkpoint
     from ._bridge import model as bridge_model
-    from .bridge_cli import demo_models as bridge_demo_models
+    from .cli.bridge import demo_models as bridge_demo_models
 
     if bridge_path is not None:
         _check_demo_bridge(bridge_path)
@@ -796,7 +796,7 @@ def load_real_models(student: str, bridge: str, teacher_family: str, teacher: st
     `demo_models` there are no in-memory base components; the export reads them from `student`."""
     from .models import loading
     from ._bridge import checkpoint as bridge_checkpoint
-    from .bridge_cli import load_real_models as bridge_load_real_models
+    from .cli.bridge import load_real_models as bridge_load_real_models
 
     if not bridge:
         raise ValueError("Distillation needs a trained Bridge (.safetensors from the student's VAE into the teacher's "

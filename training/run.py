@@ -23,9 +23,9 @@ import sys
 # `shapes` has its own full parser (training/shapes/run.py); its arguments follow the command name.
 SHAPES_HELP = "the default run: Bridge + cross-space distillation + evaluation on the shapes world (no arguments)"
 COMMANDS = {
-    "bridge": ("bridge_cli", "train a Bridge from a folder of images (or --demo: tiny models, synthetic images)"),
+    "bridge": ("cli.bridge", "train a Bridge from a folder of images (or --demo: tiny models, synthetic images)"),
     "distill": ("distill", "distil a one-step SD1.5 student through a trained Bridge"),
-    "sample": ("sample", "write one-step images from a student checkpoint"),
+    "sample": ("cli.sample", "write one-step images from a student checkpoint"),
 }
 
 

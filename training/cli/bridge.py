@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from .models.families import TEACHER_FAMILIES
+from ..models.families import TEACHER_FAMILIES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,11 +77,11 @@ def demo_models(seed: int = 0, teacher_family: str | None = None):
     (transformer, 16-channel VAE, CLIP-L/G, T5), or a Flux-dev-like one with teacher_family="flux_dev"."""
     import torch
 
-    from .models import tiny
-    from ._bridge import spaces
-    from .bridge_train import BridgeModels
-    from .teachers import make_teacher
-    from .models.text import encode_for_family
+    from ..models import tiny
+    from .._bridge import spaces
+    from ..bridge_train import BridgeModels
+    from ..teachers import make_teacher
+    from ..models.text import encode_for_family
 
     family = teacher_family or "sd35_medium"
     flux = family.startswith("flux")
@@ -118,12 +118,12 @@ def load_real_models(student: str, teacher_family: str, teacher: str | None = No
     cpu: load onto the CPU even where CUDA exists (pair it with the trainer config's cpu)."""
     import torch
 
-    from . import loop
-    from .models import loading
-    from ._bridge import spaces
-    from .bridge_train import BridgeModels
-    from .teachers import make_teacher
-    from .models.text import encode_for_family
+    from .. import loop
+    from ..models import loading
+    from .._bridge import spaces
+    from ..bridge_train import BridgeModels
+    from ..teachers import make_teacher
+    from ..models.text import encode_for_family
 
     if teacher_family not in TEACHER_FAMILIES:
         raise ValueError(f"Unknown teacher family {teacher_family!r}; choose one of {', '.join(TEACHER_FAMILIES)}.")
@@ -163,7 +163,7 @@ def _given(value, default):
 
 
 def config_from_args(args, demo: bool):
-    from .bridge_train import BridgeTrainConfig
+    from ..bridge_train import BridgeTrainConfig
 
     student_res = _given(args.student_res, 64 if demo else 512)
     projector = {k: v for k, v in (("width", args.width), ("depth", args.depth)) if v is not None}
@@ -185,9 +185,9 @@ def config_from_args(args, demo: bool):
 
 
 def run(args) -> int:
-    from . import data
-    from .bridge_train import BridgeTrainer
-    from .errors import UserError, output_dir
+    from .. import data
+    from ..bridge_train import BridgeTrainer
+    from ..errors import UserError, output_dir
 
     if args.demo:
         args.out = args.out or os.path.join("runs", "bridge-demo")

@@ -34,8 +34,8 @@ def sample_images(student, vae, text_encoder, tokenizer, prompt: str, seed: int 
     """One-step images (PIL) for one prompt: noise from torch.Generator().manual_seed(seed) for the batch."""
     from PIL import Image
 
-    from ._bridge import model as bridge_model
-    from .models.text import encode_sd15
+    from .._bridge import model as bridge_model
+    from ..models.text import encode_sd15
 
     check_sampling(batch=batch, resolution=resolution, seed=seed)
     size = student.latent_size(resolution)
@@ -51,7 +51,7 @@ def sample_images(student, vae, text_encoder, tokenizer, prompt: str, seed: int 
 
 def check_sampling(batch: int = 1, resolution: int = 512, seed: int = 0, prompts: int = 1) -> None:
     """Refuse sampling options that cannot work, before any model is loaded."""
-    from .errors import UserError, number_problem, seed_problem
+    from ..errors import UserError, number_problem, seed_problem
 
     problems = [number_problem("--batch", batch, low=1, integer=True),
                 seed_problem("--seed", seed) or seed_problem(f"--seed + {prompts - 1} (one seed per prompt)",
@@ -65,7 +65,7 @@ def check_sampling(batch: int = 1, resolution: int = 512, seed: int = 0, prompts
 
 def resolve_device(name: str) -> str:
     """--device as a torch device string: auto is CUDA when present; a device this machine lacks is refused."""
-    from .errors import UserError
+    from ..errors import UserError
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -88,8 +88,8 @@ def resolve_device(name: str) -> str:
 
 def load_student_for_sampling(student_path: str, base: str | None, device, dtype=torch.float32):
     """(OneStepStudent, vae, text_encoder, tokenizer) from an exported SD1.5 model or a student checkpoint."""
-    from .models.export import STUDENT_FORMAT, load_student_unet
-    from .student import OneStepStudent
+    from ..models.export import STUDENT_FORMAT, load_student_unet
+    from ..student import OneStepStudent
 
     if not os.path.exists(student_path):
         raise ValueError(f"Student not found: {student_path!r}.")
@@ -97,8 +97,8 @@ def load_student_for_sampling(student_path: str, base: str | None, device, dtype
     if os.path.isfile(student_path) and student_path.lower().endswith(".safetensors"):
         from safetensors import SafetensorError, safe_open
 
-        from ._bridge import files
-        from .errors import UserError
+        from .._bridge import files
+        from ..errors import UserError
 
         files.check_safetensors_file(student_path, what="Student")
         try:
@@ -110,7 +110,7 @@ def load_student_for_sampling(student_path: str, base: str | None, device, dtype
     if is_ckpt and not base:
         raise ValueError(f"{os.path.basename(student_path)!r} is a student checkpoint (UNet only): give --base, "
                          "the SD1.5 model whose VAE and CLIP-L it was distilled with.")
-    from .models import loading
+    from ..models import loading
 
     if is_ckpt:
         student = load_student_unet(student_path, device=device, dtype=dtype)
@@ -127,7 +127,7 @@ def _slug(text: str, n: int = 40) -> str:
 
 
 def run(args) -> int:
-    from .errors import output_dir
+    from ..errors import output_dir
 
     # Everything cheap first: options, device and output folder, then the models.
     check_sampling(batch=args.batch, resolution=args.resolution, seed=args.seed, prompts=len(args.prompt))
