@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from training.models import tiny
 from training.attention import AttentionCapture, attention_module_names
-from training.teachers import make_teacher
+from training.models import tiny
 from training.models.text import TextCond
+from training.teachers import make_teacher
 
 N_TEXT = 7
 

@@ -157,7 +157,7 @@ def test_sampling_more_than_memory_holds_is_one_error_line(sd15_folder, tmp_path
 
 
 def test_a_corrupt_student_checkpoint_is_refused_by_name(tmp_path):
-    from training.cli.sample import load_student_for_sampling
+    from training.models.assemble import load_student_for_sampling
 
     path = tmp_path / "student_unet.safetensors"
     tensors = {"w": torch.zeros(1000)}

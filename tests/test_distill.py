@@ -119,8 +119,8 @@ def test_closed_form_rejects_bad_shapes():
 def trainer_deps():
     # The trainer builds on the loop, state and text modules: fail loudly if one is missing.
     import training.loop  # noqa: F401
-    import training.state  # noqa: F401
     import training.models.text  # noqa: F401
+    import training.state  # noqa: F401
 
 def closed_form_world(seed: int = 0, latent: int = 2, n_target: int = 512, tap: str = "image"):
     """A tiny one-step student (SD1.5 UNet config), a tiny frozen SD1.5-style VAE decoder + random projector as
@@ -131,8 +131,8 @@ def closed_form_world(seed: int = 0, latent: int = 2, n_target: int = 512, tap: 
     is therefore known, and its distance can be measured in the teacher's space."""
     from bridge.model import Bridge
     from bridge.spaces import LatentSpace, register_space
-    from training.student import OneStepStudent
     from training.models.tiny import tiny_unet, tiny_vae
+    from training.student import OneStepStudent
 
     space = register_space(LatentSpace("closed_form_test", 4, 8, 1.5305, 0.0609, 32))
     torch.manual_seed(seed)
@@ -484,8 +484,8 @@ def test_demo_command_with_a_student_lora_writes_the_lora_file(tmp_path, monkeyp
 
     from safetensors import safe_open
 
-    from training.run import main
     from training.models.tiny import tiny_unet
+    from training.run import main
 
     monkeypatch.chdir(tmp_path)
     with pytest.warns(UserWarning, match="untrained"):

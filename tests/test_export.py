@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from training.models.export import (export_diffusers, export_single_file, load_student_unet, read_student_metadata,
-                             save_student_lora, save_student_unet)
-from training.student import OneStepStudent
+                                    save_student_lora, save_student_unet)
 from training.models.tiny import tiny_clip_text, tiny_clip_tokenizer, tiny_unet, tiny_vae
+from training.student import OneStepStudent
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,6 @@ def test_single_file_export_loads_back_with_from_single_file(parts, tmp_path):
 def test_sample_command_writes_the_students_images(parts, tmp_path):
     from PIL import Image
 
-
     from training.cli import sample
     from training.run import build_parser
 
@@ -201,7 +200,7 @@ def test_sample_command_writes_the_students_images(parts, tmp_path):
 
 
 def test_sample_needs_base_for_a_student_checkpoint(parts, tmp_path):
-    from training.cli.sample import load_student_for_sampling
+    from training.models.assemble import load_student_for_sampling
 
     path = tmp_path / "student_unet.safetensors"
     save_student_unet(path, parts["student"])

@@ -24,9 +24,9 @@ from bridge.model import Bridge
 from bridge.projector import Projector
 from training.models import loading
 from training.models.export import load_student_unet, save_student_unet
+from training.models.tiny import tiny_unet, tiny_vae
 from training.state import load_training_state, save_training_state
 from training.student import OneStepStudent
-from training.models.tiny import tiny_unet, tiny_vae
 
 
 @pytest.fixture(scope="module")
@@ -250,12 +250,12 @@ def test_read_bridge_metadata_refuses_what_load_bridge_refuses(tmp_path, bridge_
 
 def test_distill_checks_the_bridge_before_loading_any_model(tmp_path, bridge_file):
     """Everything cheap before anything expensive: a bad Bridge fails before the (large) student or teacher."""
-    from training.distill import load_real_models
+    from training.models.assemble import load_distill_models
 
     bad = _rewrite(bridge_file, tmp_path / "bad.safetensors",
                    tensors={"projector.proj_out.bias": torch.zeros(3)})
     with pytest.raises(BridgeCheckpointError, match="wrong shape"):
-        load_real_models(str(tmp_path / "no-student.safetensors"), str(bad), "sd35_medium",
+        load_distill_models(str(tmp_path / "no-student.safetensors"), str(bad), "sd35_medium",
                          teacher=str(tmp_path / "no-teacher.safetensors"))
 
 

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
+from training.models.text import TextCond
 from training.shapes import models
 from training.shapes.adapters import EpsFlowTeacher, IdentityBridge, RoundTripBridge
-from training.models.text import TextCond
 
 
 @pytest.fixture(autouse=True)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from training.models import tiny
+from training.models.text import TextCond, encode_flux, encode_for_family, encode_sd3, encode_sd15
 from training.teachers import (FluxTeacher, SD3Teacher, add_noise, eps_from_v, flux_image_ids, flux_mu, flux_shift,
                                make_teacher, pack_flux, sd3_shift, unpack_flux, x0_from_v)
-from training.models.text import TextCond, encode_flux, encode_for_family, encode_sd3, encode_sd15
 
 PROMPTS = ["a red cube", "two blue spheres on green grass"]
 

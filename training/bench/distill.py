@@ -92,8 +92,8 @@ def _models(size: str, tap: str = "image"):
     """(unet, student VAE, SD3.5-style transformer, Bridge) of `size`, random init, on the current default device."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 
-    from ..models import tiny
     from .._bridge import model as bridge_model
+    from ..models import tiny
     from .bridge import SD15_VAE_CONFIG
 
     spec = SIZES[size]
@@ -113,9 +113,9 @@ def build(size: str, batch: int, fake_updates: int, out_dir: str, checkpointing:
     """A Distiller over random-init models of `size` (teacher: SD3.5-style; Bridge with `tap`). On CUDA the models
     are created on the GPU (random init of SD3.5 Medium on a CPU takes a minute)."""
     from ..distill import DistillConfig, DistillModels, Distiller
+    from ..models.text import TextCond
     from ..student import OneStepStudent
     from ..teachers import make_teacher
-    from ..models.text import TextCond
 
     spec = SIZES[size]
     torch.manual_seed(0)

@@ -27,8 +27,8 @@ DISTILL_VARIANTS = ((False, 0), (True, 0), (False, 64), (True, 64))
 
 
 def _bridge_args(reduced: bool) -> dict:
-    from . import bridge as bench_bridge
     from ..models.tiny import TINY_VAE
+    from . import bridge as bench_bridge
 
     if reduced:
         return dict(sizes=(4,), devices=("cpu",), repeats=1, dtype="fp32",

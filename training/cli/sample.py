@@ -86,54 +86,19 @@ def resolve_device(name: str) -> str:
     return str(device)
 
 
-def load_student_for_sampling(student_path: str, base: str | None, device, dtype=torch.float32):
-    """(OneStepStudent, vae, text_encoder, tokenizer) from an exported SD1.5 model or a student checkpoint."""
-    from ..models.export import STUDENT_FORMAT, load_student_unet
-    from ..student import OneStepStudent
-
-    if not os.path.exists(student_path):
-        raise ValueError(f"Student not found: {student_path!r}.")
-    is_ckpt = False
-    if os.path.isfile(student_path) and student_path.lower().endswith(".safetensors"):
-        from safetensors import SafetensorError, safe_open
-
-        from .._bridge import files
-        from ..errors import UserError
-
-        files.check_safetensors_file(student_path, what="Student")
-        try:
-            with safe_open(student_path, framework="pt") as f:
-                is_ckpt = (f.metadata() or {}).get("format") == STUDENT_FORMAT
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"The student {student_path!r} (--student) is not a readable safetensors file (truncated "
-                            f"or corrupt? {e}): give the student checkpoint or exported SD1.5 file again.") from None
-    if is_ckpt and not base:
-        raise ValueError(f"{os.path.basename(student_path)!r} is a student checkpoint (UNet only): give --base, "
-                         "the SD1.5 model whose VAE and CLIP-L it was distilled with.")
-    from ..models import loading
-
-    if is_ckpt:
-        student = load_student_unet(student_path, device=device, dtype=dtype)
-        parts = loading.load_sd15(base, components=("vae", "text_encoder", "tokenizer"), dtype=dtype, device=device)
-    else:
-        parts = loading.load_sd15(student_path, components=("unet", "vae", "text_encoder", "tokenizer"), dtype=dtype,
-                                  device=device)
-        student = OneStepStudent(parts.unet.eval())
-    return student.eval(), parts.vae.eval(), parts.text_encoder.eval(), parts.tokenizer
-
-
 def _slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:n] or "prompt"
 
 
 def run(args) -> int:
     from ..errors import output_dir
+    from ..models import assemble
 
     # Everything cheap first: options, device and output folder, then the models.
     check_sampling(batch=args.batch, resolution=args.resolution, seed=args.seed, prompts=len(args.prompt))
     device = resolve_device(args.device)
     output_dir(args.out)
-    student, vae, text_encoder, tokenizer = load_student_for_sampling(args.student, args.base, device)
+    student, vae, text_encoder, tokenizer = assemble.load_student_for_sampling(args.student, args.base, device)
     written = []
     for i, prompt in enumerate(args.prompt):
         seed = args.seed + i
