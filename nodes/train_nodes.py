@@ -1,5 +1,6 @@
 """Train Bridge and Distill Student: long-running nodes that run the library trainers (training/bridge_train.py,
-training/distill.py; the same ones as `python -m training.run`) in ComfyUI's execution thread.
+training/distill.py, with models from training/models/assemble.py; the same as `python -m training.run`) in
+ComfyUI's execution thread.
 
 What the adapter adds: model files from ComfyUI's model folders, a run folder under ComfyUI's output directory
 (output/csd_runs/<kind>_<name>, so running again with resume on continues), autograd despite ComfyUI's inference

@@ -10,13 +10,10 @@ from .common import add_model_arguments, given, model_files
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("models")
-    g.add_argument("--demo", action="store_true",
-                   help="tiny random-init SD1.5-style and SD3.5-style models and a synthetic image set: runs on a "
-                        "CPU in about a minute and writes a real Bridge checkpoint (no model files needed)")
-    g.add_argument("--student", help="SD1.5 checkpoint (.safetensors single file) or diffusers folder; its VAE is "
-                                     "the student VAE")
-    add_model_arguments(g)
+    add_model_arguments(
+        p, demo_help="tiny random-init SD1.5-style and SD3.5-style models and a synthetic image set: runs on a CPU in "
+                     "about a minute and writes a real Bridge checkpoint (no model files needed)",
+        student_help="SD1.5 checkpoint (.safetensors single file) or diffusers folder; its VAE is the student VAE")
 
     d = p.add_argument_group("data")
     d.add_argument("--images", help="folder of images (recursive; jpg/png/webp; optional caption .txt beside each)")

@@ -9,9 +9,14 @@ from ..models.families import TEACHER_FAMILIES
 DTYPE_HELP = "weights dtype for the frozen models (auto: bf16 on CUDA, fp32 on CPU)"
 
 
-def add_model_arguments(g: argparse._ArgumentGroup, dtype_help: str = DTYPE_HELP) -> None:
-    """--student-vae and the teacher's files (--teacher-family, --teacher, --teacher-vae, text encoders,
-    tokenizers), --dtype: the same for Bridge training and distillation."""
+def add_model_arguments(p: argparse.ArgumentParser, demo_help: str, student_help: str,
+                        dtype_help: str = DTYPE_HELP) -> argparse._ArgumentGroup:
+    """The "models" options of Bridge training and distillation: --demo, --student, --student-vae, the teacher's
+    files (--teacher-family, --teacher, --teacher-vae, text encoders, tokenizers) and --dtype. Returns the group,
+    for a command's own model options."""
+    g = p.add_argument_group("models")
+    g.add_argument("--demo", action="store_true", help=demo_help)
+    g.add_argument("--student", help=student_help)
     g.add_argument("--student-vae", help="separate SD1.5 VAE file (overrides the one in --student)")
     g.add_argument("--teacher-family", choices=TEACHER_FAMILIES, help="which teacher the files are")
     g.add_argument("--teacher", help="teacher diffusers folder, or transformer single file "
@@ -23,6 +28,7 @@ def add_model_arguments(g: argparse._ArgumentGroup, dtype_help: str = DTYPE_HELP
     g.add_argument("--tokenizers", help="folder with tokenizer subfolders (tokenizer, tokenizer_2, tokenizer_3) "
                                         "when the teacher is given as single files")
     g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help=dtype_help)
+    return g
 
 
 def model_files(args) -> dict:

@@ -21,15 +21,13 @@ DEMO_PROMPTS = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("models")
-    g.add_argument("--demo", action="store_true",
-                   help="tiny random-init models (the same tiny SD1.5/SD3.5 world as `bridge --demo`, whose Bridge "
-                        "it uses when present) and built-in prompts: runs on a CPU in a minute or two")
-    g.add_argument("--student", help="SD1.5 checkpoint (.safetensors single file) or diffusers folder: the student "
-                                     "starts from its UNet; its VAE and CLIP-L are the student's")
+    g = add_model_arguments(
+        p, demo_help="tiny random-init models (the same tiny SD1.5/SD3.5 world as `bridge --demo`, whose Bridge it "
+                     "uses when present) and built-in prompts: runs on a CPU in a minute or two",
+        student_help="SD1.5 checkpoint (.safetensors single file) or diffusers folder: the student starts from its "
+                     "UNet; its VAE and CLIP-L are the student's",
+        dtype_help="dtype of the frozen models (auto: bf16 on CUDA, fp32 on CPU); the student trains in fp32")
     g.add_argument("--bridge", help="trained Bridge (.safetensors) from the student's VAE into the teacher's space")
-    add_model_arguments(g, dtype_help="dtype of the frozen models (auto: bf16 on CUDA, fp32 on CPU); the student "
-                                      "trains in fp32")
 
     d = p.add_argument_group("prompts and output")
     d.add_argument("--prompts", help="text file, one prompt per line ('#' lines are comments)")
