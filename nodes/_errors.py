@@ -2,8 +2,8 @@
 
 - ComfyUI shows a failed node's error as the exception's module-qualified class name plus its message, and it names
   a pack's modules after the pack's path: our ModelLoadError would read
-  `/path/to/ComfyUI/custom_nodes/<pack>.training.loading.ModelLoadError`. `clean_errors` lets the pack's own errors
-  leave a node as the builtin class they derive from (ValueError, RuntimeError), message unchanged.
+  `/path/to/ComfyUI/custom_nodes/<pack>.training.models.loading.ModelLoadError`. `clean_errors` lets the pack's own
+  errors leave a node as the builtin class they derive from (ValueError, RuntimeError), message unchanged.
 - A dependency missing from ComfyUI's Python must not stop the pack from loading; the nodes that need it say which
   packages to install (`require`), and start-up logs one line (`log_missing`).
 """

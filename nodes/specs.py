@@ -23,7 +23,7 @@ MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
 NONE = "(none)"  # the "not given" choice of optional model-file combos
 DIFFUSERS = "diffusers"  # ComfyUI's folder of diffusers-format model folders; a combo from it lists the folders
 DIFFUSERS_MARK = " (diffusers folder)"  # how those folders are listed, beside the single files of other folders
-TEACHER_FAMILIES = ("sd35_medium", "sd35_large", "flux_dev", "flux_schnell")  # = training.bridge_cli's (tested)
+TEACHER_FAMILIES = ("sd35_medium", "sd35_large", "flux_dev", "flux_schnell")  # = training/models/families.py's (tested)
 BRIDGE_TAPS = ("image", "features")  # = bridge.taps.TAPS (tested)
 
 

@@ -1,5 +1,6 @@
 """Train Bridge and Distill Student: long-running nodes that run the library trainers (training/bridge_train.py,
-training/distill.py; the same ones as `python -m training.run`) in ComfyUI's execution thread.
+training/distill.py, with models from training/models/assemble.py; the same as `python -m training.run`) in
+ComfyUI's execution thread.
 
 What the adapter adds: model files from ComfyUI's model folders, a run folder under ComfyUI's output directory
 (output/csd_runs/<kind>_<name>, so running again with resume on continues), autograd despite ComfyUI's inference
@@ -186,8 +187,8 @@ class TrainBridge(io.ComfyNode):
                 resume) -> io.NodeOutput:
         require("Train Bridge")
         from ..training import loop
-        from ..training.bridge_cli import load_real_models
         from ..training.bridge_train import BridgeTrainConfig, BridgeTrainer
+        from ..training.models.assemble import load_bridge_models
 
         name = checked_name(output_name)
         spec = specs.TRAIN_BRIDGE
@@ -206,7 +207,7 @@ class TrainBridge(io.ComfyNode):
         stop = loop.StopFlag()
         progress = ComfyProgress(steps, stop)
         with training_mode():
-            models = load_real_models(student or vae, teacher_family, student_vae=vae, cpu=config.cpu, **files)
+            models = load_bridge_models(student or vae, teacher_family, student_vae=vae, cpu=config.cpu, **files)
             reporter = loop.ProgressReporter(total=steps, desc=f"Train Bridge {name}", callback=progress)
             result = BridgeTrainer(config, models, progress=reporter, stop=stop).run()
             del models
@@ -229,8 +230,9 @@ class DistillStudent(io.ComfyNode):
                 train_seed, output_name, resume) -> io.NodeOutput:
         require("Distill Student")
         from ..training import loop
-        from ..training.distill import DistillConfig, Distiller, load_real_models, parse_prompts, read_prompts
-        from ..training.export import export_sd15
+        from ..training.distill import DistillConfig, Distiller, parse_prompts, read_prompts
+        from ..training.models.assemble import load_distill_models
+        from ..training.models.export import export_sd15
 
         name = checked_name(output_name)
         spec = specs.DISTILL_STUDENT
@@ -254,7 +256,7 @@ class DistillStudent(io.ComfyNode):
         stop = loop.StopFlag()
         progress = ComfyProgress(steps, stop)
         with training_mode():
-            models, _ = load_real_models(student, bridge, teacher_family, cpu=config.cpu, **files)
+            models = load_distill_models(student, bridge, teacher_family, cpu=config.cpu, **files)
             reporter = loop.ProgressReporter(total=steps, desc=f"Distill Student {name}", callback=progress)
             result = Distiller(config, models, progress=reporter, stop=stop).run()
             del models

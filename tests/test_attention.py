@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from training import tiny
 from training.attention import AttentionCapture, attention_module_names
+from training.models import tiny
+from training.models.text import TextCond
 from training.teachers import make_teacher
-from training.text import TextCond
 
 N_TEXT = 7
 

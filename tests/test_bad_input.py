@@ -107,8 +107,8 @@ def test_output_folder_that_is_a_file_or_unwritable_is_refused_first(tmp_path):
 
 @pytest.fixture(scope="module")
 def sd15_folder(tmp_path_factory):
-    from training.export import export_diffusers
-    from training.tiny import tiny_clip_text, tiny_clip_tokenizer, tiny_unet, tiny_vae
+    from training.models.export import export_diffusers
+    from training.models.tiny import tiny_clip_text, tiny_clip_tokenizer, tiny_unet, tiny_vae
 
     folder = tmp_path_factory.mktemp("sd15") / "model"
     export_diffusers(folder, tiny_unet(), tiny_vae(4), tiny_clip_text("L"), tiny_clip_tokenizer())
@@ -119,7 +119,7 @@ def sd15_folder(tmp_path_factory):
 def test_damaged_model_index_names_the_file(sd15_folder, tmp_path, index):
     import shutil
 
-    from training import loading
+    from training.models import loading
 
     folder = tmp_path / "m"
     shutil.copytree(sd15_folder, folder)
@@ -134,7 +134,7 @@ def test_diffusers_folder_with_a_missing_weight_is_refused_not_left_on_meta(sd15
 
     from safetensors.torch import load_file, save_file
 
-    from training import loading
+    from training.models import loading
 
     folder = tmp_path / "m"
     shutil.copytree(sd15_folder, folder)
@@ -157,7 +157,7 @@ def test_sampling_more_than_memory_holds_is_one_error_line(sd15_folder, tmp_path
 
 
 def test_a_corrupt_student_checkpoint_is_refused_by_name(tmp_path):
-    from training.sample import load_student_for_sampling
+    from training.models.assemble import load_student_for_sampling
 
     path = tmp_path / "student_unet.safetensors"
     tensors = {"w": torch.zeros(1000)}

@@ -1,4 +1,4 @@
-"""The GPU measurement script (training/bench_gpu.py) in its reduced CPU size: every part runs and reports."""
+"""The GPU measurement script (training/bench/gpu.py) in its reduced CPU size: every part runs and reports."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 
 
 def test_reduced_run_measures_both_taps_and_every_distillation_variant(tmp_path, capsys):
-    from training import bench_gpu
+    from training.bench import gpu as bench_gpu
 
     out = tmp_path / "gpu.json"
     assert bench_gpu.main(["--reduced", "--json", str(out)]) == 0
@@ -25,7 +25,7 @@ def test_reduced_run_measures_both_taps_and_every_distillation_variant(tmp_path,
 def test_real_size_needs_cuda(capsys):
     import torch
 
-    from training import bench_gpu
+    from training.bench import gpu as bench_gpu
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")

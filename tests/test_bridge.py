@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from bridge.model import Bridge, exact_round_trip
 from bridge.projector import Projector, ProjectorConfig
 from bridge.spaces import SPACES, LatentSpace
-from training.tiny import tiny_vae
+from training.models.tiny import tiny_vae
 
 SMALL = dict(width=32, depth=2)  # keeps the tests fast; the default size is checked separately
 
@@ -136,7 +136,7 @@ def test_default_projector_fits_the_budget_against_the_real_sd15_decoder():
     from diffusers import AutoencoderKL
     from torch.utils.flop_counter import FlopCounterMode
 
-    from training.bench_bridge import SD15_VAE_CONFIG
+    from training.bench.bridge import SD15_VAE_CONFIG
 
     with torch.device("meta"):  # real config, no memory, no compute: FLOPs come from shapes
         vae = AutoencoderKL(**SD15_VAE_CONFIG)
@@ -166,8 +166,8 @@ def test_exact_round_trip_shapes(student_vae):
 
 
 def test_benchmark_produces_a_table_at_tiny_size(tmp_path):
-    from training import bench_bridge
-    from training.tiny import TINY_VAE
+    from training.bench import bridge as bench_bridge
+    from training.models.tiny import TINY_VAE
 
     rows = bench_bridge.run_benchmark(
         sizes=(4,), devices=("cpu",), repeats=1, log=lambda _: None,
@@ -189,7 +189,7 @@ def test_benchmark_produces_a_table_at_tiny_size(tmp_path):
 
 
 def test_benchmark_cli_refuses_bad_arguments(capsys):
-    from training import bench_bridge
+    from training.bench import bridge as bench_bridge
 
     for argv in (["--sizes", "32,x"], ["--sizes", "0"], ["--repeats", "0"], ["--paths", "image,pixels"]):
         with pytest.raises(SystemExit) as e:
@@ -277,7 +277,7 @@ def test_features_tap_on_the_real_sd15_decoder_skips_the_expensive_stages():
     from diffusers import AutoencoderKL
     from torch.utils.flop_counter import FlopCounterMode
 
-    from training.bench_bridge import SD15_VAE_CONFIG
+    from training.bench.bridge import SD15_VAE_CONFIG
 
     with torch.device("meta"):
         vae = AutoencoderKL(**SD15_VAE_CONFIG)

@@ -19,7 +19,7 @@ from bridge.checkpoint import (
 )
 from bridge.model import Bridge
 from bridge.spaces import LatentSpace
-from training.tiny import tiny_vae
+from training.models.tiny import tiny_vae
 
 SMALL = dict(width=32, depth=2)
 

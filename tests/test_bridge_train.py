@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from training import data, loop
-from training.bridge_cli import demo_models
 from training.bridge_train import BridgeTrainConfig, BridgeTrainer
+from training.models.assemble import demo_bridge_models
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def _metrics(out):
 
 
 def test_both_losses_fall_and_checkpoint_is_written(tmp_path, images):
-    result = BridgeTrainer(_cfg(tmp_path / "run", images), demo_models()).run()
+    result = BridgeTrainer(_cfg(tmp_path / "run", images), demo_bridge_models()).run()
     rows = [r for r in _metrics(tmp_path / "run") if "rec" in r]
     first, last = rows[:5], rows[-5:]
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
@@ -60,7 +60,7 @@ def test_both_losses_fall_and_checkpoint_is_written(tmp_path, images):
 def test_features_tap_trains_and_is_recorded(tmp_path, images):
     """tap 'features': both losses fall and the checkpoint records the tap (k = 2 here; k = 1 in test_cli)."""
     result = BridgeTrainer(_cfg(tmp_path / "run", images, steps=30, val_every=30, tap="features"),
-                           demo_models()).run()
+                           demo_bridge_models()).run()
     rows = [r for r in _metrics(tmp_path / "run") if "rec" in r]
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
     assert mean(rows[-5:], "rec") < 0.7 * mean(rows[:5], "rec")
@@ -70,7 +70,7 @@ def test_features_tap_trains_and_is_recorded(tmp_path, images):
 
     meta = read_bridge_metadata(result["bridge"])
     assert meta["tap"] == "features" and meta["training_summary"]["config"]["tap"] == "features"
-    world = demo_models()
+    world = demo_bridge_models()
     bridge = load_bridge(result["bridge"], student_vae=world.student_vae)
     with torch.no_grad():
         assert bridge(torch.randn(1, 4, 8, 8)).shape == (1, 16, 16, 16)
@@ -85,15 +85,15 @@ def _stop_after(n_steps, action):
 def test_stopped_run_resumes_with_the_same_losses_as_an_uninterrupted_run(tmp_path, images):
     cfg = dict(steps=12, ckpt_every=100, val_every=100)
     straight = tmp_path / "straight"
-    BridgeTrainer(_cfg(straight, images, **cfg), demo_models()).run()
+    BridgeTrainer(_cfg(straight, images, **cfg), demo_bridge_models()).run()
 
     resumed = tmp_path / "resumed"
     stop = loop.StopFlag()
-    first = BridgeTrainer(_cfg(resumed, images, **cfg), demo_models(), progress=_stop_after(5, stop.set),
+    first = BridgeTrainer(_cfg(resumed, images, **cfg), demo_bridge_models(), progress=_stop_after(5, stop.set),
                           stop=stop).run()
     assert first["stopped_early"] and first["step"] == 5
     assert os.path.exists(resumed / "train_state.safetensors") and os.path.exists(first["bridge"])
-    second = BridgeTrainer(_cfg(resumed, images, **cfg), demo_models()).run()
+    second = BridgeTrainer(_cfg(resumed, images, **cfg), demo_bridge_models()).run()
     assert second["resumed_from"] == 5 and not second["stopped_early"]
     # Training time counts both invocations: the first one's loop seconds (up to its stop checkpoint) come back.
     assert 0 < second["train_seconds"] - second["seconds"] <= first["train_seconds"]
@@ -112,15 +112,15 @@ def _weights(run):
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, images):
     out = tmp_path / "run"
     progress = _stop_after(3, lambda: os.kill(os.getpid(), signal.SIGINT))
-    result = BridgeTrainer(_cfg(out, images, steps=20, val_every=100, ckpt_every=100), demo_models(),
+    result = BridgeTrainer(_cfg(out, images, steps=20, val_every=100, ckpt_every=100), demo_bridge_models(),
                            progress=progress).run()
     assert result["stopped_early"] and result["step"] == 3
-    again = BridgeTrainer(_cfg(out, images, steps=5, val_every=100, ckpt_every=100), demo_models()).run()
+    again = BridgeTrainer(_cfg(out, images, steps=5, val_every=100, ckpt_every=100), demo_bridge_models()).run()
     assert again["resumed_from"] == 3 and again["step"] == 5
 
 
 def test_nan_steps_are_skipped_then_training_stops_with_a_clear_message(tmp_path, images):
-    models = demo_models()
+    models = demo_bridge_models()
     trainer = BridgeTrainer(_cfg(tmp_path / "run", images, steps=20, val_every=100, ckpt_every=100,
                                  max_nan_steps=3, attn_weight=0.0), models)
     real_forward = models.student_vae.decode
@@ -144,11 +144,11 @@ def test_nan_steps_are_skipped_then_training_stops_with_a_clear_message(tmp_path
 
 def test_bad_config_is_refused_with_a_clear_message(tmp_path, images):
     with pytest.raises(ValueError, match="tap must be image or features, got 'pixels'"):
-        BridgeTrainer(_cfg(tmp_path / "t", images, tap="pixels"), demo_models())
+        BridgeTrainer(_cfg(tmp_path / "t", images, tap="pixels"), demo_bridge_models())
     with pytest.raises(ValueError, match="teacher_res"):
-        BridgeTrainer(_cfg(tmp_path, images, teacher_res=100), demo_models())
+        BridgeTrainer(_cfg(tmp_path, images, teacher_res=100), demo_bridge_models())
     with pytest.raises(ValueError, match="k must be 1 or 2"):
-        BridgeTrainer(_cfg(tmp_path, images, k=3, teacher_res=192), demo_models())
+        BridgeTrainer(_cfg(tmp_path, images, k=3, teacher_res=192), demo_bridge_models())
 
 
 @pytest.mark.slow
@@ -175,7 +175,7 @@ def test_accelerate_launch_trains_on_two_cpu_processes(tmp_path):
 
 
 def test_flux_teacher_trains_with_double_and_single_block_attention(tmp_path, images):
-    result = BridgeTrainer(_cfg(tmp_path / "run", images, steps=30, val_every=30), demo_models(
+    result = BridgeTrainer(_cfg(tmp_path / "run", images, steps=30, val_every=30), demo_bridge_models(
         teacher_family="flux_dev")).run()
     rows = [r for r in _metrics(tmp_path / "run") if "rec" in r]
     assert all(r["attn"] > 0 for r in rows)

@@ -109,7 +109,7 @@ def test_cuda_that_is_absent_is_refused_by_name(paths, capsys):
 
 
 def test_a_real_bug_keeps_its_traceback(monkeypatch):
-    import training.sample as sample
+    import training.cli.sample as sample
 
     def broken(args):
         return {}["no such key"]  # a bug, not bad input

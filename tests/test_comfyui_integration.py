@@ -14,7 +14,7 @@ tiny config. The same pack turns saved tensors into CONDITIONING, since tiny tex
 treatment and the nodes under test only see CONDITIONING.
 
 The training nodes load with the library, which reads SD1.5 single files with the pack's shipped real-size configs;
-the pack is linked in with tiny configs in place of training/configs/sd15, so the templates' student single file
+the pack is linked in with tiny configs in place of training/models/configs/sd15, so the templates' student single file
 (a tiny one under its real name) goes through the same loading code, with ComfyUI's real bundled tokenizer.
 
 COMFYUI_PYTHON picks the interpreter that runs ComfyUI (default: this one); see docs/comfyui.md.
@@ -277,7 +277,7 @@ def _errors(entry: dict) -> str:
 def tiny(tmp_path_factory):
     """Tiny random-init models of the real classes, saved where ComfyUI (and the fixture pack) read them."""
     from bridge import Bridge, save_bridge
-    from training.tiny import tiny_flux_transformer, tiny_sd3_transformer, tiny_unet, tiny_vae
+    from training.models.tiny import tiny_flux_transformer, tiny_sd3_transformer, tiny_unet, tiny_vae
 
     base = tmp_path_factory.mktemp("comfy_base")
     files = base / "tiny"
@@ -353,7 +353,7 @@ def _save_lora_student(base: Path, unet):
     export into models/loras; returns the student (its fused UNet is what ComfyUI must reproduce)."""
     import copy
 
-    from training.export import save_student_lora
+    from training.models.export import save_student_lora
     from training.student import OneStepStudent
 
     (base / "models" / "loras").mkdir(parents=True, exist_ok=True)
@@ -375,7 +375,8 @@ def _save_training_models(base: Path, unet, vae, sd35, vae16):
     from diffusers import (DDPMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline,
                            StableDiffusionPipeline)
 
-    from training import data, tiny
+    from training import data
+    from training.models import tiny
 
     torch.manual_seed(2)
     folders = base / "models" / "diffusers"
@@ -397,13 +398,13 @@ def _save_training_models(base: Path, unet, vae, sd35, vae16):
 def _save_sd15_single_file(base: Path, unet, vae):
     """The tiny SD1.5 model as the single-file checkpoint the templates name (original key layout, no tokenizer: the
     training nodes take ComfyUI's bundled one), and its component configs. The library reads SD1.5 single files with
-    the pack's shipped configs (training/configs/sd15, real sizes); `_link_pack` puts these in their place."""
+    the pack's shipped configs (training/models/configs/sd15, real sizes); `_link_pack` puts these in their place."""
     import shutil
 
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from training import loading
-    from training.export import export_single_file
+    from training.models import loading
+    from training.models.export import export_single_file
 
     configs = base / "tiny_configs" / "sd15"
     unet.save_config(configs / "unet")
@@ -422,21 +423,23 @@ def _save_sd15_single_file(base: Path, unet, vae):
 
 
 def _link_pack(dest: Path, sd15_configs: Path) -> None:
-    """The pack in custom_nodes: links into this checkout, except that training/configs/sd15 (the configs SD1.5
+    """The pack in custom_nodes: links into this checkout, except that training/models/configs/sd15 (the configs SD1.5
     single files are read with) holds the tiny model's configs. So the single-file checkpoint of the templates
     loads through exactly the code a real one does."""
-    dest.mkdir()
-    for entry in ROOT.iterdir():
-        if entry.name != "training":
-            (dest / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
-    (dest / "training").mkdir()
-    for entry in (ROOT / "training").iterdir():
-        if entry.name not in ("configs", "__pycache__"):
-            (dest / "training" / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
-    (dest / "training" / "configs").mkdir()
-    for entry in (ROOT / "training" / "configs").iterdir():
-        target = sd15_configs if entry.name == "sd15" else entry
-        (dest / "training" / "configs" / entry.name).symlink_to(target, target_is_directory=True)
+    replaced = ROOT / "training" / "models" / "configs" / "sd15"
+
+    def link(src: Path, dst: Path) -> None:
+        # Folders on the way to the replaced one are made; everything else is a link into the checkout.
+        dst.mkdir()
+        for entry in src.iterdir():
+            if entry == replaced:
+                (dst / entry.name).symlink_to(sd15_configs, target_is_directory=True)
+            elif entry in replaced.parents:
+                link(entry, dst / entry.name)
+            elif entry.name != "__pycache__":
+                (dst / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+
+    link(ROOT, dest)
 
 
 def _prepare_base(base: Path) -> None:
@@ -658,8 +661,8 @@ def test_errors_name_the_problem_without_internal_paths(comfy, tiny):
     """ComfyUI shows a failed node as its exception's module-qualified class name and message; the pack's modules are
     named after its folder's path, so its errors must leave as builtin classes. A wrong-size single file says so,
     without diffusers' developer hint (ignore_mismatched_sizes) that would fill the model with random weights."""
-    from training.export import export_single_file
-    from training.tiny import tiny_unet
+    from training.models.export import export_single_file
+    from training.models.tiny import tiny_unet
 
     (comfy.base / "models" / "bridges" / "it_broken.safetensors").write_bytes(b"not a Bridge at all")
     entry = comfy.run({
@@ -905,7 +908,7 @@ def _check_student_prompts_tokenized_by_comfyui(comfy, tiny, ui: dict) -> None:
     from transformers import CLIPTokenizer
 
     from training.distill import parse_prompts
-    from training.text import TextCond, encode_sd15
+    from training.models.text import TextCond, encode_sd15
 
     bundled = Path(COMFYUI) / "comfy" / "sd1_tokenizer"
     assert json.loads((bundled / "tokenizer_config.json").read_text())["model_max_length"] == 8192
@@ -1141,7 +1144,7 @@ def test_lora_student_through_comfyuis_lora_loader(comfy, tiny):
 def test_distill_student_lora_is_published_and_applies_to_the_base_model(comfy, tiny):
     """Distill Student with student_lora_rank > 0 publishes models/loras/<name>.safetensors (and says so in
     lora_name); Load LoRA with it on the base model reproduces the student the trainer saved (LoRA fused)."""
-    from training.export import load_student_unet
+    from training.models.export import load_student_unet
 
     prompt = _distill_prompt("it_distill_lora", 2, "a red square\na blue circle")
     prompt["1"]["inputs"].update(student_lora_rank=4, student_lr=1e-2)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from training import convert
-from training.loading import config_dir
-from training.tiny import tiny_clip_text, tiny_unet, tiny_vae
+from training.models import convert
+from training.models.loading import config_dir
+from training.models.tiny import tiny_clip_text, tiny_unet, tiny_vae
 
 
 def sd15_like_unet():

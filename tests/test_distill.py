@@ -119,8 +119,8 @@ def test_closed_form_rejects_bad_shapes():
 def trainer_deps():
     # The trainer builds on the loop, state and text modules: fail loudly if one is missing.
     import training.loop  # noqa: F401
+    import training.models.text  # noqa: F401
     import training.state  # noqa: F401
-    import training.text  # noqa: F401
 
 def closed_form_world(seed: int = 0, latent: int = 2, n_target: int = 512, tap: str = "image"):
     """A tiny one-step student (SD1.5 UNet config), a tiny frozen SD1.5-style VAE decoder + random projector as
@@ -131,8 +131,8 @@ def closed_form_world(seed: int = 0, latent: int = 2, n_target: int = 512, tap: 
     is therefore known, and its distance can be measured in the teacher's space."""
     from bridge.model import Bridge
     from bridge.spaces import LatentSpace, register_space
+    from training.models.tiny import tiny_unet, tiny_vae
     from training.student import OneStepStudent
-    from training.tiny import tiny_unet, tiny_vae
 
     space = register_space(LatentSpace("closed_form_test", 4, 8, 1.5305, 0.0609, 32))
     torch.manual_seed(seed)
@@ -152,7 +152,7 @@ def closed_form_world(seed: int = 0, latent: int = 2, n_target: int = 512, tap: 
 
 def _models(student, bridge, teacher, calls=None):
     from training.distill import DistillModels
-    from training.text import TextCond
+    from training.models.text import TextCond
 
     def encode(width):
         def f(prompts):
@@ -216,7 +216,7 @@ def test_distillation_moves_bridged_samples_to_the_teacher_distribution(tmp_path
     assert sum(fake[-20:]) / 20 < 0.9 * sum(fake[:5]) / 5, fake
     assert (tmp_path / "train_state.safetensors").exists()
     # The student checkpoint holds the trained generator.
-    from training.export import load_student_unet
+    from training.models.export import load_student_unet
 
     loaded = load_student_unet(tmp_path / "student_unet.safetensors")
     noise = student.make_noise(4, 2)
@@ -448,7 +448,7 @@ def test_running_norm_clip_cuts_only_outliers(tmp_path):
 
 def test_straight_through_clamp_passes_saturated_gradients():
     from bridge.model import decode_to_image01
-    from training.tiny import tiny_vae
+    from training.models.tiny import tiny_vae
 
     vae = tiny_vae(4).requires_grad_(False)
     z = (torch.randn(1, 4, 2, 2) * 30).requires_grad_(True)  # large latents: many saturated pixels
@@ -484,8 +484,8 @@ def test_demo_command_with_a_student_lora_writes_the_lora_file(tmp_path, monkeyp
 
     from safetensors import safe_open
 
+    from training.models.tiny import tiny_unet
     from training.run import main
-    from training.tiny import tiny_unet
 
     monkeypatch.chdir(tmp_path)
     with pytest.warns(UserWarning, match="untrained"):

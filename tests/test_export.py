@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from training.export import (export_diffusers, export_single_file, load_student_unet, read_student_metadata,
-                             save_student_lora, save_student_unet)
+from training.models.export import (export_diffusers, export_single_file, load_student_unet, read_student_metadata,
+                                    save_student_lora, save_student_unet)
+from training.models.tiny import tiny_clip_text, tiny_clip_tokenizer, tiny_unet, tiny_vae
 from training.student import OneStepStudent
-from training.tiny import tiny_clip_text, tiny_clip_tokenizer, tiny_unet, tiny_vae
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_lora_file_loaded_by_diffusers_reproduces_the_fused_student(parts, tmp_p
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
-    from training.export import one_step_scheduler
+    from training.models.export import one_step_scheduler
 
     torch.manual_seed(3)
     base = tiny_unet().eval()
@@ -179,8 +179,7 @@ def test_single_file_export_loads_back_with_from_single_file(parts, tmp_path):
 def test_sample_command_writes_the_students_images(parts, tmp_path):
     from PIL import Image
 
-
-    from training import sample
+    from training.cli import sample
     from training.run import build_parser
 
     folder = export_diffusers(tmp_path / "student", parts["student"].unet, parts["vae"], parts["text_encoder"],
@@ -201,7 +200,7 @@ def test_sample_command_writes_the_students_images(parts, tmp_path):
 
 
 def test_sample_needs_base_for_a_student_checkpoint(parts, tmp_path):
-    from training.sample import load_student_for_sampling
+    from training.models.assemble import load_student_for_sampling
 
     path = tmp_path / "student_unet.safetensors"
     save_student_unet(path, parts["student"])

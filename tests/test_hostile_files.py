@@ -22,11 +22,11 @@ from bridge.checkpoint import (
 )
 from bridge.model import Bridge
 from bridge.projector import Projector
-from training import loading
-from training.export import load_student_unet, save_student_unet
+from training.models import loading
+from training.models.export import load_student_unet, save_student_unet
+from training.models.tiny import tiny_unet, tiny_vae
 from training.state import load_training_state, save_training_state
 from training.student import OneStepStudent
-from training.tiny import tiny_unet, tiny_vae
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +96,10 @@ def test_valid_files_whose_header_length_looks_like_a_pickle_load_everywhere(tmp
 _PIPE_SCRIPT = """
 import os, sys, torch
 from bridge.checkpoint import load_bridge, read_bridge_metadata
-from training import loading
-from training.export import read_student_metadata
+from training.models import loading
+from training.models.export import read_student_metadata
 from training.state import load_training_state
-from training.text import TextCond
+from training.models.text import TextCond
 fifo = sys.argv[1]
 loaders = {
     "load_bridge": lambda: load_bridge(fifo),
@@ -250,12 +250,12 @@ def test_read_bridge_metadata_refuses_what_load_bridge_refuses(tmp_path, bridge_
 
 def test_distill_checks_the_bridge_before_loading_any_model(tmp_path, bridge_file):
     """Everything cheap before anything expensive: a bad Bridge fails before the (large) student or teacher."""
-    from training.distill import load_real_models
+    from training.models.assemble import load_distill_models
 
     bad = _rewrite(bridge_file, tmp_path / "bad.safetensors",
                    tensors={"projector.proj_out.bias": torch.zeros(3)})
     with pytest.raises(BridgeCheckpointError, match="wrong shape"):
-        load_real_models(str(tmp_path / "no-student.safetensors"), str(bad), "sd35_medium",
+        load_distill_models(str(tmp_path / "no-student.safetensors"), str(bad), "sd35_medium",
                          teacher=str(tmp_path / "no-teacher.safetensors"))
 
 

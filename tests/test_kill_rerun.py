@@ -142,8 +142,8 @@ def test_bridge_demo_killed_in_data_generation_and_between_final_saves_reruns_to
 @pytest.mark.filterwarnings("ignore:No demo Bridge")  # no Bridge demo run here: the untrained Bridge
 def test_distill_demo_killed_in_data_generation_and_between_final_saves_reruns_to_the_same_result(
         tmp_path, monkeypatch, capsys):
+    from training.models.text import TextCond
     from training.run import main
-    from training.text import TextCond
 
     monkeypatch.chdir(tmp_path)
     args = ["distill", "--demo", "--steps", "2", "--sample-every", "2", "--ckpt-every", "1", "--fake-updates", "1"]

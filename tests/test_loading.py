@@ -8,15 +8,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from training import convert, loading
-from training.loading import (
+from training.models import convert, loading
+from training.models.loading import (
     ModelLoadError,
     detect_file_kind,
     load_sd15,
     load_teacher_models,
     load_vae,
 )
-from training.tiny import (
+from training.models.tiny import (
     tiny_clip_text,
     tiny_clip_tokenizer,
     tiny_flux_transformer,

@@ -35,7 +35,7 @@ def _node(errors, exc):
 
 def test_pack_errors_leave_nodes_as_builtin_classes(errors):
     # As ComfyUI would print it: module-qualified, i.e. with the pack's path.
-    ModelLoadError = type("ModelLoadError", (ValueError,), {"__module__": COMFY_ROOT + ".training.loading"})
+    ModelLoadError = type("ModelLoadError", (ValueError,), {"__module__": COMFY_ROOT + ".training.models.loading"})
     original = ModelLoadError("'x.safetensors' does not fit the SD1.5 UNet config")
     with pytest.raises(ValueError) as e:
         _node(errors, original).execute(1)

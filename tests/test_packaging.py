@@ -16,8 +16,8 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 COMFY_CLI = os.environ.get("COMFY_CLI") or shutil.which("comfy")
 # What ComfyUI needs of the pack to load and run every node (and what the archive must therefore keep).
 RUNTIME = ("__init__.py", "requirements.txt", "pyproject.toml", "nodes/__init__.py", "bridge/__init__.py",
-           "training/loading.py", "training/configs/sd15/unet/config.json", "workflows/6_distill_student.json",
-           "workflows/6_distill_student.jpg")
+           "training/models/loading.py", "training/models/configs/sd15/unet/config.json",
+           "workflows/6_distill_student.json", "workflows/6_distill_student.jpg")
 LEFT_OUT = ("assets/shapes/", "tests/", "docs/", ".ci/")
 
 

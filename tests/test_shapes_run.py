@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
+from training.models.text import TextCond
 from training.shapes import models
 from training.shapes.adapters import EpsFlowTeacher, IdentityBridge, RoundTripBridge
-from training.text import TextCond
 
 
 @pytest.fixture(autouse=True)
@@ -190,7 +190,7 @@ def test_default_run_end_to_end_on_a_quick_world(tmp_path, quick_world):
     from PIL import Image
 
     from bridge.checkpoint import load_bridge, read_bridge_metadata
-    from training.export import load_student_unet
+    from training.models.export import load_student_unet
     from training.shapes.run import DEFAULTS, main
 
     out = tmp_path / "run"

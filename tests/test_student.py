@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from bridge.spaces import get_space
+from training.models.tiny import tiny_unet
 from training.student import OneStepStudent, alphas_cumprod, eps_to_x0, x0_to_eps
-from training.tiny import tiny_unet
 
 
 def _student(**kw):

@@ -1,14 +1,15 @@
-"""Teachers (SD3/SD3.5, Flux), their flow conventions, fake LoRA adapter, and text encoding (training/text.py)."""
+"""Teachers (SD3/SD3.5, Flux), their flow conventions, fake LoRA adapter, and text encoding
+(training/models/text.py)."""
 
 import math
 
 import pytest
 import torch
 
-from training import tiny
+from training.models import tiny
+from training.models.text import TextCond, encode_flux, encode_for_family, encode_sd3, encode_sd15
 from training.teachers import (FluxTeacher, SD3Teacher, add_noise, eps_from_v, flux_image_ids, flux_mu, flux_shift,
                                make_teacher, pack_flux, sd3_shift, unpack_flux, x0_from_v)
-from training.text import TextCond, encode_flux, encode_for_family, encode_sd3, encode_sd15
 
 PROMPTS = ["a red cube", "two blue spheres on green grass"]
 
@@ -104,7 +105,7 @@ def test_encoders_match_the_diffusers_pipelines():
 def test_prompts_take_the_encoders_length_not_the_tokenizers_claim(tmp_path, monkeypatch):
     """ComfyUI's bundled tokenizers claim model_max_length 8192: found through COMFYUI_PATH (the fallback for single
     files), they still give 77 CLIP tokens and the family's T5 length, the same embeddings as 77-token tokenizers."""
-    from training import loading
+    from training.models import loading
 
     def bundled(claim):  # the tokenizers of a ComfyUI checkout whose configs claim `claim` tokens
         comfy = tmp_path / f"ComfyUI_{claim}"

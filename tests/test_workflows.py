@@ -259,7 +259,7 @@ def test_lora_workflow_applies_the_lora_distill_student_writes():
 
 
 def test_teacher_families_are_the_libraries():
-    from training.bridge_cli import TEACHER_FAMILIES
+    from training.models.families import TEACHER_FAMILIES
     from training.teachers import FAMILIES
 
     assert specs.TEACHER_FAMILIES == TEACHER_FAMILIES

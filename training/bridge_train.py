@@ -215,7 +215,7 @@ class BridgeTrainer:
         return {k: v.to(self.device) for k, v in cache.batch(idx).items()}
 
     def _cond(self, batch: dict):
-        from .text import TextCond
+        from .models.text import TextCond
 
         return TextCond.from_tensors(batch, prefix="text.").to(self.device)
 

@@ -18,7 +18,6 @@ first reuses this step's samples, the others draw fresh ones). All randomness of
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -36,10 +35,9 @@ from . import dmd, loop
 from .errors import UserError
 from .state import load_training_state, save_training_state
 from .student import OneStepStudent
-from .text import encode_sd15
 
 if TYPE_CHECKING:
-    from .text import TextCond
+    from .models.text import TextCond
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -264,7 +262,7 @@ class Distiller:
         """Encode every prompt once (teacher: all its encoders; student: CLIP-L), cache on disk, free encoders."""
         from safetensors import SafetensorError
 
-        from .text import TextCond
+        from .models.text import TextCond
 
         c = self.cfg
         self.val_prompts = list(c.val_prompts or c.prompts[:4])
@@ -502,7 +500,7 @@ class Distiller:
                 "nan_skipped": self.nan_guard.skipped_total}
 
     def save(self, step: int, state: bool = True) -> None:
-        from .export import save_student_lora, save_student_unet
+        from .models.export import save_student_lora, save_student_unet
 
         if not self.accel.is_main_process:
             return
@@ -603,284 +601,3 @@ class Distiller:
 def distill(config: DistillConfig, models: DistillModels, progress=None, stop=None) -> dict:
     """Run (or resume) a distillation; see Distiller."""
     return Distiller(config, models, progress=progress, stop=stop).run()
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-DEMO_PROMPTS = [
-    "a red circle on a blue background", "a green square on a white background, top left",
-    "a yellow triangle on a black background", "a blue star on an orange background, bottom right",
-    "a purple circle on a grey background, center", "a white square on a red background",
-    "an orange triangle on a green background, top right", "a black star on a yellow background",
-]
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .bridge_cli import TEACHER_FAMILIES
-
-    g = p.add_argument_group("models")
-    g.add_argument("--demo", action="store_true",
-                   help="tiny random-init models (the same tiny SD1.5/SD3.5 world as `bridge --demo`, whose Bridge "
-                        "it uses when present) and built-in prompts: runs on a CPU in a minute or two")
-    g.add_argument("--student", help="SD1.5 checkpoint (.safetensors single file) or diffusers folder: the student "
-                                     "starts from its UNet; its VAE and CLIP-L are the student's")
-    g.add_argument("--student-vae", help="separate SD1.5 VAE file (overrides the one in --student)")
-    g.add_argument("--bridge", help="trained Bridge (.safetensors) from the student's VAE into the teacher's space")
-    g.add_argument("--teacher-family", choices=TEACHER_FAMILIES, help="which teacher the files are")
-    g.add_argument("--teacher", help="teacher diffusers folder, or transformer single file")
-    g.add_argument("--teacher-vae", help="teacher VAE single file (previews through the Bridge)")
-    g.add_argument("--clip-l", help="CLIP-L text encoder file (teacher side)")
-    g.add_argument("--clip-g", help="CLIP-G text encoder file (SD3.5)")
-    g.add_argument("--t5", help="T5-XXL text encoder file")
-    g.add_argument("--tokenizers", help="folder with tokenizer subfolders when the teacher is given as single files")
-    g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="dtype of the frozen models (auto: bf16 on CUDA, fp32 on CPU); the student trains in fp32")
-
-    d = p.add_argument_group("prompts and output")
-    d.add_argument("--prompts", help="text file, one prompt per line ('#' lines are comments)")
-    d.add_argument("--negative-prompt", default="", help="negative prompt for the teacher's guidance (SD3/SD3.5)")
-    d.add_argument("--val-prompts", help="text file of preview prompts (default: the first 4 prompts)")
-    d.add_argument("--val-seeds", default="0,1", help="comma-separated preview seeds (default 0,1)")
-    d.add_argument("--out", help="run folder (student checkpoint, training state, metrics.jsonl, samples/); "
-                                 "default runs/distill-demo with --demo")
-    d.add_argument("--cache-dir", help="embedding cache folder (default <out>/cache)")
-    d.add_argument("--resolution", type=int, help="student image size (default 512; 64 with --demo)")
-    d.add_argument("--no-export", action="store_true",
-                   help="skip writing the standard SD1.5 checkpoint (student_sd15.safetensors) at the end")
-
-    t = p.add_argument_group("training")
-    t.add_argument("--steps", type=int, help="student steps (default 2000; 60 with --demo)")
-    t.add_argument("--batch-size", type=int, help="default 4 (2 with --demo)")
-    t.add_argument("--loss", default="dmd", choices=dmd.LOSSES, help="DMD2-normalised gradient (default) or VSD")
-    t.add_argument("--guidance",
-                   help="real-score guidance: a number, or LOW,HIGH for a per-sample uniform draw (e.g. 2,8); "
-                        "default 4.5 for SD3.5 (true CFG), 3.5 for Flux (guidance embedding)")
-    t.add_argument("--timesteps", default="uniform", choices=dmd.TIMESTEP_DISTS,
-                   help="noise-level distribution, mapped into [--s-min, --s-max]")
-    t.add_argument("--s-min", type=float, default=dmd.S_MIN)
-    t.add_argument("--s-max", type=float, default=dmd.S_MAX)
-    t.add_argument("--student-lr", type=float, default=1e-5)
-    t.add_argument("--student-lora-rank", type=int, default=0,
-                   help="train a LoRA of this rank on the UNet's attention projections (0: the whole UNet); the run "
-                        "then also writes <out>/student_lora.safetensors, a LoRA for ComfyUI's LoraLoader / "
-                        "diffusers' load_lora_weights on the base SD1.5 checkpoint")
-    t.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the student weights (0: off)")
-    t.add_argument("--fake-lr", type=float, default=1e-4)
-    t.add_argument("--fake-rank", type=int, default=64, help="rank of the fake-score LoRA on the teacher")
-    t.add_argument("--fake-alpha", type=float, help="LoRA alpha of the fake score (default = rank)")
-    t.add_argument("--fake-updates", type=int, default=5, help="fake-score steps per student step")
-    t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--grad-clip", type=float, default=DistillConfig.grad_clip,
-                   help="student gradient-norm clip (fixed; see --grad-clip-relative)")
-    t.add_argument("--grad-norm", default=DistillConfig.grad_norm, choices=GRAD_NORMS,
-                   help="per-sample gradient normalisation: teacher = DMD2's, in teacher space; student = after the "
-                        "pull-back through the Bridge, every sample to the batch's mean norm; both")
-    t.add_argument("--grad-clip-relative", type=float, default=DistillConfig.grad_clip_relative,
-                   help="> 0: clip at this factor x the running mean gradient norm instead of --grad-clip")
-    t.add_argument("--straight-through-clamp", action=argparse.BooleanOptionalAction,
-                   default=DistillConfig.straight_through_clamp,
-                   help="training only: the decoded image's [0,1] clamp passes gradients of saturated pixels")
-    t.add_argument("--log-every", type=int, default=10)
-    t.add_argument("--sample-every", type=int, help="preview grid every N steps (default 250; 20 with --demo)")
-    t.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--mixed-precision", default="auto", choices=("auto", "bf16", "no"))
-    t.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in backward (student UNet, student decoder, teacher)")
-    t.add_argument("--restart", action="store_true", help="start over instead of resuming from --out")
-
-
-def _given(value, default):
-    """An option's value, or `default` when it was not given (0 is a value, refused by the config's checks)."""
-    return default if value is None else value
-
-
-def _parse_seeds(text: str, option: str = "--val-seeds") -> list[int]:
-    try:
-        seeds = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds:
-        raise UserError(f"{option} must be comma-separated integer seeds, e.g. 0,1; got {text!r}.")
-    return seeds
-
-
-def _parse_guidance(text: str):
-    try:
-        parts = [float(x) for x in str(text).split(",")]
-    except ValueError:
-        raise ValueError(f"--guidance must be a number or LOW,HIGH; got {text!r}.") from None
-    if len(parts) == 1:
-        return parts[0]
-    if len(parts) == 2:
-        return parts
-    raise ValueError(f"--guidance must be a number or LOW,HIGH; got {text!r}.")
-
-
-def config_from_args(args, prompts: list[str]) -> DistillConfig:
-    demo = args.demo
-    return DistillConfig(
-        out_dir=args.out, prompts=prompts, negative_prompt=args.negative_prompt,
-        val_prompts=read_prompts(args.val_prompts) if args.val_prompts else None,
-        val_seeds=_parse_seeds(args.val_seeds),
-        steps=_given(args.steps, 60 if demo else 2000), batch_size=_given(args.batch_size, 2 if demo else 4),
-        resolution=_given(args.resolution, 64 if demo else 512), loss=args.loss,
-        guidance=_parse_guidance(args.guidance or ("3.5" if (args.teacher_family or "").startswith("flux") else "4.5")),
-        timesteps=args.timesteps, s_min=args.s_min, s_max=args.s_max, student_lr=args.student_lr,
-        student_lora_rank=args.student_lora_rank, ema_decay=args.ema_decay, fake_lr=args.fake_lr,
-        fake_rank=args.fake_rank, fake_alpha=args.fake_alpha, fake_updates=args.fake_updates,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_norm=args.grad_norm,
-        grad_clip_relative=args.grad_clip_relative, straight_through_clamp=args.straight_through_clamp,
-        log_every=args.log_every,
-        sample_every=_given(args.sample_every, 20 if demo else 250), ckpt_every=args.ckpt_every, seed=args.seed,
-        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-        resume=not args.restart, cache_dir=args.cache_dir,
-    )
-
-
-def _check_demo_bridge(path: str) -> None:
-    if not os.path.isfile(path):
-        what = "is a dangling symbolic link" if os.path.islink(path) else (
-            "is not a file" if os.path.exists(path) else "does not exist")
-        raise UserError(f"The Bridge {path!r} (--bridge) {what}: give a trained Bridge .safetensors file, or leave "
-                        "--bridge out to use the demo Bridge of `python -m training.run bridge --demo`.")
-
-
-def demo_models(seed: int = 0, bridge_path: str | None = None) -> tuple[DistillModels, dict]:
-    """The tiny world of `bridge --demo` (same seed: same student VAE, teacher and text encoders) plus a tiny
-    SD1.5-style UNet and CLIP-L for the student. Uses the demo Bridge when it exists, else a fresh one; a
-    `bridge_path` that is given must exist (a typo must not train against an untrained Bridge)."""
-    import warnings
-
-    from . import tiny
-    from ._bridge import checkpoint as bridge_checkpoint
-    from ._bridge import model as bridge_model
-    from .bridge_cli import demo_models as bridge_demo_models
-
-    if bridge_path is not None:
-        _check_demo_bridge(bridge_path)
-    world = bridge_demo_models(seed)
-    bridge_path = bridge_path or os.path.join("runs", "bridge-demo", "bridge.safetensors")
-    if os.path.exists(bridge_path):
-        bridge = bridge_checkpoint.load_bridge(bridge_path, student_vae=world.student_vae)
-    else:
-        warnings.warn(f"No demo Bridge at {bridge_path}: using an untrained one. Run `python -m training.run "
-                      "bridge --demo` first for a trained Bridge.", stacklevel=2)
-        torch.manual_seed(seed)
-        bridge = bridge_model.Bridge.create("sd15", "sd3", k=2, student_vae=world.student_vae, width=32, depth=2)
-    torch.manual_seed(seed + 1)
-    unet = tiny.tiny_unet()
-    clip, tok = tiny.tiny_clip_text("L").eval(), tiny.tiny_clip_tokenizer()
-    encoders = {"clip": clip}
-
-    def free():
-        world.free_text_encoders()
-        encoders.clear()
-
-    models = DistillModels(
-        student=OneStepStudent(unet), bridge=bridge, teacher=world.teacher, teacher_vae=world.teacher_vae,
-        encode_teacher=world.encode_text, encode_student=lambda prompts: encode_sd15(prompts, encoders["clip"], tok),
-        free_text_encoders=free, description={**world.description, "student_unet": "tiny sd15-like",
-                                              "bridge": os.path.abspath(bridge_path) if os.path.exists(bridge_path)
-                                              else "untrained"},
-    )
-    return models, {"vae": world.student_vae, "text_encoder": clip, "tokenizer": tok}
-
-
-def load_real_models(student: str, bridge: str, teacher_family: str, teacher: str | None = None,
-                     teacher_vae: str | None = None, clip_l: str | None = None, clip_g: str | None = None,
-                     t5: str | None = None, tokenizers: str | None = None, dtype: str = "auto",
-                     student_vae: str | None = None, cpu: bool = False) -> tuple[DistillModels, None]:
-    """Student UNet + CLIP-L from the SD1.5 file `student`, the Bridge file, and the teacher (transformer, VAE, text
-    encoders) from local files, as the CLI and the ComfyUI node take them. Returns (models, None): unlike
-    `demo_models` there are no in-memory base components; the export reads them from `student`."""
-    from . import loading
-    from ._bridge import checkpoint as bridge_checkpoint
-    from .bridge_cli import load_real_models as bridge_load_real_models
-
-    if not bridge:
-        raise ValueError("Distillation needs a trained Bridge (.safetensors from the student's VAE into the teacher's "
-                         "space); train one first (`python -m training.run bridge ...` or the Train Bridge node).")
-    if not teacher:
-        raise ValueError("Distillation needs the teacher model file or diffusers folder (teacher=...).")
-    # Both teacher spaces have 16 channels, so a Bridge for the other teacher would run and train nonsense.
-    bridge_space = bridge_checkpoint.read_bridge_metadata(bridge)["teacher_space"]["name"]
-    family_space = "flux" if teacher_family.startswith("flux") else "sd3"
-    if bridge_space != family_space:
-        raise ValueError(f"The Bridge {os.path.basename(bridge)!r} maps into the {bridge_space} latent space but the "
-                         f"{teacher_family} teacher works in {family_space}; use a Bridge trained for this teacher.")
-    # Student VAE, teacher, teacher VAE, teacher text encoders: the same loader as Bridge training.
-    world = bridge_load_real_models(student, teacher_family, teacher=teacher, teacher_vae=teacher_vae, clip_l=clip_l,
-                                    clip_g=clip_g, t5=t5, tokenizers=tokenizers, student_vae=student_vae, dtype=dtype,
-                                    cpu=cpu)
-    device = loop.default_device(cpu)
-    sd15 = loading.load_sd15(student, components=("unet", "text_encoder", "tokenizer"), dtype=torch.float32,
-                             device=device, tokenizer=tokenizers)
-    bridge_module = bridge_checkpoint.load_bridge(bridge, student_vae=world.student_vae, device=device)
-    text = {"clip": sd15.text_encoder.to(world.student_vae.dtype).eval()}
-
-    def free():
-        world.free_text_encoders()
-        text.clear()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    models = DistillModels(
-        student=OneStepStudent(sd15.unet), bridge=bridge_module, teacher=world.teacher, teacher_vae=world.teacher_vae,
-        encode_teacher=world.encode_text,
-        encode_student=lambda prompts: encode_sd15(prompts, text["clip"], sd15.tokenizer),
-        free_text_encoders=free, description={**world.description, "bridge": os.path.basename(bridge)},
-    )
-    return models, None
-
-
-def real_models(args) -> DistillModels:
-    """`load_real_models` from the command-line arguments."""
-    models, _ = load_real_models(args.student, args.bridge, args.teacher_family, teacher=args.teacher,
-                                 teacher_vae=args.teacher_vae, clip_l=args.clip_l, clip_g=args.clip_g, t5=args.t5,
-                                 tokenizers=args.tokenizers, dtype=args.dtype, student_vae=args.student_vae)
-    return models
-
-
-def run(args) -> int:
-    from .export import export_diffusers, export_sd15, export_single_file
-
-    from .errors import output_dir
-
-    if args.demo:
-        args.out = args.out or os.path.join("runs", "distill-demo")
-    else:
-        missing = [opt for opt, value in (("--student", args.student), ("--bridge", args.bridge),
-                                          ("--teacher-family", args.teacher_family), ("--teacher", args.teacher),
-                                          ("--prompts", args.prompts), ("--out", args.out)) if not value]
-        if missing:
-            raise UserError(f"Distillation needs {', '.join(missing)}: the SD1.5 --student, a trained --bridge, the "
-                            "teacher (--teacher-family, --teacher, text encoders), --prompts FILE and --out FOLDER "
-                            "(or --demo to try it on tiny models).")
-    # Everything cheap first: prompts and options, then the output folder, before any model is loaded.
-    prompts = read_prompts(args.prompts) if args.prompts else DEMO_PROMPTS
-    cfg = config_from_args(args, prompts)
-    cfg.validate()
-    if args.demo and args.bridge:
-        _check_demo_bridge(args.bridge)
-    output_dir(cfg.out_dir)
-    if args.demo:
-        models, base = demo_models(args.seed, args.bridge)
-    else:
-        models, base = real_models(args), None
-    result = Distiller(cfg, models).run()
-    print(json.dumps({k: v for k, v in result.items()}, indent=2, default=str))
-    if not args.no_export and not result.get("stopped_early"):
-        out = os.path.join(cfg.out_dir, "student_sd15.safetensors")
-        if base is not None:  # demo: the tiny base components are in memory
-            unet = models.student.merged_unet()
-            export_single_file(out, unet, base["vae"], base["text_encoder"])
-            export_diffusers(os.path.join(cfg.out_dir, "student_sd15"), unet, base["vae"], base["text_encoder"],
-                             base["tokenizer"])
-        else:
-            export_sd15(models.student, args.student, single_file=out)
-        print(f"SD1.5 checkpoint: {out}")
-    print(f"Student checkpoint: {result['student']}")
-    if result.get("lora"):
-        print(f"Student LoRA (kohya layout, for the base SD1.5 model): {result['lora']}")
-    return 0

@@ -9,7 +9,7 @@ Commands:
   distill   distil a one-step SD1.5 student from a teacher through a trained Bridge
   sample    write one-step student images
 
-Each command lives in its own module with `add_arguments(parser)` and `run(args)`; this file only
+Each command lives in its own module (training/cli/) with `add_arguments(parser)` and `run(args)`; this file only
 dispatches, and imports a command's module (and with it torch and diffusers) only when it runs, so
 `--help` stays fast.
 """
@@ -23,9 +23,9 @@ import sys
 # `shapes` has its own full parser (training/shapes/run.py); its arguments follow the command name.
 SHAPES_HELP = "the default run: Bridge + cross-space distillation + evaluation on the shapes world (no arguments)"
 COMMANDS = {
-    "bridge": ("bridge_cli", "train a Bridge from a folder of images (or --demo: tiny models, synthetic images)"),
-    "distill": ("distill", "distil a one-step SD1.5 student through a trained Bridge"),
-    "sample": ("sample", "write one-step images from a student checkpoint"),
+    "bridge": ("cli.bridge", "train a Bridge from a folder of images (or --demo: tiny models, synthetic images)"),
+    "distill": ("cli.distill", "distil a one-step SD1.5 student through a trained Bridge"),
+    "sample": ("cli.sample", "write one-step images from a student checkpoint"),
 }
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, ContextManager, Iterator, Protocol
 import torch
 
 from ._bridge import spaces
-from .text import TextCond
+from .models.text import TextCond
 
 if TYPE_CHECKING:
     from torch import Tensor

@@ -146,7 +146,7 @@ def grid_prompts(n: int) -> list[str]:
 
 def teacher_text(world: "ShapesWorld"):
     """prompts -> TextCond(prompt_embeds [B,16,64], pooled [B,64]) from the teacher's text encoder."""
-    from ..text import TextCond
+    from ..models.text import TextCond
 
     def encode(prompts: list[str]):
         embeds, pooled = world.encode_teacher_prompts(prompts)
@@ -157,7 +157,7 @@ def teacher_text(world: "ShapesWorld"):
 
 def student_text(world: "ShapesWorld"):
     """prompts -> TextCond(prompt_embeds = student hidden states [B,16,32])."""
-    from ..text import TextCond
+    from ..models.text import TextCond
 
     return lambda prompts: TextCond(prompt_embeds=world.encode_student_prompts(prompts))
 

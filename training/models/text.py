@@ -90,7 +90,7 @@ class TextCond:
 
     def save(self, path) -> None:
         """Atomic safetensors file (never pickle)."""
-        from ._bridge import checkpoint
+        from .._bridge import checkpoint
 
         checkpoint.save_safetensors_atomic(path, self.to_tensors(), {"format": "text_cond"})
 
@@ -98,7 +98,7 @@ class TextCond:
     def load(cls, path, device="cpu") -> "TextCond":
         from safetensors.torch import load_file
 
-        from ._bridge import files
+        from .._bridge import files
 
         files.check_safetensors_file(path, what="Text embedding file",
                                      corrupt_hint="Delete the cache folder it is in to encode the prompts again.")

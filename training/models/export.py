@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._bridge import checkpoint as bridge_checkpoint
-from ._bridge import files
-from .student import SD15_SCHEDULE, OneStepStudent
+from .._bridge import checkpoint as bridge_checkpoint
+from .._bridge import files
+from ..student import SD15_SCHEDULE, OneStepStudent
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel

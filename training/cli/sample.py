@@ -34,8 +34,8 @@ def sample_images(student, vae, text_encoder, tokenizer, prompt: str, seed: int 
     """One-step images (PIL) for one prompt: noise from torch.Generator().manual_seed(seed) for the batch."""
     from PIL import Image
 
-    from ._bridge import model as bridge_model
-    from .text import encode_sd15
+    from .._bridge import model as bridge_model
+    from ..models.text import encode_sd15
 
     check_sampling(batch=batch, resolution=resolution, seed=seed)
     size = student.latent_size(resolution)
@@ -51,7 +51,7 @@ def sample_images(student, vae, text_encoder, tokenizer, prompt: str, seed: int 
 
 def check_sampling(batch: int = 1, resolution: int = 512, seed: int = 0, prompts: int = 1) -> None:
     """Refuse sampling options that cannot work, before any model is loaded."""
-    from .errors import UserError, number_problem, seed_problem
+    from ..errors import UserError, number_problem, seed_problem
 
     problems = [number_problem("--batch", batch, low=1, integer=True),
                 seed_problem("--seed", seed) or seed_problem(f"--seed + {prompts - 1} (one seed per prompt)",
@@ -65,7 +65,7 @@ def check_sampling(batch: int = 1, resolution: int = 512, seed: int = 0, prompts
 
 def resolve_device(name: str) -> str:
     """--device as a torch device string: auto is CUDA when present; a device this machine lacks is refused."""
-    from .errors import UserError
+    from ..errors import UserError
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,54 +86,19 @@ def resolve_device(name: str) -> str:
     return str(device)
 
 
-def load_student_for_sampling(student_path: str, base: str | None, device, dtype=torch.float32):
-    """(OneStepStudent, vae, text_encoder, tokenizer) from an exported SD1.5 model or a student checkpoint."""
-    from .export import STUDENT_FORMAT, load_student_unet
-    from .student import OneStepStudent
-
-    if not os.path.exists(student_path):
-        raise ValueError(f"Student not found: {student_path!r}.")
-    is_ckpt = False
-    if os.path.isfile(student_path) and student_path.lower().endswith(".safetensors"):
-        from safetensors import SafetensorError, safe_open
-
-        from ._bridge import files
-        from .errors import UserError
-
-        files.check_safetensors_file(student_path, what="Student")
-        try:
-            with safe_open(student_path, framework="pt") as f:
-                is_ckpt = (f.metadata() or {}).get("format") == STUDENT_FORMAT
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"The student {student_path!r} (--student) is not a readable safetensors file (truncated "
-                            f"or corrupt? {e}): give the student checkpoint or exported SD1.5 file again.") from None
-    if is_ckpt and not base:
-        raise ValueError(f"{os.path.basename(student_path)!r} is a student checkpoint (UNet only): give --base, "
-                         "the SD1.5 model whose VAE and CLIP-L it was distilled with.")
-    from . import loading
-
-    if is_ckpt:
-        student = load_student_unet(student_path, device=device, dtype=dtype)
-        parts = loading.load_sd15(base, components=("vae", "text_encoder", "tokenizer"), dtype=dtype, device=device)
-    else:
-        parts = loading.load_sd15(student_path, components=("unet", "vae", "text_encoder", "tokenizer"), dtype=dtype,
-                                  device=device)
-        student = OneStepStudent(parts.unet.eval())
-    return student.eval(), parts.vae.eval(), parts.text_encoder.eval(), parts.tokenizer
-
-
 def _slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:n] or "prompt"
 
 
 def run(args) -> int:
-    from .errors import output_dir
+    from ..errors import output_dir
+    from ..models import assemble
 
     # Everything cheap first: options, device and output folder, then the models.
     check_sampling(batch=args.batch, resolution=args.resolution, seed=args.seed, prompts=len(args.prompt))
     device = resolve_device(args.device)
     output_dir(args.out)
-    student, vae, text_encoder, tokenizer = load_student_for_sampling(args.student, args.base, device)
+    student, vae, text_encoder, tokenizer = assemble.load_student_for_sampling(args.student, args.base, device)
     written = []
     for i, prompt in enumerate(args.prompt):
         seed = args.seed + i

@@ -1,8 +1,8 @@
 """Benchmark: the Bridge, with either tap, vs the exact round trip E_t(upsample_k(D_s(z_s))).
 
-    python -m training.bench_bridge                       # 32->64 and 64->128 on CPU (+ CUDA when present)
-    python -m training.bench_bridge --sizes 32 --json bench.json
-    python -m training.bench_bridge --device cuda --dtype bf16 --repeats 5
+    python -m training.bench.bridge                       # 32->64 and 64->128 on CPU (+ CUDA when present)
+    python -m training.bench.bridge --sizes 32 --json bench.json
+    python -m training.bench.bridge --device cuda --dtype bf16 --repeats 5
 
 Real configs of the SD1.5 VAE (student) and the SD3/SD3.5 VAE (teacher) with random init (speed and memory
 do not depend on the weights), student latent s x s -> teacher latent 2s x 2s. Three paths, all on the same
@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from ._bridge import model as bridge_model
+from .._bridge import model as bridge_model
 
 # The real SD1.5 VAE (AutoencoderKL, 4 latent channels).
 SD15_VAE_CONFIG = dict(
@@ -98,7 +98,7 @@ def _param_counts(bridges, teacher_vae) -> dict:
 
 def _tapped_decoder_params(vae, k: int) -> int:
     """Decoder parameters the 'features' tap runs (post_quant_conv, conv_in, mid block, the up blocks to the tap)."""
-    from ._bridge import taps
+    from .._bridge import taps
 
     stop, _ = taps._diffusers_plan(vae.decoder, k)
     d = vae.decoder
@@ -333,7 +333,7 @@ def _load_note() -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.bench_bridge", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m training.bench.bridge", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="32,64",
                    help="student latent sizes, comma-separated (teacher = 2x); default 32,64 (64 = SD1.5 at 512 px)")

@@ -1,12 +1,12 @@
 """The GPU measurement in one command (issue 13): under 8 minutes on one H100/H200-class GPU.
 
-    python -m training.bench_gpu                        # CUDA: real sizes, bf16
-    python -m training.bench_gpu --reduced              # tiny sizes on the CPU, seconds (what CI runs)
-    python -m training.bench_gpu --json gpu_bench.json
+    python -m training.bench.gpu                        # CUDA: real sizes, bf16
+    python -m training.bench.gpu --reduced              # tiny sizes on the CPU, seconds (what CI runs)
+    python -m training.bench.gpu --json gpu_bench.json
 
-1. bench_bridge at real size (SD1.5 64 x 64 latent -> SD3.5 128 x 128) in bf16: the features Bridge, the image
+1. bench.bridge at real size (SD1.5 64 x 64 latent -> SD3.5 128 x 128) in bf16: the features Bridge, the image
    Bridge and the exact round trip, forward and forward+backward, peak memory, parameters, FLOPs and ratios.
-2. bench_distill --sizes real (SD1.5 UNet + VAE, SD3.5 Medium at 1024 px, random init): one distillation step
+2. bench.distill --sizes real (SD1.5 UNet + VAE, SD3.5 Medium at 1024 px, random init): one distillation step
    with and without gradient checkpointing, each with the full student UNet and with a student LoRA; time per
    step, peak memory and the share of the step outside the teacher (everything but the real/fake teacher
    forwards and the fake-score update).
@@ -27,8 +27,8 @@ DISTILL_VARIANTS = ((False, 0), (True, 0), (False, 64), (True, 64))
 
 
 def _bridge_args(reduced: bool) -> dict:
-    from . import bench_bridge
-    from .tiny import TINY_VAE
+    from ..models.tiny import TINY_VAE
+    from . import bridge as bench_bridge
 
     if reduced:
         return dict(sizes=(4,), devices=("cpu",), repeats=1, dtype="fp32",
@@ -43,7 +43,8 @@ def _bridge_args(reduced: bool) -> dict:
 def run(reduced: bool, log=print) -> dict:
     import torch
 
-    from . import bench_bridge, bench_distill
+    from . import bridge as bench_bridge
+    from . import distill as bench_distill
 
     if not reduced and not torch.cuda.is_available():
         raise ValueError("No CUDA device: the real-size GPU measurement needs one. Use --reduced for the CPU version.")
@@ -82,7 +83,7 @@ def run(reduced: bool, log=print) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.bench_gpu", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m training.bench.gpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reduced", action="store_true", help="tiny sizes on the CPU (seconds): checks the script")
     p.add_argument("--json", metavar="OUT.json", help="also write every figure as JSON")

@@ -1,8 +1,8 @@
 """Benchmark: where the time of one distillation step goes.
 
-    python -m training.bench_distill                          # tiny and mid sizes on CPU (+ real on CUDA)
-    python -m training.bench_distill --sizes real --device cuda --steps 5
-    python -m training.bench_distill --sizes tiny --json bench.json
+    python -m training.bench.distill                          # tiny and mid sizes on CPU (+ real on CUDA)
+    python -m training.bench.distill --sizes real --device cuda --steps 5
+    python -m training.bench.distill --sizes tiny --json bench.json
 
 Runs the trainer's own step (`Distiller.train_step`) on random-init models of the real classes (speed and
 memory do not depend on the weights) with a timer around its parts:
@@ -92,9 +92,9 @@ def _models(size: str, tap: str = "image"):
     """(unet, student VAE, SD3.5-style transformer, Bridge) of `size`, random init, on the current default device."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 
-    from . import tiny
-    from ._bridge import model as bridge_model
-    from .bench_bridge import SD15_VAE_CONFIG
+    from .._bridge import model as bridge_model
+    from ..models import tiny
+    from .bridge import SD15_VAE_CONFIG
 
     spec = SIZES[size]
     if size == "tiny":
@@ -112,10 +112,10 @@ def build(size: str, batch: int, fake_updates: int, out_dir: str, checkpointing:
           tap: str = "image"):
     """A Distiller over random-init models of `size` (teacher: SD3.5-style; Bridge with `tap`). On CUDA the models
     are created on the GPU (random init of SD3.5 Medium on a CPU takes a minute)."""
-    from .distill import DistillConfig, DistillModels, Distiller
-    from .student import OneStepStudent
-    from .teachers import make_teacher
-    from .text import TextCond
+    from ..distill import DistillConfig, DistillModels, Distiller
+    from ..models.text import TextCond
+    from ..student import OneStepStudent
+    from ..teachers import make_teacher
 
     spec = SIZES[size]
     torch.manual_seed(0)
@@ -246,7 +246,7 @@ def format_table(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.bench_distill", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m training.bench.distill", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", help="comma-separated: tiny, mid, real (default tiny,mid on CPU; "
                                    "tiny,mid,real on CUDA)")

@@ -5,7 +5,7 @@ Sources, as users keep them:
 - single files from ComfyUI's models folders: `checkpoints/` (all-in-one), `diffusion_models/` or `unet/`
   (UNet / transformer only), `vae/`, `text_encoders/` or `clip/` (clip_l, clip_g, t5xxl in transformers
   layout). Diffusion models and VAEs go through diffusers' `from_single_file` with a LOCAL config (the ones
-  shipped in `training/configs/`), text encoders are built from the shipped config and filled strictly.
+  shipped in `training/models/configs/`), text encoders are built from the shipped config and filled strictly.
 
 Nothing is ever fetched: everything works with HF_HUB_OFFLINE=1. Pickle files are refused, never unpickled.
 Tokenizers come from the diffusers folder, an explicit path, or a ComfyUI checkout's bundled tokenizer folders.
@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._bridge import files
+from .._bridge import files
+from .families import TEACHER_FAMILIES
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
 CONFIG_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-TEACHER_FAMILIES = ("sd35_medium", "sd35_large", "flux_dev", "flux_schnell")
 FAMILY_ALIASES = {"sd3": "sd35_medium", "sd35": "sd35_medium", "flux": "flux_dev"}
 SD15_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -260,7 +260,7 @@ def _wrong_kind(path: str, kind: str, wanted: str) -> ModelLoadError:
 # ------------------------------------------------------------------------------------------------ folders
 
 def _model_index(folder: str) -> dict | None:
-    from .errors import UserError, read_json_object
+    from ..errors import UserError, read_json_object
 
     p = os.path.join(folder, "model_index.json")
     if not os.path.isfile(p):
@@ -298,7 +298,7 @@ def _config_name(config: str) -> str:
     shipped = os.path.relpath(os.path.abspath(config), CONFIG_ROOT)
     if shipped.startswith(".."):
         return f" in {config!r}"
-    return f" (the pack's training/configs/{shipped.replace(os.sep, '/')}: the real model's sizes)"
+    return f" (the pack's training/models/configs/{shipped.replace(os.sep, '/')}: the real model's sizes)"
 
 
 _DEV_HINTS = ("ignore_mismatched_sizes", "low_cpu_mem_usage", "github.com/")

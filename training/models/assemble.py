@@ -1,0 +1,261 @@
+"""The one place that assembles the models a command or a node trains or samples with: student, teacher and Bridge,
+from local files or as the tiny demo world, into the bundles the trainers take (BridgeModels, DistillModels) and the
+sampler's student. Used by the commands (training/cli/) and the ComfyUI training nodes alike.
+
+Nothing heavy at import time (the commands read TEACHER_FAMILIES while building their parsers): torch, diffusers and
+the loaders are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .families import TEACHER_FAMILIES
+
+__all__ = ["TEACHER_FAMILIES", "torch_dtype", "demo_bridge_models", "load_bridge_models", "check_demo_bridge",
+           "demo_distill_models", "load_distill_models", "load_student_for_sampling"]
+
+# Where `python -m training.run bridge --demo` writes its Bridge, which the distillation demo then uses.
+DEMO_BRIDGE = os.path.join("runs", "bridge-demo", "bridge.safetensors")
+
+
+def torch_dtype(name: str, cpu: bool = False):
+    """--dtype as a torch dtype: auto is bf16 on CUDA (unless `cpu`), fp32 on the CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and not cpu else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+# ---------------------------------------------------------------------------------------------- Bridge training
+
+def demo_bridge_models(seed: int = 0, teacher_family: str | None = None):
+    """Tiny random-init models of the real classes: an SD1.5-like student VAE and an SD3.5-like teacher
+    (transformer, 16-channel VAE, CLIP-L/G, T5), or a Flux-dev-like one with teacher_family="flux_dev"."""
+    import torch
+
+    from .._bridge import spaces
+    from ..bridge_train import BridgeModels
+    from ..teachers import make_teacher
+    from . import tiny
+    from .text import encode_for_family
+
+    family = teacher_family or "sd35_medium"
+    flux = family.startswith("flux")
+    if family not in ("sd35_medium", "flux_dev"):
+        raise ValueError(f"The tiny demo teacher is sd35_medium or flux_dev, not {family!r}.")
+    torch.manual_seed(seed)
+    student_vae = tiny.tiny_vae(4).eval().requires_grad_(False)
+    teacher_vae = tiny.tiny_vae(16).eval().requires_grad_(False)
+    transformer = (tiny.tiny_flux_transformer() if flux else tiny.tiny_sd3_transformer("sd35")).eval()
+    text = {"clip_l": tiny.tiny_clip_text("L"), "t5": tiny.tiny_t5_text()}
+    toks = {"clip_l": tiny.tiny_clip_tokenizer(), "t5": tiny.tiny_t5_tokenizer()}
+    if not flux:
+        text["clip_g"], toks["clip_g"] = tiny.tiny_clip_text("G"), tiny.tiny_clip_tokenizer()
+    teacher = make_teacher(family, transformer.requires_grad_(False))
+
+    def encode(prompts):
+        return encode_for_family(family, prompts, text, toks, max_t5_len=32)
+
+    return BridgeModels(
+        student_vae=student_vae, teacher_vae=teacher_vae, teacher=teacher, student_space=spaces.get_space("sd15"),
+        teacher_space=teacher.space, encode_text=encode, free_text_encoders=text.clear,
+        description={"demo": True, "seed": seed, "student": "tiny sd15-like", "teacher": f"tiny {family}-like"},
+    )
+
+
+def load_bridge_models(student: str, teacher_family: str, teacher: str | None = None, teacher_vae: str | None = None,
+                       clip_l: str | None = None, clip_g: str | None = None, t5: str | None = None,
+                       tokenizers: str | None = None, student_vae: str | None = None, dtype: str = "auto",
+                       cpu: bool = False):
+    """Student VAE and teacher (transformer, VAE, text encoders) from local files -> BridgeModels.
+
+    `student` is an SD1.5 single file or diffusers folder (its VAE is used unless `student_vae` is given);
+    `teacher` a diffusers folder or a transformer / all-in-one single file. Used by the CLI and the ComfyUI node.
+    cpu: load onto the CPU even where CUDA exists (pair it with the trainer config's cpu)."""
+    import torch
+
+    from .. import loop
+    from .._bridge import spaces
+    from ..bridge_train import BridgeModels
+    from ..teachers import make_teacher
+    from . import loading
+    from .text import encode_for_family
+
+    if teacher_family not in TEACHER_FAMILIES:
+        raise ValueError(f"Unknown teacher family {teacher_family!r}; choose one of {', '.join(TEACHER_FAMILIES)}.")
+    weights_dtype = torch_dtype(dtype, cpu)
+    device = loop.default_device(cpu)
+    sd15 = loading.load_sd15(student_vae or student, components=("vae",), dtype=weights_dtype, device=device)
+    tm = loading.load_teacher_models(teacher_family, transformer=teacher, vae=teacher_vae, clip_l=clip_l,
+                                     clip_g=clip_g, t5=t5, tokenizers=tokenizers, dtype=weights_dtype, device=device)
+    t = make_teacher(teacher_family, tm.transformer)
+
+    def encode(prompts):
+        with torch.no_grad():
+            return encode_for_family(teacher_family, prompts, tm.text_encoders, tm.tokenizers)
+
+    def free():
+        tm.text_encoders.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    return BridgeModels(
+        student_vae=sd15.vae.requires_grad_(False), teacher_vae=tm.vae.requires_grad_(False), teacher=t,
+        student_space=spaces.get_space("sd15"), teacher_space=t.space, encode_text=encode, free_text_encoders=free,
+        description={"student": os.path.basename(student_vae or student), "teacher_family": teacher_family,
+                     "teacher": os.path.basename(teacher or ""), "teacher_vae": os.path.basename(teacher_vae or "")},
+    )
+
+
+# ---------------------------------------------------------------------------------------------- distillation
+
+def check_demo_bridge(path: str) -> None:
+    """A Bridge given to the distillation demo must exist (a typo must not train against an untrained Bridge)."""
+    from ..errors import UserError
+
+    if not os.path.isfile(path):
+        what = "is a dangling symbolic link" if os.path.islink(path) else (
+            "is not a file" if os.path.exists(path) else "does not exist")
+        raise UserError(f"The Bridge {path!r} (--bridge) {what}: give a trained Bridge .safetensors file, or leave "
+                        "--bridge out to use the demo Bridge of `python -m training.run bridge --demo`.")
+
+
+def demo_distill_models(seed: int = 0, bridge_path: str | None = None):
+    """The tiny world of `bridge --demo` (same seed: same student VAE, teacher and text encoders) plus a tiny
+    SD1.5-style UNet and CLIP-L for the student -> (DistillModels, the in-memory base components for the export).
+    Uses the demo Bridge when it exists, else a fresh one; a `bridge_path` that is given must exist."""
+    import warnings
+
+    import torch
+
+    from .._bridge import checkpoint as bridge_checkpoint
+    from .._bridge import model as bridge_model
+    from ..distill import DistillModels
+    from ..student import OneStepStudent
+    from . import tiny
+    from .text import encode_sd15
+
+    if bridge_path is not None:
+        check_demo_bridge(bridge_path)
+    world = demo_bridge_models(seed)
+    bridge_path = bridge_path or DEMO_BRIDGE
+    if os.path.exists(bridge_path):
+        bridge = bridge_checkpoint.load_bridge(bridge_path, student_vae=world.student_vae)
+    else:
+        warnings.warn(f"No demo Bridge at {bridge_path}: using an untrained one. Run `python -m training.run "
+                      "bridge --demo` first for a trained Bridge.", stacklevel=2)
+        torch.manual_seed(seed)
+        bridge = bridge_model.Bridge.create("sd15", "sd3", k=2, student_vae=world.student_vae, width=32, depth=2)
+    torch.manual_seed(seed + 1)
+    unet = tiny.tiny_unet()
+    clip, tok = tiny.tiny_clip_text("L").eval(), tiny.tiny_clip_tokenizer()
+    encoders = {"clip": clip}
+
+    def free():
+        world.free_text_encoders()
+        encoders.clear()
+
+    models = DistillModels(
+        student=OneStepStudent(unet), bridge=bridge, teacher=world.teacher, teacher_vae=world.teacher_vae,
+        encode_teacher=world.encode_text, encode_student=lambda prompts: encode_sd15(prompts, encoders["clip"], tok),
+        free_text_encoders=free, description={**world.description, "student_unet": "tiny sd15-like",
+                                              "bridge": os.path.abspath(bridge_path) if os.path.exists(bridge_path)
+                                              else "untrained"},
+    )
+    return models, {"vae": world.student_vae, "text_encoder": clip, "tokenizer": tok}
+
+
+def load_distill_models(student: str, bridge: str, teacher_family: str, teacher: str | None = None,
+                        teacher_vae: str | None = None, clip_l: str | None = None, clip_g: str | None = None,
+                        t5: str | None = None, tokenizers: str | None = None, dtype: str = "auto",
+                        student_vae: str | None = None, cpu: bool = False):
+    """Student UNet + CLIP-L from the SD1.5 file `student`, the Bridge file, and the teacher (transformer, VAE, text
+    encoders) from local files, as the CLI and the ComfyUI node take them -> DistillModels. Unlike
+    `demo_distill_models` there are no in-memory base components: the export reads them from `student`."""
+    import torch
+
+    from .. import loop
+    from .._bridge import checkpoint as bridge_checkpoint
+    from ..distill import DistillModels
+    from ..student import OneStepStudent
+    from . import loading
+    from .text import encode_sd15
+
+    if not bridge:
+        raise ValueError("Distillation needs a trained Bridge (.safetensors from the student's VAE into the teacher's "
+                         "space); train one first (`python -m training.run bridge ...` or the Train Bridge node).")
+    if not teacher:
+        raise ValueError("Distillation needs the teacher model file or diffusers folder (teacher=...).")
+    # Both teacher spaces have 16 channels, so a Bridge for the other teacher would run and train nonsense.
+    bridge_space = bridge_checkpoint.read_bridge_metadata(bridge)["teacher_space"]["name"]
+    family_space = "flux" if teacher_family.startswith("flux") else "sd3"
+    if bridge_space != family_space:
+        raise ValueError(f"The Bridge {os.path.basename(bridge)!r} maps into the {bridge_space} latent space but the "
+                         f"{teacher_family} teacher works in {family_space}; use a Bridge trained for this teacher.")
+    # Student VAE, teacher, teacher VAE, teacher text encoders: the same loader as Bridge training.
+    world = load_bridge_models(student, teacher_family, teacher=teacher, teacher_vae=teacher_vae, clip_l=clip_l,
+                               clip_g=clip_g, t5=t5, tokenizers=tokenizers, student_vae=student_vae, dtype=dtype,
+                               cpu=cpu)
+    device = loop.default_device(cpu)
+    sd15 = loading.load_sd15(student, components=("unet", "text_encoder", "tokenizer"), dtype=torch.float32,
+                             device=device, tokenizer=tokenizers)
+    bridge_module = bridge_checkpoint.load_bridge(bridge, student_vae=world.student_vae, device=device)
+    text = {"clip": sd15.text_encoder.to(world.student_vae.dtype).eval()}
+
+    def free():
+        world.free_text_encoders()
+        text.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    return DistillModels(
+        student=OneStepStudent(sd15.unet), bridge=bridge_module, teacher=world.teacher, teacher_vae=world.teacher_vae,
+        encode_teacher=world.encode_text,
+        encode_student=lambda prompts: encode_sd15(prompts, text["clip"], sd15.tokenizer),
+        free_text_encoders=free, description={**world.description, "bridge": os.path.basename(bridge)},
+    )
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+def load_student_for_sampling(student_path: str, base: str | None, device, dtype=None):
+    """(OneStepStudent, vae, text_encoder, tokenizer) from an exported SD1.5 model or a student checkpoint
+    (student_unet.safetensors, which needs `base`: the SD1.5 model whose VAE and CLIP-L it was distilled with).
+    dtype: default float32."""
+    import torch
+
+    from ..student import OneStepStudent
+    from .export import STUDENT_FORMAT, load_student_unet
+
+    dtype = torch.float32 if dtype is None else dtype
+    if not os.path.exists(student_path):
+        raise ValueError(f"Student not found: {student_path!r}.")
+    is_ckpt = False
+    if os.path.isfile(student_path) and student_path.lower().endswith(".safetensors"):
+        from safetensors import SafetensorError, safe_open
+
+        from .._bridge import files
+        from ..errors import UserError
+
+        files.check_safetensors_file(student_path, what="Student")
+        try:
+            with safe_open(student_path, framework="pt") as f:
+                is_ckpt = (f.metadata() or {}).get("format") == STUDENT_FORMAT
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"The student {student_path!r} (--student) is not a readable safetensors file (truncated "
+                            f"or corrupt? {e}): give the student checkpoint or exported SD1.5 file again.") from None
+    if is_ckpt and not base:
+        raise ValueError(f"{os.path.basename(student_path)!r} is a student checkpoint (UNet only): give --base, "
+                         "the SD1.5 model whose VAE and CLIP-L it was distilled with.")
+    from . import loading
+
+    if is_ckpt:
+        student = load_student_unet(student_path, device=device, dtype=dtype)
+        parts = loading.load_sd15(base, components=("vae", "text_encoder", "tokenizer"), dtype=dtype, device=device)
+    else:
+        parts = loading.load_sd15(student_path, components=("unet", "vae", "text_encoder", "tokenizer"), dtype=dtype,
+                                  device=device)
+        student = OneStepStudent(parts.unet.eval())
+    return student.eval(), parts.vae.eval(), parts.text_encoder.eval(), parts.tokenizer
