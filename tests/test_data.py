@@ -161,3 +161,25 @@ def test_missing_cache_and_bad_encoders_are_reported(tmp_path, folder):
     # The failed build left no manifest behind: the cache is not taken as valid.
     with pytest.raises(ValueError, match="No complete latent cache"):
         data.LatentCache(str(tmp_path / "c"))
+
+
+def test_demo_images_are_written_by_the_first_process_only(tmp_path, monkeypatch):
+    """Under `accelerate launch` (RANK set) only process 0 writes the demo images; another waits for the folder
+    (which appears complete, by one rename) and gives up with a clear error if it never comes."""
+    import threading
+
+    from training.data import make_synthetic_images, make_synthetic_images_once
+
+    folder = tmp_path / "images"
+    monkeypatch.setenv("RANK", "1")
+    writer = threading.Timer(0.5, make_synthetic_images, args=(str(folder), 3, 32, 0))
+    writer.start()
+    make_synthetic_images_once(str(folder), n=3, size=32, seed=0, timeout_s=30)  # returns once process 0 is done
+    writer.join()
+    assert len(list(folder.glob("*.png"))) == 3 and not (tmp_path / "images.partial").exists()
+    with pytest.raises(TimeoutError, match="process 0"):
+        make_synthetic_images_once(str(tmp_path / "never"), n=3, size=32, seed=0, timeout_s=0.5)
+    assert not (tmp_path / "never").exists()  # process 1 wrote nothing
+    monkeypatch.setenv("RANK", "0")
+    make_synthetic_images_once(str(tmp_path / "own"), n=2, size=32, seed=0)
+    assert len(list((tmp_path / "own").glob("*.png"))) == 2

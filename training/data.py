@@ -279,6 +279,22 @@ _COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
 _SHAPES = ("circle", "square", "triangle")
 
 
+def make_synthetic_images_once(folder, n: int, size: int, seed: int, timeout_s: float = 600.0) -> None:
+    """`make_synthetic_images` in the first process only when several run (`accelerate launch` sets RANK): the
+    others wait for the folder to appear (it appears complete, by one rename) instead of writing the same files."""
+    import time
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        make_synthetic_images(folder, n, size, seed)
+        return
+    deadline = time.monotonic() + timeout_s
+    while not os.path.isdir(folder):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Process {os.environ['RANK']} waited {timeout_s:.0f} s for process 0 to write the "
+                               f"demo images into {folder!r}; see process 0's error.")
+        time.sleep(0.2)
+
+
 def make_synthetic_images(folder, n: int, size: int, seed: int) -> list[ImageItem]:
     """`n` deterministic PNGs of coloured shapes on coloured backgrounds, each with a caption .txt
     (e.g. "a red circle on a blue background"). For tests and the tiny demo run.

@@ -92,7 +92,7 @@ def run(args) -> int:
     output_dir(cfg.out_dir)
     if args.demo:
         if demo_images and not os.path.isdir(args.images):
-            data.make_synthetic_images(args.images, n=48, size=256, seed=args.seed)
+            data.make_synthetic_images_once(args.images, n=48, size=256, seed=args.seed)
         models = assemble.demo_bridge_models(args.seed, args.teacher_family)
     else:
         models = assemble.load_bridge_models(args.student, args.teacher_family, **model_files(args))
