@@ -237,7 +237,7 @@ def test_default_run_end_to_end_on_a_quick_world(tmp_path, quick_world):
 
 
 @pytest.mark.slow
-def test_benchmark_table_has_every_row_and_resumes(tmp_path, quick_world):
+def test_benchmark_table_has_every_row_and_resumes(tmp_path, quick_world, monkeypatch):
     from training.shapes.benchmark import ROWS, benchmark
 
     out, doc = tmp_path / "bench", tmp_path / "bench.md"
@@ -290,9 +290,18 @@ def test_benchmark_table_has_every_row_and_resumes(tmp_path, quick_world):
     again = benchmark([0], str(out), quick_world, doc=str(doc), jobs=1, threads=1, quick=True, **options)
     assert again["table"]["cross_space"]["accuracy"] == summary["table"]["cross_space"]["accuracy"]
     assert [p.stat().st_mtime_ns for p in results] == stamps
-    # --report-only tables what is finished: a missing task is left out, and a row with fewer seeds says so.
+    # A benchmark resumed from another working directory finds each seed's Bridge in its own folder (the stored
+    # path is relative to the directory of the run that wrote it).
     import shutil
 
+    shutil.rmtree(out / "seed0" / "off_all")
+    stored = json.loads((out / "seed0" / "bridge" / "result.json").read_text())
+    stored["bridge"] = os.path.join("bench", "seed0", "bridge", "bridge.safetensors")  # as if run from tmp_path
+    (out / "seed0" / "bridge" / "result.json").write_text(json.dumps(stored))
+    monkeypatch.chdir(out / "data")
+    resumed = benchmark([0], str(out), quick_world, doc="", jobs=1, threads=1, quick=True, **options)
+    assert "off_all" in resumed["table"]
+    # --report-only tables what is finished: a missing task is left out, and a row with fewer seeds says so.
     shutil.rmtree(out / "seed0" / "round_trip")
     partial = benchmark([0, 1], str(out), quick_world, doc=str(doc), jobs=1, threads=1, quick=True,
                         report_only=True, **options)

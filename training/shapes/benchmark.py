@@ -165,9 +165,12 @@ def run_task(task: str, seed: int, out: str, world_dir: str, settings: dict, thr
     else:
         bridge, budget, base_unet, task_settings = None, 0.0, None, settings
         if task in ("cross_space", *ablations) or task.startswith("cross_space_") and task != "cross_space_no_attn":
-            shared = _load_result(out, seed, "bridge" if task in ("cross_space", *ablations) else
-                                  "bridge_" + task[len("cross_space_"):])
-            bridge = bridge_checkpoint.load_bridge(shared["bridge"], student_vae=world.student_vae)
+            bridge_task = "bridge" if task in ("cross_space", *ablations) else "bridge_" + task[len("cross_space_"):]
+            shared = _load_result(out, seed, bridge_task)
+            # Located from the benchmark folder, not from the stored path: that one is relative to the working
+            # directory of the run that wrote it, and a resumed benchmark may run from elsewhere.
+            path = os.path.join(out, f"seed{seed}", bridge_task, os.path.basename(shared["bridge"]))
+            bridge = bridge_checkpoint.load_bridge(path, student_vae=world.student_vae)
             training_s["bridge"] = shared["training_s"]["bridge"]
             task_settings = dict(settings, **ablations.get(task, {}))
         elif task == "cross_space_no_attn":
