@@ -158,15 +158,16 @@ class ShapesWorld:
 
     def sample_teacher(self, prompts: list[str], generator: torch.Generator | None = None,
                        noise: torch.Tensor | None = None, steps: int | None = None, cfg: float | None = None,
-                       shift: float | None = None) -> torch.Tensor:
-        """Teacher samples [B,16,16,16] in the teacher's MODEL space (defaults: world.json teacher_sampling)."""
+                       shift: float | None = None, transformer: "SD3Transformer2DModel | None" = None) -> torch.Tensor:
+        """Teacher samples [B,16,16,16] in the teacher's MODEL space (defaults: world.json teacher_sampling).
+        transformer: another teacher transformer (e.g. with a fake-score LoRA on) sampled the same way."""
         from .sampling import sample_teacher
 
         s = self.config["teacher_sampling"]
         embeds, pooled = self.encode_teacher_prompts(prompts)
         neg, neg_pooled = self._empty_prompt("teacher")
         noise = self._noise(len(prompts), 16, TEACHER_RESOLUTION // 8, generator, noise)
-        return sample_teacher(self.teacher_transformer, embeds, pooled, neg, neg_pooled, noise,
+        return sample_teacher(transformer if transformer is not None else self.teacher_transformer, embeds, pooled, neg, neg_pooled, noise,
                               steps=steps or s["steps"], cfg=s["cfg"] if cfg is None else cfg,
                               shift=s["shift"] if shift is None else shift)
 

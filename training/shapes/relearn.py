@@ -86,7 +86,6 @@ def fake_score(run_dir: str, world_dir: str | None = None, n_eval: int = 300, se
     from . import models
     from . import run as shapes_run
     from .evaluate import evaluate_generators
-    from .sampling import sample_teacher
 
     if threads:
         torch.set_num_threads(threads)
@@ -110,16 +109,11 @@ def fake_score(run_dir: str, world_dir: str | None = None, n_eval: int = 300, se
                                  f"{list(p.shape)}: another --rank?")
             p.copy_(t)
     s = world.config["teacher_sampling"]
-    neg, neg_pooled = world._empty_prompt("teacher")
 
     def sampler(fake: bool):
         def run(prompts, generator):
-            embeds, pooled = world.encode_teacher_prompts(prompts)
-            noise = torch.randn((len(prompts), 16, models.TEACHER_RESOLUTION // 8, models.TEACHER_RESOLUTION // 8),
-                                generator=generator)
             with teacher.fake() if fake else contextlib.nullcontext():
-                x = sample_teacher(teacher.model, embeds, pooled, neg, neg_pooled, noise, steps=s["steps"], cfg=1.0,
-                                   shift=s["shift"])
+                x = world.sample_teacher(prompts, generator=generator, cfg=1.0, transformer=teacher.model)
             return world.decode_teacher(x)
         return run
 
