@@ -241,7 +241,8 @@ class _StopAt:
         pass
 
 
-@pytest.mark.parametrize("options", [{}, dict(grad_norm="both", grad_clip_relative=1.5)], ids=["dmd2", "running-clip"])
+@pytest.mark.parametrize("options", [{}, dict(grad_norm="both", grad_clip_relative=1.5, student_cross_attention_lr=1e-3)],
+                         ids=["dmd2", "running-clip-cross-attention-lr"])
 def test_stop_saves_and_resume_repeats_the_uninterrupted_run(tmp_path, trainer_deps, options):
     from training import loop
     from training.distill import Distiller
@@ -295,8 +296,9 @@ def test_bad_configs_and_mismatched_models_are_clear_errors(tmp_path, trainer_de
 
     with pytest.raises(ValueError) as e:
         DistillConfig(out_dir=str(tmp_path), prompts=[], steps=0, resolution=20, loss="sds", guidance=[5, 1],
-                      timesteps="cosine").validate()
-    for text in ("prompts", "steps must be >= 1", "multiple of 8", "dmd, vsd", "low <= high", "uniform"):
+                      timesteps="cosine", student_cross_attention_lr=-1e-3).validate()
+    for text in ("prompts", "steps must be >= 1", "multiple of 8", "dmd, vsd", "low <= high", "uniform",
+                 "student_cross_attention_lr"):
         assert text in str(e.value)
     (tmp_path / "p.txt").write_text("# comment\n\n a cat \nthe sea\n")
     assert read_prompts(str(tmp_path / "p.txt")) == ["a cat", "the sea"]

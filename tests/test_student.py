@@ -81,6 +81,39 @@ def test_lora_trains_only_adapter_and_fuses_to_same_output():
     assert s.is_lora  # the training copy keeps its adapter
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_cross_attention_group_gets_its_own_learning_rate(lora):
+    """parameter_groups: the prompt-reading layers (attn2) in a group of their own; one AdamW step with the rest's
+    rate at 0 changes exactly the cross-attention weights."""
+    s = _student()
+    if lora:
+        s.add_lora(rank=4)
+    trainable = s.trainable_parameters()
+    assert s.parameter_groups(1e-5) == [{"params": trainable, "lr": 1e-5}]  # off: one group, as before
+    cross, rest = s.parameter_groups(0.0, cross_attention_lr=1e-2)
+    assert cross["lr"] == 1e-2 and rest["lr"] == 0.0
+    assert len(cross["params"]) + len(rest["params"]) == len(trainable) and cross["params"] and rest["params"]
+    names = {id(p): n for n, p in s.unet.named_parameters()}
+    assert all(".attn2." in names[id(p)] for p in cross["params"])
+    assert not any(".attn2." in names[id(p)] for p in rest["params"])
+    before = {n: p.detach().clone() for n, p in s.unet.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([cross, rest], weight_decay=0.0)
+    s(s.make_noise(2, 8), _text()).square().mean().backward()
+    opt.step()
+    moved = {n for n, p in s.unet.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    assert moved and all(".attn2." in n for n in moved)
+
+
+def test_cross_attention_rate_needs_cross_attention_layers():
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32,),
+                                layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D",),
+                                up_block_types=("UpBlock2D",), mid_block_type=None, cross_attention_dim=32)
+    with pytest.raises(ValueError, match="no trainable cross-attention"):
+        OneStepStudent(unet).parameter_groups(1e-5, cross_attention_lr=1e-3)
+
+
 def test_ema_tracks_and_swaps_weights():
     s = _student()
     s.enable_ema(decay=0.5, warmup=False)

@@ -61,6 +61,10 @@ class DistillConfig:
     s_min: float = dmd.S_MIN
     s_max: float = dmd.S_MAX
     student_lr: float = 1e-5
+    # > 0: the learning rate of the student's cross-attention layers (the only ones that read the prompt); the rest
+    # keeps student_lr. What the teacher knows and the student lacks is prompt following: the shapes world's student
+    # learns the teacher's background word only with a far higher rate there (docs/shapes_investigation.md).
+    student_cross_attention_lr: float = 0.0
     student_lora_rank: int = 0  # 0: fine-tune the whole UNet
     ema_decay: float = 0.0  # 0: no EMA
     fake_lr: float = 1e-4
@@ -132,6 +136,7 @@ class DistillConfig:
         p += [number_problem(name, getattr(self, name), low=0, low_open=True)
               for name in ("student_lr", "fake_lr", "grad_clip")]
         p.append(number_problem("grad_clip_relative", self.grad_clip_relative, low=0))
+        p.append(number_problem("student_cross_attention_lr", self.student_cross_attention_lr, low=0))
         p.append(number_problem("max_train_seconds", self.max_train_seconds, low=0))
         p.append(number_problem("weight_decay", self.weight_decay, low=0))
         if self.fake_alpha is not None:
@@ -317,7 +322,8 @@ class Distiller:
             student.enable_ema(c.ema_decay)
         self.student_params = student.trainable_parameters()
         self.fake_params = list(teacher.fake_parameters())
-        self.opt_student = torch.optim.AdamW(self.student_params, lr=c.student_lr, weight_decay=c.weight_decay)
+        self.opt_student = torch.optim.AdamW(student.parameter_groups(c.student_lr, c.student_cross_attention_lr),
+                                             lr=c.student_lr, weight_decay=c.weight_decay)
         self.opt_fake = torch.optim.AdamW(self.fake_params, lr=c.fake_lr, weight_decay=c.weight_decay)
         self.nan_guard = loop.NaNGuard(c.max_nan_steps)
         self.clip_norm = [0.0, 0]  # running mean of clipped gradient norms (bias-corrected EMA), its count

@@ -31,6 +31,8 @@ STUDENT_TIMESTEP = 999
 # The attention projections of every transformer block (self and cross attention), as in diffusers' and
 # SwiftBrush's LoRA recipes for SD1.5.
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# diffusers names the text cross-attention of every transformer block `attn2` (`attn1` is self-attention).
+CROSS_ATTENTION = "attn2"
 
 
 def alphas_cumprod(schedule: dict | None = None) -> torch.Tensor:
@@ -135,6 +137,20 @@ class OneStepStudent(nn.Module):
         if self.is_lora:
             return [p for n, p in self.unet.named_parameters() if "lora_" in n]
         return list(self.unet.parameters())
+
+    def parameter_groups(self, lr: float, cross_attention_lr: float = 0.0) -> list[dict]:
+        """Optimizer groups of `trainable_parameters`: with cross_attention_lr > 0 the cross-attention layers
+        (diffusers' `attn2`: the only layers that read the prompt) get that learning rate, the rest `lr`."""
+        if not cross_attention_lr:
+            return [{"params": self.trainable_parameters(), "lr": lr}]
+        trainable = {id(p) for p in self.trainable_parameters()}
+        named = [(n, p) for n, p in self.unet.named_parameters() if id(p) in trainable]
+        cross = [p for n, p in named if CROSS_ATTENTION in n.split(".")]
+        if not cross:
+            raise ValueError(f"The student UNet has no trainable cross-attention ('{CROSS_ATTENTION}') layers for "
+                             "the cross-attention learning rate; use a UNet2DConditionModel with cross-attention.")
+        rest = [p for n, p in named if CROSS_ATTENTION not in n.split(".")]
+        return [{"params": cross, "lr": cross_attention_lr}, {"params": rest, "lr": lr}]
 
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()

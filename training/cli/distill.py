@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--s-min", type=float, default=dmd.S_MIN)
     t.add_argument("--s-max", type=float, default=dmd.S_MAX)
     t.add_argument("--student-lr", type=float, default=1e-5)
+    t.add_argument("--student-cross-attention-lr", type=float, default=DistillConfig.student_cross_attention_lr,
+                   help="> 0: learning rate of the student's cross-attention layers (attn2, the ones that read the "
+                        "prompt); the rest keeps --student-lr")
     t.add_argument("--student-lora-rank", type=int, default=0,
                    help="train a LoRA of this rank on the UNet's attention projections (0: the whole UNet); the run "
                         "then also writes <out>/student_lora.safetensors, a LoRA for ComfyUI's LoraLoader / "
@@ -115,7 +118,7 @@ def config_from_args(args, prompts: list[str]) -> DistillConfig:
         resolution=given(args.resolution, 64 if demo else 512), loss=args.loss,
         guidance=_parse_guidance(args.guidance or ("3.5" if (args.teacher_family or "").startswith("flux") else "4.5")),
         timesteps=args.timesteps, s_min=args.s_min, s_max=args.s_max, student_lr=args.student_lr,
-        student_lora_rank=args.student_lora_rank, ema_decay=args.ema_decay, fake_lr=args.fake_lr,
+        student_cross_attention_lr=args.student_cross_attention_lr, student_lora_rank=args.student_lora_rank, ema_decay=args.ema_decay, fake_lr=args.fake_lr,
         fake_rank=args.fake_rank, fake_alpha=args.fake_alpha, fake_updates=args.fake_updates,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_norm=args.grad_norm,
         grad_clip_relative=args.grad_clip_relative, straight_through_clamp=args.straight_through_clamp,

@@ -46,7 +46,7 @@ DEFAULTS = dict(
     bridge_steps=400, bridge_batch=16, bridge_lr=1e-3, attn_weight=0.1, attn_queries=64,
     projector_width=64, projector_depth=2,
     bridge_tap="image",  # where the Bridge reads the student decoder: image (full decode) or features (bridge/taps.py)
-    distill_steps=300, distill_batch=16, student_lr=2e-5, fake_lr=1e-3, fake_rank=16, fake_updates=2,
+    distill_steps=300, distill_batch=16, student_lr=2e-5, student_cross_attention_lr=0.0, fake_lr=1e-3, fake_rank=16, fake_updates=2,
     distill_s_min=0.02,
     # The distiller's options for the Bridge's Jacobian (DistillConfig; docs/shapes_investigation.md): DMD2's
     # normaliser and then equal per-sample weight in student space, a clip that cuts only outliers (2x the running
@@ -264,7 +264,7 @@ def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dic
         val_seeds=[0, 1], steps=steps, batch_size=settings["distill_batch"], resolution=models.STUDENT_RESOLUTION,
         loss="dmd", guidance=guidance, timesteps=settings["distill_timesteps"],
         s_min=settings["distill_s_min"], s_max=s_max, student_lr=settings["student_lr"],
-        fake_lr=settings["fake_lr"], fake_rank=settings["fake_rank"], fake_updates=settings["fake_updates"],
+        student_cross_attention_lr=settings["student_cross_attention_lr"], fake_lr=settings["fake_lr"], fake_rank=settings["fake_rank"], fake_updates=settings["fake_updates"],
         grad_norm=settings["distill_grad_norm"], grad_clip=settings["distill_grad_clip"],
         grad_clip_relative=settings["distill_clip_relative"], straight_through_clamp=settings["straight_through_clamp"],
         student_lora_rank=student_lora_rank,
