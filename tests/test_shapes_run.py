@@ -447,9 +447,35 @@ def test_fake_score_diagnostic_loads_the_runs_fake_lora(tmp_path, quick_world):
     # projections get no gradient).
     b = [saved[f"params.{i}"] for i in range(1, len(saved), 2)]
     assert sum(bool(t.abs().sum() > 0) for t in b) > len(b) // 2
-    result = relearn.fake_score(str(out), quick_world, n_eval=8, threads=1)
+    result = relearn.fake_score(str(out), quick_world, n_eval=8, threads=1, bridge=bridge)
     assert set(result["rows"]) == {"teacher_cfg1", "fake_score_cfg1"}
+    assert [r["s"] for r in result["by_noise_level"]] == list(relearn.NOISE_LEVELS)
+    for r in result["by_noise_level"]:
+        assert all(0 <= r[f"{who}_follows_{what}"] <= 1 for who in ("real", "fake") for what in ("prompt", "sample"))
     for row in result["rows"].values():
         assert 0 <= row["accuracy"] <= 1 and 0 <= row[result["gap"]] <= 1
     with pytest.raises(ValueError, match="another --rank"):
         relearn.fake_score(str(out), quick_world, n_eval=8, rank=shapes_run.QUICK["fake_rank"] + 1, threads=1)
+
+
+@pytest.mark.slow
+def test_one_step_regression_diagnostic_scores_each_rate_pair(tmp_path, quick_world, capsys):
+    """--one-step: one regression run of the one-step student per LR:CROSS_LR pair, scored and saved; a malformed
+    pair is a usage error."""
+    import json
+
+    from training.shapes import relearn
+
+    out = tmp_path / "one_step"
+    rows = relearn.one_step(str(out), [(1e-3, 0.0), (0.0, 1e-2)], 2, quick_world, n_samples=8, n_eval=8, threads=1,
+                            batch=4)
+    assert [(r["lr"], r["cross_attention_lr"]) for r in rows] == [(1e-3, 0.0), (0.0, 1e-2)]
+    for r in rows:
+        assert r["steps"] == 2 and r["seconds"] > 0 and 0 <= r["accuracy"] <= 1 and 0 <= r["background"] <= 1
+    assert json.loads((out / "one_step.json").read_text())["rows"] == rows
+    with pytest.raises(SystemExit):
+        relearn.main(["--one-step", "fast"])
+    assert "LR:CROSS_LR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        relearn.main(["--bridge", "bridge.safetensors"])
+    assert "--bridge goes with --fake-score" in capsys.readouterr().err

@@ -76,6 +76,11 @@ DEPENDS = {"cross_space": ("bridge",), "same_space": ("cross_space",), "syntheti
            **{f"cross_space_{t}": (f"bridge_{t}",) for t in TAPS}}
 
 
+def cross_lr_text(settings: dict) -> str:
+    lr = settings.get("student_cross_attention_lr") or 0.0
+    return f" (cross-attention layers {lr:g})" if lr else ""
+
+
 def other_tap(settings: dict) -> str:
     """The tap the benchmark's cross-space row does not use: it gets its own Bridge and cross-space row."""
     return next(t for t in TAPS if t != settings["bridge_tap"])
@@ -439,7 +444,8 @@ def markdown(summary: dict, notes: str | None = None) -> str:
         f"images (projector width {st['projector_width']}, depth {st['projector_depth']}, attention weight "
         f"{st['attn_weight']}); distillation {st['distill_steps']} student steps at batch {st['distill_batch']}, "
         f"DMD loss, {st['fake_updates']} fake-score updates per step (LoRA rank {st['fake_rank']}, lr "
-        f"{st['fake_lr']}), student lr {st['student_lr']}, student timestep {st['student_timestep']}, real-score CFG = "
+        f"{st['fake_lr']}), student lr {st['student_lr']}"
+        f"{cross_lr_text(st)}, student timestep {st['student_timestep']}, real-score CFG = "
         f"each teacher's own sampling CFG; distiller options: grad_norm {st['distill_grad_norm']}, timesteps "
         f"{st['distill_timesteps']}, clip {st['distill_grad_clip']} (relative {st['distill_clip_relative']}), "
         f"straight-through clamp {st['straight_through_clamp']}. Synthetic baseline: {st['synthetic_images']} teacher "
