@@ -144,12 +144,13 @@ class OneStepStudent(nn.Module):
         if not cross_attention_lr:
             return [{"params": self.trainable_parameters(), "lr": lr}]
         trainable = {id(p) for p in self.trainable_parameters()}
-        named = [(n, p) for n, p in self.unet.named_parameters() if id(p) in trainable]
-        cross = [p for n, p in named if CROSS_ATTENTION in n.split(".")]
+        cross, rest = [], []
+        for name, p in self.unet.named_parameters():
+            if id(p) in trainable:
+                (cross if CROSS_ATTENTION in name.split(".") else rest).append(p)
         if not cross:
             raise ValueError(f"The student UNet has no trainable cross-attention ('{CROSS_ATTENTION}') layers for "
                              "the cross-attention learning rate; use a UNet2DConditionModel with cross-attention.")
-        rest = [p for n, p in named if CROSS_ATTENTION not in n.split(".")]
         return [{"params": cross, "lr": cross_attention_lr}, {"params": rest, "lr": lr}]
 
     def enable_gradient_checkpointing(self) -> None:

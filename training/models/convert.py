@@ -48,6 +48,21 @@ def _unknown(kind: str, keys: list[str]) -> ValueError:
                       f"diffusers {kind}s convert.")
 
 
+def _map_keys(sd: dict, fixed: dict, prefix: str, rename, what: str) -> dict:
+    """Every key renamed by `fixed` (exact names) or `rename(key, value) -> (new name, value) | None`, under
+    `prefix`; the keys neither knows are one error."""
+    out, unknown = {}, []
+    for key, value in sd.items():
+        mapped = (fixed[key], value) if key in fixed else rename(key, value)
+        if mapped is None:
+            unknown.append(key)
+        else:
+            out[prefix + mapped[0]] = mapped[1]
+    if unknown:
+        raise _unknown(what, unknown)
+    return out
+
+
 def sd15_unet_to_original(sd: dict) -> dict:
     """UNet2DConditionModel state dict (diffusers names) -> `model.diffusion_model.*` (LDM names)."""
     keys = list(sd)
@@ -60,11 +75,8 @@ def sd15_unet_to_original(sd: dict) -> dict:
     n_up = _count(keys, r"up_blocks\.(\d+)\.")
     # Output blocks with attention carry their upsampler at index 2, the others at index 1.
     up_has_attn = {b: any(k.startswith(f"up_blocks.{b}.attentions.") for k in keys) for b in range(n_up)}
-    out, unknown = {}, []
-    for key, value in sd.items():
-        if key in fixed:
-            out[UNET_PREFIX + fixed[key]] = value
-            continue
+
+    def rename(key, value):
         new = None
         if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
             b, kind, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
@@ -85,13 +97,9 @@ def sd15_unet_to_original(sd: dict) -> dict:
         elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
             b = int(m.group(1))
             new = f"output_blocks.{b * (layers + 1) + layers}.{2 if up_has_attn[b] else 1}.conv.{m.group(2)}"
-        if new is None:
-            unknown.append(key)
-        else:
-            out[UNET_PREFIX + new] = value
-    if unknown:
-        raise _unknown("UNet", unknown)
-    return out
+        return None if new is None else (new, value)
+
+    return _map_keys(sd, fixed, UNET_PREFIX, rename, "UNet")
 
 
 def sd15_vae_to_original(sd: dict) -> dict:
@@ -101,11 +109,8 @@ def sd15_vae_to_original(sd: dict) -> dict:
     n_up = _count(keys, r"decoder\.up_blocks\.(\d+)\.")
     if n_up == 0:
         raise ValueError("Not a diffusers AutoencoderKL state dict (no decoder.up_blocks.* keys).")
-    out, unknown = {}, []
-    for key, value in sd.items():
-        if key in fixed:
-            out[VAE_PREFIX + fixed[key]] = value
-            continue
+
+    def rename(key, value):
         new = None
         if m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
             new = f"encoder.down.{m.group(1)}.block.{m.group(2)}.{_rename_first(m.group(3), {'conv_shortcut': 'nin_shortcut'})}"
@@ -124,13 +129,9 @@ def sd15_vae_to_original(sd: dict) -> dict:
             # LDM's attention uses 1x1 convolutions where diffusers has linear layers.
             if value.ndim == 2:
                 value = value[:, :, None, None]
-        if new is None:
-            unknown.append(key)
-        else:
-            out[VAE_PREFIX + new] = value
-    if unknown:
-        raise _unknown("VAE", unknown)
-    return out
+        return None if new is None else (new, value)
+
+    return _map_keys(sd, fixed, VAE_PREFIX, rename, "VAE")
 
 
 def sd15_clip_to_original(sd: dict) -> dict:
