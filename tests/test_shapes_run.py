@@ -82,7 +82,8 @@ def test_x0_and_velocity_match_the_unets_own_prediction(unet, space):
 
 def test_euler_in_flow_coordinates_is_ddim_and_cfg_matches_the_student_sampler(unet, space):
     """A deterministic DDIM step of the UNet is exactly an Euler step of the flow teacher; CFG on x0 is CFG on eps."""
-    from training.shapes.sampling import sample_student, student_scheduler
+    from training.shapes.sampling import sample_student
+    from training.student import ddim_scheduler
 
     teacher = EpsFlowTeacher(unet, space, models.STUDENT_SCHEDULE)
     g = torch.Generator().manual_seed(3)
@@ -90,7 +91,7 @@ def test_euler_in_flow_coordinates_is_ddim_and_cfg_matches_the_student_sampler(u
     hidden, neg = torch.randn(3, 16, 32, generator=g), torch.randn(1, 16, 32, generator=g)
     ddim = sample_student(unet, hidden, neg, z, models.STUDENT_SCHEDULE, steps=4, cfg=1.0)
 
-    sched = student_scheduler(models.STUDENT_SCHEDULE)
+    sched = ddim_scheduler(models.STUDENT_SCHEDULE)
     sched.set_timesteps(4)
     levels = [teacher.s_of_t(t.view(1)) for t in sched.timesteps] + [torch.zeros(1)]
     a, b = teacher.coefficients(levels[0])
@@ -218,6 +219,16 @@ def test_default_run_end_to_end_on_a_quick_world(tmp_path, quick_world):
     assert report["training_s"]["same_space"] > 0
     metrics = [json.loads(line) for line in (out / "distill" / "metrics.jsonl").read_text().splitlines()]
     assert {"pullback_norm_cv", "pullback_norm_max_over_median", "clipped"} <= set(metrics[-1])
+    # The regression pairs were made in the run (both rows: the same-space one from its own teacher) and fitted by
+    # the warm-up steps before the distillation's.
+    from training.pairs import load_pairs
+
+    for folder in ("distill", "distill_same"):
+        noise, _, prompts, _ = load_pairs(str(out / folder / "pairs.safetensors"), 4, 8)
+        assert len(prompts) == noise.shape[0] == report["settings"]["regression_n"]
+    warm = report["settings"]["regression_warmup_steps"]
+    assert [bool(m.get("warmup")) for m in metrics] == [True] * warm + [False] * report["settings"]["distill_steps"]
+    assert "Regression:" in (out / "report.md").read_text()
     assert student.timestep == DEFAULTS["student_timestep"] == 700  # the checkpoint keeps the student's timestep
     for row in report["rows"]:
         r = report["evaluation"][row]
@@ -285,7 +296,7 @@ def test_benchmark_table_has_every_row_and_resumes(tmp_path, quick_world, monkey
         assert r["seeds"][0]["seed"] == 0 and set(r["seeds"][0]) >= {"accuracy", "background", "fd", "training_s"}
     # Finished tasks are kept: a second call only re-aggregates.
     results = sorted((out / "seed0").glob("*/result.json"))
-    assert len(results) == 12
+    assert len(results) == 13
     stamps = [p.stat().st_mtime_ns for p in results]
     again = benchmark([0], str(out), quick_world, doc=str(doc), jobs=1, threads=1, quick=True, **options)
     assert again["table"]["cross_space"]["accuracy"] == summary["table"]["cross_space"]["accuracy"]

@@ -85,6 +85,19 @@ class DistillConfig:
     # Straight-through clamp of the decoded student image in the training path (forward clamps to [0, 1], backward
     # passes the gradient of saturated pixels too); inference keeps the plain clamp.
     straight_through_clamp: bool = False
+    # Regression term (DMD's, across latent spaces; training/pairs.py): a pairs file of student noise -> the student
+    # base's own sample as corrected by the teacher through the Bridge, back in the student's space. Each student step
+    # adds the gradient of mse(G(noise_i), target_i) over regression_batch pairs (0: batch_size), rescaled to
+    # regression_weight x the norm of that step's distribution-matching gradient (a share, whatever the scales).
+    regression_pairs: str | None = None
+    regression_weight: float = 1.0
+    regression_batch: int = 0
+    # > 0: that many regression-only steps (no teacher, no fake score: cheap) before the `steps` distillation steps,
+    # with their own optimizer and learning rates (cross-attention: 0 = regression_warmup_lr). The one-step student
+    # fits the pairs far faster per second this way than inside the distillation's steps (shapes_investigation §5.8).
+    regression_warmup_steps: int = 0
+    regression_warmup_lr: float = 1e-4
+    regression_warmup_cross_attention_lr: float = 0.0
     log_every: int = 10
     sample_every: int = 250
     ckpt_every: int = 500
@@ -137,6 +150,17 @@ class DistillConfig:
               for name in ("student_lr", "fake_lr", "grad_clip")]
         p.append(number_problem("grad_clip_relative", self.grad_clip_relative, low=0))
         p.append(number_problem("student_cross_attention_lr", self.student_cross_attention_lr, low=0))
+        if self.regression_pairs is not None and (not isinstance(self.regression_pairs, str) or
+                                                  not self.regression_pairs):
+            p.append(f"regression_pairs must be None or the path of a pairs file, got {self.regression_pairs!r}")
+        p.append(number_problem("regression_weight", self.regression_weight, low=0))
+        p.append(number_problem("regression_batch", self.regression_batch, low=0, integer=True))
+        p.append(number_problem("regression_warmup_steps", self.regression_warmup_steps, low=0, integer=True))
+        p.append(number_problem("regression_warmup_lr", self.regression_warmup_lr, low=0, low_open=True))
+        p.append(number_problem("regression_warmup_cross_attention_lr", self.regression_warmup_cross_attention_lr,
+                                low=0))
+        if self.regression_warmup_steps and not self.regression_pairs:
+            p.append("regression_warmup_steps needs regression_pairs (the pairs the warm-up fits)")
         p.append(number_problem("max_train_seconds", self.max_train_seconds, low=0))
         p.append(number_problem("weight_decay", self.weight_decay, low=0))
         if self.fake_alpha is not None:
@@ -253,6 +277,15 @@ class Distiller:
                              f"channels) but the teacher works in {models.teacher.space.name} "
                              f"({models.teacher.space.channels}). Use a Bridge trained for this teacher.")
         self.latent = models.student.latent_size(config.resolution)
+        self.pairs = None  # (noise, target latents, index of each pair's prompt into pair_prompts)
+        self.pair_prompts: list[str] = []
+        if config.regression_pairs:
+            from .pairs import load_pairs
+
+            noise, latents, prompts, _ = load_pairs(config.regression_pairs, models.student.space.channels, self.latent)
+            self.pair_prompts = sorted(set(prompts))
+            where = {p: i for i, p in enumerate(self.pair_prompts)}
+            self.pairs = (noise, latents, torch.tensor([where[p] for p in prompts]))
         self.timer = None  # set by the benchmark to time the parts of a step
         self.clock = loop.TrainClock()
 
@@ -260,7 +293,7 @@ class Distiller:
     def _cache_key(self) -> str:
         c = self.cfg
         blob = json.dumps({"prompts": c.prompts, "negative": c.negative_prompt, "val": self.val_prompts,
-                           "models": self.m.description}, sort_keys=True)
+                           "models": self.m.description, "pair_prompts": self.pair_prompts}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def prepare_text(self) -> None:
@@ -273,6 +306,8 @@ class Distiller:
         self.val_prompts = list(c.val_prompts or c.prompts[:4])
         files = {"teacher": "teacher.safetensors", "student": "student.safetensors",
                  "negative": "negative.safetensors", "val_student": "val_student.safetensors"}
+        if self.pairs is not None:
+            files["pairs_student"] = "pairs_student.safetensors"
         paths = {k: os.path.join(self.cache_dir, v) for k, v in files.items()}
         key_path = os.path.join(self.cache_dir, "cache.json")
         key = self._cache_key()
@@ -288,6 +323,8 @@ class Distiller:
                     self.m.encode_teacher([c.negative_prompt]).save(paths["negative"])
                     self.m.encode_student(c.prompts).save(paths["student"])
                     self.m.encode_student(self.val_prompts).save(paths["val_student"])
+                    if self.pairs is not None:
+                        self.m.encode_student(self.pair_prompts).save(paths["pairs_student"])
                 loop.write_json(key_path, {"key": key, "prompts": len(c.prompts)})  # atomic: written last
         self.accel.wait_for_everyone()
         self.m.free_text_encoders()  # embeddings are all training needs from here on
@@ -325,8 +362,15 @@ class Distiller:
         self.opt_student = torch.optim.AdamW(student.parameter_groups(c.student_lr, c.student_cross_attention_lr),
                                              lr=c.student_lr, weight_decay=c.weight_decay)
         self.opt_fake = torch.optim.AdamW(self.fake_params, lr=c.fake_lr, weight_decay=c.weight_decay)
+        self.opt_warmup = None
+        if c.regression_warmup_steps:
+            self.opt_warmup = torch.optim.AdamW(
+                student.parameter_groups(c.regression_warmup_lr, c.regression_warmup_cross_attention_lr),
+                lr=c.regression_warmup_lr, weight_decay=c.weight_decay)
         self.nan_guard = loop.NaNGuard(c.max_nan_steps)
         self.clip_norm = [0.0, 0]  # running mean of clipped gradient norms (bias-corrected EMA), its count
+        if self.pairs is not None:
+            self.pairs = tuple(t.to(self.device) for t in self.pairs)
 
     def _clip_threshold(self) -> float:
         c = self.cfg
@@ -347,6 +391,60 @@ class Distiller:
         if self.cfg.grad_norm in ("student", "both"):
             g = g * (norms.mean() / norms.clamp_min(1e-12)).view(-1, *([1] * (g.ndim - 1)))
         self.accel.backward(z, gradient=g.to(z.dtype))
+
+    def _add_regression(self, g: torch.Generator, metrics: dict) -> bool:
+        """Add the regression term's gradient onto the distribution-matching one already in the student's .grad,
+        rescaled to regression_weight x that gradient's norm. False: its loss was not finite (the step is skipped)."""
+        c = self.cfg
+        noise, latents, index = self.pairs
+        params = self.student_params
+        dmd_grads = [p.grad for p in params]
+        dmd_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x.float()) for x in dmd_grads
+                                                         if x is not None] or [torch.zeros((), device=self.device)]))
+        for p in params:
+            p.grad = None
+        idx = torch.randint(0, len(noise), (c.regression_batch or c.batch_size,), generator=g, device=g.device)
+        idx = idx.to(noise.device)
+        emb = self.text["pairs_student"].prompt_embeds.to(self.device)[index[idx]]
+        with self.accel.autocast():
+            pred = self.m.student.space.to_model(self.generator(noise[idx], emb))
+        loss = F.mse_loss(pred.float(), latents[idx])
+        if not self._all_finite(loss):
+            return False
+        self.accel.backward(loss)
+        reg_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params
+                                                         if p.grad is not None] or [torch.ones((), device=self.device)]))
+        scale = c.regression_weight * dmd_norm / reg_norm.clamp_min(1e-12)
+        for p, d in zip(params, dmd_grads):
+            r = None if p.grad is None else p.grad * scale.to(p.grad.dtype)
+            p.grad = d if r is None else (r if d is None else d + r)
+        metrics.update(regression_loss=loss.item(), regression_scale=scale.item(), dmd_grad_norm=dmd_norm.item())
+        return True
+
+    def _optimizers(self) -> dict:
+        opts = {"student": self.opt_student, "fake": self.opt_fake}
+        if self.opt_warmup is not None:
+            opts["warmup"] = self.opt_warmup
+        return opts
+
+    def _warmup_step(self, g: torch.Generator) -> dict[str, float] | None:
+        """A regression-only step (the warm-up): the student's mse on a batch of pairs, its own optimizer."""
+        c = self.cfg
+        noise, latents, index = self.pairs
+        idx = torch.randint(0, len(noise), (c.regression_batch or c.batch_size,), generator=g, device=g.device)
+        idx = idx.to(noise.device)
+        emb = self.text["pairs_student"].prompt_embeds.to(self.device)[index[idx]]
+        with self.accel.autocast():
+            pred = self.m.student.space.to_model(self.generator(noise[idx], emb))
+        loss = F.mse_loss(pred.float(), latents[idx])
+        if not self._all_finite(loss):
+            self.opt_warmup.zero_grad(set_to_none=True)
+            return None
+        self.accel.backward(loss)
+        self.opt_warmup.step()
+        self.opt_warmup.zero_grad(set_to_none=True)
+        self.m.student.ema_step()
+        return {"regression_loss": loss.item(), "warmup": 1.0}
 
     def _state_modules(self) -> dict[str, nn.Module]:
         mods = {"student": self.accel.unwrap_model(self.generator), "fake": _Params(self.fake_params)}
@@ -401,6 +499,8 @@ class Distiller:
     def train_step(self, step: int) -> dict[str, float] | None:
         c, teacher = self.cfg, self.m.teacher
         g = loop.step_generator(c.seed, step, self.accel.process_index, device=self.device)
+        if step < c.regression_warmup_steps:
+            return self._warmup_step(g)
         noise, s_emb, t_cond = self._batch(g)
         neg = self.text["negative"].repeat(c.batch_size).to(self.device)
         metrics: dict[str, float] = {}
@@ -433,6 +533,9 @@ class Distiller:
         with self._phase("backward"):
             self.accel.backward(loss)  # into z_in only: the Bridge is frozen
             self._pull_back(z, z_in, metrics)
+            if self.pairs is not None and c.regression_weight and not self._add_regression(g, metrics):
+                self.opt_student.zero_grad(set_to_none=True)
+                return None
             threshold = self._clip_threshold()
             gn = float(self.accel.clip_grad_norm_(self.student_params, threshold))
             self.opt_student.step()
@@ -523,15 +626,14 @@ class Distiller:
                               summary=self.summary(step))
         if state:
             save_training_state(os.path.join(self.cfg.out_dir, self.STATE_FILE), modules=self._state_modules(),
-                                optimizers={"student": self.opt_student, "fake": self.opt_fake}, schedulers={},
+                                optimizers=self._optimizers(), schedulers={},
                                 extra=extra)
 
     def _resume(self) -> int:
         path = os.path.join(self.cfg.out_dir, self.STATE_FILE)
         if not (self.cfg.resume and os.path.exists(path)):
             return 0
-        extra = load_training_state(path, self._state_modules(),
-                                    {"student": self.opt_student, "fake": self.opt_fake}, {})
+        extra = load_training_state(path, self._state_modules(), self._optimizers(), {})
         if self.m.student.ema is not None:
             self.m.student.ema.optimization_step = int(extra.get("ema_step", 0))
         self.nan_guard.skipped_total = int(extra.get("nan_skipped", 0))
@@ -560,31 +662,32 @@ class Distiller:
 
     def run(self) -> dict:
         c = self.cfg
+        total = c.regression_warmup_steps + c.steps  # the warm-up's steps come first
         if self.accel.is_main_process:
             loop.remove_stale_temporaries(c.out_dir, os.path.join(c.out_dir, "samples"), self.cache_dir)
         start = self.prepare()
         main = self.accel.is_main_process
         log = loop.JsonlLogger(os.path.join(c.out_dir, "metrics.jsonl"), resume_step=start) if main else None
-        progress = self.progress or loop.ProgressReporter(total=c.steps, desc="distill", disable=not main)
+        progress = self.progress or loop.ProgressReporter(total=total, desc="distill", disable=not main)
         progress.start(start)
         result: dict = {"resumed_from": start, "out_dir": c.out_dir}
         step = start
-        if start >= c.steps:
+        if start >= total:
             self.save(start, state=False)  # already finished: the student file again, from the state
         t0 = self.clock.start()
         with loop.graceful_interrupt(self.stop), loop.save_on_failure(self.save, lambda: step, start):
-            while step < c.steps and not (step > 0 and self._out_of_time()):  # at least one step
+            while step < total and not (step > 0 and self._out_of_time()):  # at least one step
                 metrics = self.train_step(step)
                 step += 1
-                if log is not None and metrics is not None and (step % c.log_every == 0 or step == c.steps):
+                if log is not None and metrics is not None and (step % c.log_every == 0 or step == total):
                     log.log({"step": step, **metrics})
                 preview = None
-                if main and (step % c.sample_every == 0 or step == c.steps):
+                if main and (step % c.sample_every == 0 or step == total):
                     preview = self.preview(step, os.path.join(c.out_dir, "samples", f"step_{step:06d}.png"))
                 out_of_time = self._out_of_time()
-                if main and out_of_time and step % c.sample_every and step != c.steps:
+                if main and out_of_time and step % c.sample_every and step != total:
                     preview = self.preview(step, os.path.join(c.out_dir, "samples", f"step_{step:06d}.png"))
-                if step % c.ckpt_every == 0 or step == c.steps or out_of_time:
+                if step % c.ckpt_every == 0 or step == total or out_of_time:
                     self.save(step)
                 progress.update(step, metrics or {}, preview)
                 if metrics is not None:

@@ -54,6 +54,36 @@ def x0_to_eps(z_t: torch.Tensor, x0: torch.Tensor, alpha_bar) -> torch.Tensor:
     return (z_t.float() - a.sqrt() * x0.float()) / (1 - a).sqrt()
 
 
+def ddim_scheduler(schedule: dict | None = None):
+    """DDIM over the SD1.5 training schedule; trailing spacing, so the first step is t = 999."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**(schedule or SD15_SCHEDULE), timestep_spacing="trailing", set_alpha_to_one=True,
+                         clip_sample=False)
+
+
+@torch.no_grad()
+def ddim_sample(unet: "UNet2DConditionModel", hidden: torch.Tensor, neg_hidden: torch.Tensor, noise: torch.Tensor,
+                schedule: dict | None = None, steps: int = 25, cfg: float = 7.5) -> torch.Tensor:
+    """The multi-step SD1.5 sampler: DDIM with CFG from noise [B,C,h,w] -> x0, MODEL space (float32). Trailing
+    spacing, so the first step is t = 999 and steps=1, cfg=1 is the one-step student base. neg_hidden: [1,L,D] or
+    [B,L,D] (the negative / empty prompt)."""
+    scheduler = ddim_scheduler(schedule)
+    scheduler.set_timesteps(steps, device=noise.device)
+    x, b, dtype = noise.float(), noise.shape[0], unet.dtype
+    uncond = neg_hidden.expand(b, -1, -1) if neg_hidden.shape[0] == 1 else neg_hidden
+    for t in scheduler.timesteps:
+        tt = t.expand(b)
+        if cfg != 1.0:
+            e_u, e_c = unet(torch.cat([x, x]).to(dtype), torch.cat([tt, tt]),
+                            encoder_hidden_states=torch.cat([uncond, hidden]).to(dtype)).sample.float().chunk(2)
+            eps = e_u + cfg * (e_c - e_u)
+        else:
+            eps = unet(x.to(dtype), tt, encoder_hidden_states=hidden.to(dtype)).sample.float()
+        x = scheduler.step(eps, t, x).prev_sample
+    return x
+
+
 class OneStepStudent(nn.Module):
     """Wraps a diffusers UNet2DConditionModel as a one-step generator: noise + text -> student RAW latent.
 

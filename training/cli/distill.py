@@ -76,6 +76,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--straight-through-clamp", action=argparse.BooleanOptionalAction,
                    default=DistillConfig.straight_through_clamp,
                    help="training only: the decoded image's [0,1] clamp passes gradients of saturated pixels")
+    r = p.add_argument_group("regression term (teacher-corrected pairs, training/pairs.py)")
+    r.add_argument("--regression-n", type=int, default=0,
+                   help="> 0: first make this many pairs in <out>/pairs.safetensors (reused when present): the student "
+                        "base's own sample, redrawn by the teacher from --regression-s0 through the Bridge, back in "
+                        "the student's space; then train with the regression term on them")
+    r.add_argument("--regression-pairs", help="train with the regression term on this pairs file (made elsewhere)")
+    r.add_argument("--regression-weight", type=float, default=DistillConfig.regression_weight,
+                   help="the regression gradient's norm as a multiple of the distribution-matching one's (default 1)")
+    r.add_argument("--regression-batch", type=int, default=0, help="pairs per step (default: --batch-size)")
+    r.add_argument("--regression-warmup-steps", type=int, default=0,
+                   help="regression-only steps before the distillation's --steps (cheap: no teacher queries)")
+    r.add_argument("--regression-warmup-lr", type=float, default=DistillConfig.regression_warmup_lr)
+    r.add_argument("--regression-warmup-cross-attention-lr", type=float,
+                   default=DistillConfig.regression_warmup_cross_attention_lr,
+                   help="> 0: the warm-up's learning rate of the cross-attention layers (default: --regression-warmup-lr)")
+    r.add_argument("--regression-s0", type=float, default=0.9,
+                   help="noise level the teacher redraws the student base's sample from (default 0.9)")
+    r.add_argument("--regression-student-steps", type=int, default=25, help="student base DDIM steps (default 25)")
+    r.add_argument("--regression-student-cfg", type=float, default=7.5, help="student base CFG (default 7.5)")
+    r.add_argument("--regression-teacher-steps", type=int, default=20, help="teacher steps from s0 (default 20)")
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--sample-every", type=int, help="preview grid every N steps (default 250; 20 with --demo)")
     t.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps")
@@ -108,6 +128,32 @@ def _parse_guidance(text: str):
     raise ValueError(f"--guidance must be a number or LOW,HIGH; got {text!r}.")
 
 
+def _pairs_path(args) -> str | None:
+    if args.regression_n and args.regression_pairs:
+        raise UserError("Give --regression-n (make the pairs in the run folder) or --regression-pairs FILE (use a file "
+                        "made elsewhere), not both.")
+    if args.regression_n < 0:
+        raise UserError(f"--regression-n must be >= 0 (0: no pairs are made), got {args.regression_n}.")
+    if args.regression_n:
+        return os.path.join(args.out, "pairs.safetensors")
+    return args.regression_pairs
+
+
+def make_run_pairs(args, cfg: DistillConfig, models) -> None:
+    """The --regression-n pairs, made once in the run folder (a resumed run reuses them) from the models' base."""
+    from ..pairs import make_pairs
+
+    if not args.regression_n or os.path.exists(cfg.regression_pairs):
+        return
+    print(f"Making {args.regression_n} regression pairs in {cfg.regression_pairs} ...")
+    make_pairs(models, cfg.prompts, args.regression_n, cfg.regression_pairs, resolution=cfg.resolution,
+               s0=args.regression_s0, student_steps=args.regression_student_steps,
+               student_cfg=args.regression_student_cfg, teacher_steps=args.regression_teacher_steps,
+               guidance=cfg.guidance_arg if not isinstance(cfg.guidance_arg, tuple) else sum(cfg.guidance_arg) / 2,
+               negative_prompt=cfg.negative_prompt, batch_size=cfg.batch_size, seed=cfg.seed,
+               device=models.student.unet.device)
+
+
 def config_from_args(args, prompts: list[str]) -> DistillConfig:
     demo = args.demo
     return DistillConfig(
@@ -122,7 +168,10 @@ def config_from_args(args, prompts: list[str]) -> DistillConfig:
         fake_rank=args.fake_rank, fake_alpha=args.fake_alpha, fake_updates=args.fake_updates,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_norm=args.grad_norm,
         grad_clip_relative=args.grad_clip_relative, straight_through_clamp=args.straight_through_clamp,
-        log_every=args.log_every,
+        regression_pairs=_pairs_path(args), regression_weight=args.regression_weight,
+        regression_batch=args.regression_batch, regression_warmup_steps=args.regression_warmup_steps,
+        regression_warmup_lr=args.regression_warmup_lr,
+        regression_warmup_cross_attention_lr=args.regression_warmup_cross_attention_lr, log_every=args.log_every,
         sample_every=given(args.sample_every, 20 if demo else 250), ckpt_every=args.ckpt_every, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         resume=not args.restart, cache_dir=args.cache_dir,
@@ -156,6 +205,7 @@ def run(args) -> int:
     else:
         models = assemble.load_distill_models(args.student, args.bridge, args.teacher_family, **model_files(args))
         base = None
+    make_run_pairs(args, cfg, models)
     result = Distiller(cfg, models).run()
     print(json.dumps({k: v for k, v in result.items()}, indent=2, default=str))
     if not args.no_export and not result.get("stopped_early"):

@@ -33,7 +33,7 @@ import sys
 import time
 
 from ..loop import write_json
-from .run import DEFAULTS, QUICK, add_setting_arguments
+from .run import DEFAULTS, QUICK, add_setting_arguments, regression_text
 
 # The distiller's Bridge options and their "off" values (DMD2 as is): one ablation row per option that is on.
 OPTION_OFF = {
@@ -41,12 +41,14 @@ OPTION_OFF = {
     "clip": {"distill_clip_relative": 0.0, "distill_grad_clip": 1.0},
     "timesteps": {"distill_timesteps": "uniform"},
     "straight_through": {"straight_through_clamp": False},
+    "regression": {"regression_n": 0},
 }
 OPTION_LABELS = {
     "grad_norm": "per-sample normalisation in student space",
     "clip": "running-norm gradient clip",
     "timesteps": "the teacher's own noise levels",
     "straight_through": "straight-through clamp",
+    "regression": "the teacher-corrected regression pairs",
 }
 # The Bridge's two taps (bridge/taps.py): the benchmark's cross-space row uses the settings' tap; the other tap gets a
 # Bridge of its own (task "bridge_<tap>") and a cross-space row of its own ("cross_space_<tap>").
@@ -450,7 +452,7 @@ def markdown(summary: dict, notes: str | None = None) -> str:
         f"{st['distill_timesteps']}, clip {st['distill_grad_clip']} (relative {st['distill_clip_relative']}), "
         f"straight-through clamp {st['straight_through_clamp']}. Synthetic baseline: {st['synthetic_images']} teacher "
         f"samples, {st['synthetic_finetune_steps']} fine-tuning steps at batch {st['synthetic_batch']}, lr "
-        f"{st['synthetic_lr']}.",
+        f"{st['synthetic_lr']}. " + regression_text(st),
         "",
         "## Findings (computed from the table)",
         "",

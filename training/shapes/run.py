@@ -46,8 +46,16 @@ DEFAULTS = dict(
     bridge_steps=400, bridge_batch=16, bridge_lr=1e-3, attn_weight=0.1, attn_queries=64,
     projector_width=64, projector_depth=2,
     bridge_tap="image",  # where the Bridge reads the student decoder: image (full decode) or features (bridge/taps.py)
-    distill_steps=300, distill_batch=16, student_lr=2e-5, student_cross_attention_lr=0.0, fake_lr=1e-3, fake_rank=16, fake_updates=2,
-    distill_s_min=0.02,
+    # 100 DMD steps after the regression warm-up below (300 without it): what fits the default run's 10 minutes.
+    distill_steps=100, distill_batch=16, student_lr=2e-5, student_cross_attention_lr=0.0, fake_lr=1e-3, fake_rank=16,
+    fake_updates=2, distill_s_min=0.02,
+    # The regression pairs (training/pairs.py, DistillConfig.regression_*): this many teacher-corrected pairs (0: off),
+    # made before the distillation and counted in its wall time (the teacher redraws the student base's own samples
+    # from noise level regression_s0), fitted by regression-only warm-up steps before the DMD steps (a regression
+    # term inside each DMD step, regression_weight > 0, measured worse per second: docs/shapes_investigation.md §5.8).
+    # Without them no distillation in this budget learns the background (§5.1-5.7).
+    regression_n=400, regression_weight=0.0, regression_s0=0.9, regression_batch=16,
+    regression_warmup_steps=1500, regression_warmup_lr=1e-4, regression_warmup_cross_attention_lr=1e-3,
     # The distiller's options for the Bridge's Jacobian (DistillConfig; docs/shapes_investigation.md): DMD2's
     # normaliser and then equal per-sample weight in student space, a clip that cuts only outliers (2x the running
     # norm; the fixed 1.0 was active on every step), the teacher's own noise levels (it saw s < 0.2 in 0.7% of its
@@ -71,7 +79,8 @@ DEFAULTS = dict(
 # The same pipeline with a handful of steps: checks everything end to end, not quality.
 QUICK = dict(DEFAULTS, n_images=24, bridge_steps=4, bridge_batch=4, distill_steps=3, distill_batch=2, fake_updates=1,
              projector_width=16, projector_depth=1, eval_samples=8, eval_batch=8, grid_prompts=2, grid_seeds=2,
-             synthetic_images=8, synthetic_finetune_steps=2, synthetic_batch=4)
+             synthetic_images=8, synthetic_finetune_steps=2, synthetic_batch=4, regression_n=8, regression_batch=2,
+             regression_warmup_steps=2)
 DEFAULT_OUT = os.path.join("runs", "shapes")
 
 ROW_LABELS = {
@@ -256,9 +265,16 @@ def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dic
         s_max = min(0.98, dm.teacher.s_max)  # the UNet's schedule ends at t = 999 (s ~ 0.936)
     else:
         guidance, s_max = teacher_cfg(world, settings), 0.98
+    pairs_path, pairs_s = None, 0.0
+    if settings["regression_n"]:
+        pairs_path, pairs_s = regression_pairs(world, dm, os.path.join(out_dir, "pairs.safetensors"), settings,
+                                               guidance, seed)
+        if time_budget_s:
+            time_budget_s = max(1.0, time_budget_s - pairs_s)  # the pairs are part of the row's wall time
     steps = settings["distill_steps"]
     if time_budget_s:
         steps = 100 * steps  # a cap only: the time budget ends the run
+    warmup = settings["regression_warmup_steps"] if pairs_path else 0
     cfg = DistillConfig(
         out_dir=out_dir, prompts=training_prompts(), negative_prompt="", val_prompts=grid_prompts(4),
         val_seeds=[0, 1], steps=steps, batch_size=settings["distill_batch"], resolution=models.STUDENT_RESOLUTION,
@@ -267,19 +283,41 @@ def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dic
         student_cross_attention_lr=settings["student_cross_attention_lr"], fake_lr=settings["fake_lr"], fake_rank=settings["fake_rank"], fake_updates=settings["fake_updates"],
         grad_norm=settings["distill_grad_norm"], grad_clip=settings["distill_grad_clip"],
         grad_clip_relative=settings["distill_clip_relative"], straight_through_clamp=settings["straight_through_clamp"],
-        student_lora_rank=student_lora_rank,
-        log_every=max(1, settings["distill_steps"] // 50), sample_every=steps,
-        ckpt_every=max(1, settings["distill_steps"] // 5), seed=seed, mixed_precision="no", resume=True,
+        student_lora_rank=student_lora_rank, regression_pairs=pairs_path, regression_weight=settings["regression_weight"],
+        regression_batch=settings["regression_batch"], regression_warmup_steps=warmup,
+        regression_warmup_lr=settings["regression_warmup_lr"],
+        regression_warmup_cross_attention_lr=settings["regression_warmup_cross_attention_lr"],
+        log_every=max(1, settings["distill_steps"] // 50), sample_every=warmup + steps,
+        ckpt_every=max(1, (warmup + settings["distill_steps"]) // 5), seed=seed, mixed_precision="no", resume=True,
         max_train_seconds=time_budget_s,
     )
     t0 = time.perf_counter()
     result = Distiller(cfg, dm).run()
     # This invocation's set-up plus the training loop's seconds over all invocations (a resumed run included).
-    result["wall_s"] = time.perf_counter() - t0 - result["seconds"] + result["train_seconds"]
+    result["wall_s"] = time.perf_counter() - t0 - result["seconds"] + result["train_seconds"] + pairs_s
+    result["pairs_s"] = pairs_s
     result["guidance"] = guidance
     if result.get("stopped_early"):
         return None, result
     return dm.student.merged_unet(), result
+
+
+def regression_pairs(world: "ShapesWorld", dm, path: str, settings: dict, guidance: float, seed: int):
+    """The run's teacher-corrected regression pairs (training/pairs.py) at `path`, made once (a resumed run reuses
+    them): the student base's own sampler and CFG, the teacher's steps. Returns (path, seconds it took to make)."""
+    from safetensors import safe_open
+
+    from ..pairs import make_pairs
+    from . import models
+
+    if not os.path.exists(path):
+        sampling = world.config["student_sampling"]
+        make_pairs(dm, training_prompts(), settings["regression_n"], path, resolution=models.STUDENT_RESOLUTION,
+                   s0=settings["regression_s0"], student_steps=sampling["steps"], student_cfg=sampling["cfg"],
+                   teacher_steps=max(1, round(world.config["teacher_sampling"]["steps"] * settings["regression_s0"])),
+                   guidance=guidance, batch_size=100, seed=300_000 + seed, progress=False)
+    with safe_open(path, framework="pt") as f:
+        return path, float(json.loads(f.metadata()["seconds"]))
 
 
 # ---------------------------------------------------------------------------------------------- synthetic-data baseline
@@ -389,6 +427,24 @@ def start_rows(world: "ShapesWorld", settings: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- report
 
+def regression_text(settings: dict) -> str:
+    """One sentence on the regression term's settings ('' when it is off)."""
+    if not settings.get("regression_n"):
+        return ""
+    warm = settings["regression_warmup_steps"]
+    parts = [f"{settings['regression_n']} teacher-corrected regression pairs (the student base's samples redrawn by "
+             f"the teacher from noise level {settings['regression_s0']:g} through the Bridge, training/pairs.py)"]
+    if warm:
+        parts.append(f"{warm} regression-only warm-up steps at batch {settings['regression_batch']} (lr "
+                     f"{settings['regression_warmup_lr']:g}, cross-attention "
+                     f"{settings['regression_warmup_cross_attention_lr'] or settings['regression_warmup_lr']:g}) "
+                     "before the distillation steps")
+    if settings["regression_weight"]:
+        parts.append(f"a regression term at {settings['regression_weight']:g}x the DMD gradient's norm in each "
+                     "distillation step")
+    return "Regression: " + "; ".join(parts) + "; the pairs' making counts in the training wall time."
+
+
 def _fmt(x, digits=3):
     return "—" if x is None else f"{x:.{digits}f}"
 
@@ -422,7 +478,8 @@ def report_markdown(report: dict) -> str:
     lines += [
         "",
         "Training wall time of the cross-space row = Bridge training + distillation. Latency: wall time of "
-        f"generation + decoding per image at batch {report['settings']['eval_batch']}.",
+        f"generation + decoding per image at batch {report['settings']['eval_batch']}. "
+        + regression_text(report["settings"]),
         "",
         "Per-attribute accuracy (shape / colour / background / position):",
         "",

@@ -55,35 +55,16 @@ def sample_teacher(transformer: "SD3Transformer2DModel", prompt_embeds: torch.Te
     return torch.cat(out)
 
 
-def student_scheduler(schedule: dict):
-    """DDIM over the SD1.5 training schedule; trailing spacing so the first step is t = 999."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(**schedule, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
-
-
 @torch.no_grad()
 def sample_student(unet: "UNet2DConditionModel", hidden: torch.Tensor, neg_hidden: torch.Tensor,
                    noise: torch.Tensor, schedule: dict, steps: int = 25, cfg: float = 4.0,
                    batch_size: int = 128) -> torch.Tensor:
-    """DDIM sampling with CFG from noise [B,4,h,w] (model space) -> x0 [B,4,h,w] (model space).
-    steps=1, cfg=1 is the one-step student: x0 = (z - sqrt(1-a) eps(z, 999)) / sqrt(a)."""
+    """DDIM sampling with CFG from noise [B,4,h,w] (model space) -> x0 [B,4,h,w] (model space), in batches
+    (`training.student.ddim_sample`). steps=1, cfg=1 is the one-step student: x0 = (z - sqrt(1-a) eps(z, 999)) / sqrt(a)."""
+    from ..student import ddim_sample
+
     out = []
     for sl in _batched(noise.shape[0], batch_size):
-        scheduler = student_scheduler(schedule)
-        scheduler.set_timesteps(steps, device=noise.device)
-        x = noise[sl].float()  # init_noise_sigma is 1 for DDIM
-        b = x.shape[0]
-        cond = hidden[sl]
-        uncond = neg_hidden.expand(b, -1, -1) if neg_hidden.shape[0] == 1 else neg_hidden[sl]
-        for t in scheduler.timesteps:
-            tt = t.expand(b)
-            if cfg != 1.0:
-                e_u, e_c = unet(torch.cat([x, x]), torch.cat([tt, tt]),
-                                encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
-                eps = e_u + cfg * (e_c - e_u)
-            else:
-                eps = unet(x, tt, encoder_hidden_states=cond).sample
-            x = scheduler.step(eps, t, x).prev_sample
-        out.append(x)
+        neg = neg_hidden if neg_hidden.shape[0] == 1 else neg_hidden[sl]
+        out.append(ddim_sample(unet, hidden[sl], neg, noise[sl], schedule, steps=steps, cfg=cfg))
     return torch.cat(out)

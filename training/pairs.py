@@ -1,0 +1,170 @@
+"""Teacher-corrected regression pairs: the regression term of cross-space distillation (DMD's, across latent spaces).
+
+One pair per prompt draw:
+
+    z          student noise [C_s, h, w]
+    x(z)       the student base's own multi-step sample from z (DDIM with CFG), in the student's space
+    y          x(z) through the Bridge into the teacher's space, noised to s0 and denoised by the teacher (its CFG)
+    target     y decoded by the teacher VAE, resized to the student's resolution, encoded by the student VAE
+
+The target keeps the base sample's layout, a deterministic function of z, so a one-step student regressed onto
+(z, target) learns a map and not a mean (noise paired at random blurs whatever varies within a prompt); and it carries
+what the teacher redraws from s0 on, which is where the teacher follows the prompt over the image (the shapes world:
+the background word the student base ignores, docs/shapes_investigation.md §5.8).
+
+The pairs file is a safetensors file (`noise`, `latents` in the student's MODEL space; the prompts and settings in its
+metadata), written atomically; `Distiller` reads it with `DistillConfig.regression_pairs`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .distill import DistillModels
+
+FORMAT = "csd-regression-pairs"
+VERSION = "1"
+
+
+def teacher_correct(teacher, x: torch.Tensor, cond, neg_cond, s0: float, steps: int, guidance,
+                    generator: torch.Generator) -> torch.Tensor:
+    """Teacher model-space latents noised to s0 and denoised by the teacher: `steps` Euler steps on a uniform grid
+    of s from s0 to 0 (each x_{s'} = x0 + s'/s (x_s - x0), the flow's deterministic step), with its guidance."""
+    n = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
+    x = teacher.add_noise(x, n, torch.full((x.shape[0],), s0, device=x.device))
+    grid = torch.linspace(s0, 0.0, steps + 1).tolist()
+    for s, s_next in zip(grid[:-1], grid[1:]):
+        x0 = teacher.predict_x0(x, s, cond, neg_cond=neg_cond, guidance=guidance).float()
+        x = x0 + (s_next / s) * (x - x0)
+    return x
+
+
+@torch.no_grad()
+def make_pairs(models: "DistillModels", prompts: list[str], n: int, path: str, *, resolution: int,
+               s0: float = 0.9, student_steps: int = 25, student_cfg: float = 7.5, teacher_steps: int = 20,
+               guidance=None, negative_prompt: str = "", batch_size: int = 16, seed: int = 0,
+               device: str | torch.device = "cpu", progress: bool = True) -> dict:
+    """n pairs of random prompts from `prompts` (see the module docstring), written to `path` (safetensors, atomic).
+    `models`: what the distillation uses (its student's UNet is the base: call this before training it).
+    resolution: the student's pixels per side. Returns {"n", "seconds", "path"}."""
+    from ._bridge import model as bridge_model
+    from .student import ddim_sample
+    from .errors import UserError, output_dir
+
+    if not 0 < s0 <= 1:
+        raise ValueError(f"s0 (the noise level the teacher redraws from) must be in (0, 1], got {s0}.")
+    if n < 1 or batch_size < 1 or student_steps < 1 or teacher_steps < 1:
+        raise ValueError("n, batch_size, student_steps and teacher_steps must be positive integers.")
+    if not prompts:
+        raise ValueError("make_pairs needs at least one prompt.")
+    folder = os.path.dirname(os.path.abspath(path))
+    output_dir(folder, "Pairs folder")
+    student, bridge, teacher = models.student, models.bridge, models.teacher
+    same_space = getattr(bridge, "k", None) == 1 and bridge.teacher_space.name == student.space.name
+    if models.teacher_vae is None and not same_space:
+        raise UserError("Regression pairs need the teacher VAE (the teacher's sample is decoded and re-encoded by the "
+                        "student VAE).")
+    latent = student.latent_size(resolution)
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(int(seed))
+    chosen = [prompts[int(i)] for i in torch.randint(len(prompts), (n,), generator=g)]
+    noise = torch.randn((n, student.space.channels, latent, latent), generator=g)
+    unet = student.unet.to(device).eval()
+    bridge.to(device).eval()
+    if models.teacher_vae is not None:
+        models.teacher_vae.to(device)
+    neg_s = models.encode_student([negative_prompt]).prompt_embeds.to(device)
+    neg_t = models.encode_teacher([negative_prompt]).to(device)
+    out = []
+    batches = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="regression pairs", unit="batch")
+    for i in batches:
+        p = chosen[i : i + batch_size]
+        b = len(p)
+        hidden = models.encode_student(p).prompt_embeds.to(device)
+        x = ddim_sample(unet, hidden, neg_s, noise[i : i + b].to(device), student.schedule, student_steps,
+                        student_cfg)
+        y = bridge.forward_model(student.space.to_raw(x)).float()
+        y = teacher_correct(teacher, y, models.encode_teacher(p).to(device), neg_t, s0, teacher_steps, guidance, g)
+        if same_space:  # a teacher in the student's own space (same-space distillation): y is the target
+            out.append(y.cpu())
+            continue
+        image = bridge_model.decode_to_image01(models.teacher_vae, bridge.teacher_space.to_raw(y))
+        small = F.interpolate(image, size=(resolution, resolution), mode="area")
+        vae = bridge.student_vae
+        raw = vae.encode((small * 2 - 1).to(vae.dtype)).latent_dist.mean.float()
+        out.append(student.space.to_model(raw).cpu())
+    latents = torch.cat(out)
+    if not torch.isfinite(latents).all():
+        raise UserError("The regression pairs came out non-finite (NaN/inf): the teacher or a VAE diverged; try "
+                        "--dtype fp32.")
+    seconds = time.perf_counter() - t0
+    save_pairs(path, noise, latents, chosen, s0=s0, student_steps=student_steps, student_cfg=student_cfg,
+               teacher_steps=teacher_steps, guidance=guidance, seed=seed, seconds=seconds, resolution=resolution,
+               student_space=student.space.name, teacher_space=bridge.teacher_space.name)
+    return {"n": n, "seconds": seconds, "path": path}
+
+
+def save_pairs(path: str, noise: torch.Tensor, latents: torch.Tensor, prompts: list[str], **settings) -> None:
+    """Write a pairs file atomically: `noise` and `latents` [N, C, h, w] (student MODEL space), one prompt per pair;
+    `settings` (JSON-able) go to the metadata beside the prompts."""
+    from safetensors.torch import save_file
+
+    if noise.shape != latents.shape or noise.ndim != 4 or len(prompts) != noise.shape[0]:
+        raise ValueError(f"Pairs need noise and latents of one shape [N, C, h, w] and N prompts; got "
+                         f"{tuple(noise.shape)}, {tuple(latents.shape)}, {len(prompts)} prompts.")
+    meta = {"format": FORMAT, "version": VERSION, "prompts": json.dumps(list(prompts)),
+            **{k: json.dumps(v) for k, v in settings.items()}}
+    tmp = path + ".tmp"
+    save_file({"noise": noise.float().contiguous(), "latents": latents.float().contiguous()}, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_pairs(path: str, channels: int, latent: int) -> tuple[torch.Tensor, torch.Tensor, list[str], dict]:
+    """(noise, latents, prompts, metadata) of a pairs file, checked against the student's latent shape
+    [channels, latent, latent]; every problem is a UserError that names the fix."""
+    from safetensors import SafetensorError, safe_open
+
+    from .errors import UserError
+
+    fix = "make it with `python -m training.run pairs` (or training.pairs.make_pairs)"
+    if not os.path.isfile(path):
+        raise UserError(f"Regression pairs file {path!r} does not exist; {fix}.")
+    if not path.endswith(".safetensors"):
+        raise UserError(f"Regression pairs file {path!r} is not a .safetensors file (pickled files are never "
+                        f"loaded); {fix}.")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = set(f.keys())
+            if meta.get("format") != FORMAT or not {"noise", "latents"} <= keys:
+                raise UserError(f"{path!r} is not a regression pairs file (no {FORMAT!r} metadata with 'noise' and "
+                                f"'latents'); {fix}.")
+            noise, latents = f.get_tensor("noise").float(), f.get_tensor("latents").float()
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"Regression pairs file {path!r} is unreadable or damaged ({e}); {fix}.") from None
+    try:
+        prompts = json.loads(meta.get("prompts", ""))
+    except ValueError:
+        prompts = None
+    want = (channels, latent, latent)
+    if noise.ndim != 4 or tuple(noise.shape[1:]) != want or noise.shape != latents.shape:
+        raise UserError(f"Regression pairs {path!r} hold noise {tuple(noise.shape)} / latents {tuple(latents.shape)}, "
+                        f"the student needs [N, {channels}, {latent}, {latent}] (this resolution); make the pairs at "
+                        "the distillation's resolution.")
+    if not isinstance(prompts, list) or len(prompts) != noise.shape[0] or not all(isinstance(p, str) for p in prompts):
+        raise UserError(f"Regression pairs {path!r}: the prompts in its metadata do not match its {noise.shape[0]} "
+                        f"pairs; {fix}.")
+    if not (torch.isfinite(noise).all() and torch.isfinite(latents).all()):
+        raise UserError(f"Regression pairs {path!r} contain NaN/inf; {fix} again.")
+    return noise, latents, prompts, meta
