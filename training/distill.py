@@ -392,23 +392,28 @@ class Distiller:
             g = g * (norms.mean() / norms.clamp_min(1e-12)).view(-1, *([1] * (g.ndim - 1)))
         self.accel.backward(z, gradient=g.to(z.dtype))
 
+    def _regression_loss(self, g: torch.Generator) -> torch.Tensor:
+        """mse of the student's model-space output on a batch of pairs (drawn from the step's generator)."""
+        c = self.cfg
+        noise, latents, index = self.pairs
+        idx = torch.randint(0, len(noise), (c.regression_batch or c.batch_size,), generator=g, device=g.device)
+        idx = idx.to(noise.device)
+        emb = self.text["pairs_student"].prompt_embeds.to(self.device)[index[idx]]
+        with self.accel.autocast():
+            pred = self.m.student.space.to_model(self.generator(noise[idx], emb))
+        return F.mse_loss(pred.float(), latents[idx])
+
     def _add_regression(self, g: torch.Generator, metrics: dict) -> bool:
         """Add the regression term's gradient onto the distribution-matching one already in the student's .grad,
         rescaled to regression_weight x that gradient's norm. False: its loss was not finite (the step is skipped)."""
         c = self.cfg
-        noise, latents, index = self.pairs
         params = self.student_params
         dmd_grads = [p.grad for p in params]
         dmd_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x.float()) for x in dmd_grads
                                                          if x is not None] or [torch.zeros((), device=self.device)]))
         for p in params:
             p.grad = None
-        idx = torch.randint(0, len(noise), (c.regression_batch or c.batch_size,), generator=g, device=g.device)
-        idx = idx.to(noise.device)
-        emb = self.text["pairs_student"].prompt_embeds.to(self.device)[index[idx]]
-        with self.accel.autocast():
-            pred = self.m.student.space.to_model(self.generator(noise[idx], emb))
-        loss = F.mse_loss(pred.float(), latents[idx])
+        loss = self._regression_loss(g)
         if not self._all_finite(loss):
             return False
         self.accel.backward(loss)
@@ -429,14 +434,7 @@ class Distiller:
 
     def _warmup_step(self, g: torch.Generator) -> dict[str, float] | None:
         """A regression-only step (the warm-up): the student's mse on a batch of pairs, its own optimizer."""
-        c = self.cfg
-        noise, latents, index = self.pairs
-        idx = torch.randint(0, len(noise), (c.regression_batch or c.batch_size,), generator=g, device=g.device)
-        idx = idx.to(noise.device)
-        emb = self.text["pairs_student"].prompt_embeds.to(self.device)[index[idx]]
-        with self.accel.autocast():
-            pred = self.m.student.space.to_model(self.generator(noise[idx], emb))
-        loss = F.mse_loss(pred.float(), latents[idx])
+        loss = self._regression_loss(g)
         if not self._all_finite(loss):
             self.opt_warmup.zero_grad(set_to_none=True)
             return None

@@ -199,6 +199,10 @@ def run(args) -> int:
     cfg.validate()
     if args.demo and args.bridge:
         assemble.check_demo_bridge(args.bridge)
+    if cfg.regression_pairs and not args.regression_n:  # a file made elsewhere: checked before any model loads
+        from ..pairs import load_pairs
+
+        load_pairs(cfg.regression_pairs, 4, cfg.resolution // 8)
     output_dir(cfg.out_dir)
     if args.demo:
         models, base = assemble.demo_distill_models(args.seed, args.bridge)
