@@ -69,6 +69,8 @@ DEFAULTS = dict(
     student_timestep=700,
     guidance=0.0,  # real-score CFG; 0: the teacher's own sampling CFG (world.json)
     eval_samples=300, eval_batch=100, grid_prompts=6, grid_seeds=2,
+    # The pretrained rows of the report come from the world's build report (False) or are measured again (True).
+    measure_reference_rows=False,
     # --same-space-row: also distil same-space from the student base (same steps, not equal time), for comparison;
     # off by default because it takes the default run past its 10-minute budget on 2 cores (measured: ~11 min).
     same_space_row=False,
@@ -311,11 +313,13 @@ def regression_pairs(world: "ShapesWorld", dm, path: str, settings: dict, guidan
     from . import models
 
     if not os.path.exists(path):
+        _log(f"making {settings['regression_n']} regression pairs (student base -> Bridge -> teacher from "
+             f"s = {settings['regression_s0']:g} -> student space)")
         sampling = world.config["student_sampling"]
         make_pairs(dm, training_prompts(), settings["regression_n"], path, resolution=models.STUDENT_RESOLUTION,
                    s0=settings["regression_s0"], student_steps=sampling["steps"], student_cfg=sampling["cfg"],
                    teacher_steps=max(1, round(world.config["teacher_sampling"]["steps"] * settings["regression_s0"])),
-                   guidance=guidance, batch_size=100, seed=300_000 + seed, progress=False)
+                   guidance=guidance, batch_size=100, seed=300_000 + seed)
     with safe_open(path, framework="pt") as f:
         return path, float(json.loads(f.metadata()["seconds"]))
 
@@ -413,6 +417,19 @@ def sample_grid(world: "ShapesWorld", path: str, rows: dict, prompts: list[str],
     return loop.save_image_grid(images, path, labels=list(rows))
 
 
+def world_reference_rows(world_dir: str) -> dict:
+    """The pretrained rows (teacher, student base, one-step base) as the world's build measured them (its
+    report.json: the saved weights, evaluation seed 0), each with its prompt count; {} when the world has no report.
+    They do not change with a run's training, and measuring them again costs the default run about a minute."""
+    path = os.path.join(world_dir, "report.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        ev = json.load(f).get("evaluation") or {}
+    return {name: dict(ev[name], prompts=ev["prompts"]) for name in ("teacher", "student_base",
+                                                                     "student_base_one_step") if name in ev}
+
+
 def row_label(name: str, world: "ShapesWorld", settings: dict | None = None) -> str:
     t, s = world.config["teacher_sampling"], world.config["student_sampling"]
     spec = {"teacher": t, "student_base": s, "student_base_start": settings or DEFAULTS}.get(name, {})
@@ -456,7 +473,8 @@ def report_markdown(report: dict) -> str:
         "",
         f"World `{report['world']}`, seed {report['seed']}, {report['threads']} CPU threads, "
         f"{ev['prompts']} held-out prompts (evaluation seed {ev['seed']}). Every figure below was measured in this "
-        "run.",
+        "run, except the pretrained rows marked [the world's build report] (its saved weights, measured when the "
+        "world was built; `--measure-reference-rows` measures them again).",
         "",
     ]
     gap = report.get("gap")
@@ -584,8 +602,11 @@ def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, qui
                 cross_space=student_generator(world, student_unet, settings["student_timestep"]))
     if same_unet is not None:
         rows["same_space"] = student_generator(world, same_unet, settings["student_timestep"])
-    evaluation = evaluate_generators(world, rows, n=settings["eval_samples"], seed=seed,
-                                     batch_size=settings["eval_batch"], progress=True)
+    reference = {} if settings["measure_reference_rows"] else world_reference_rows(world_dir)
+    evaluation = evaluate_generators(world, {k: v for k, v in rows.items() if k not in reference},
+                                     n=settings["eval_samples"], seed=seed, batch_size=settings["eval_batch"],
+                                     progress=True)
+    evaluation.update(reference)
     prompts = grid_prompts(settings["grid_prompts"])
     seeds = list(range(settings["grid_seeds"]))
     before = rows.get("student_base_start", rows["student_base_one_step"])  # the distillation's start
@@ -599,7 +620,9 @@ def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, qui
     report = {
         "format": "shapes-run", "quick": quick, "world": os.path.abspath(world_dir), "seed": seed,
         "threads": torch.get_num_threads(), "settings": settings, "timings_s": timings,
-        "rows": list(rows), "row_labels": {name: row_label(name, world, settings) for name in rows},
+        "rows": list(rows), "row_labels": {name: row_label(name, world, settings) + (
+            f" [the world's build report, {reference[name]['prompts']} prompts]" if name in reference else "")
+            for name in rows},
         "training_s": {"cross_space": bridge_result["wall_s"] + distill_result["wall_s"],
                        **({"same_space": same_result["wall_s"]} if same_result else {})},
         "gap": (world.config.get("knowledge_gap") or {}).get("attribute"),
