@@ -41,6 +41,7 @@ def test_regression_gradient_is_added_at_its_share_of_the_dmd_gradient(tmp_path)
     noise, latents, prompts, _ = load_pairs(path, 4, 2)
     d.pairs = (noise, latents, torch.tensor([0 if p == "a" else 1 for p in prompts]))
     d.text = {"pairs_student": TextCond(prompt_embeds=torch.randn(2, 4, 32), pooled=None)}
+    d.pair_embeds = d.text["pairs_student"].prompt_embeds  # what setup() puts on the device
     dmd = [torch.randn_like(p) for p in d.student_params]
     for p, g in zip(d.student_params, dmd):
         p.grad = g.clone()

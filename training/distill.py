@@ -236,6 +236,12 @@ def _readable_safetensors(path: str) -> bool:
         return False
 
 
+def _total_norm(grads: list, device) -> torch.Tensor:
+    """The L2 norm of a list of gradients taken together (None entries skipped; 0 when there are none)."""
+    norms = [torch.linalg.vector_norm(x.float()) for x in grads if x is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=device)
+
+
 class _Params(nn.Module):
     """Existing parameters (the fake LoRA inside the teacher) as a module, so training-state checkpoints save
     and restore them without the frozen weights around them. Holds the same tensors, not copies."""
@@ -369,8 +375,9 @@ class Distiller:
                 lr=c.regression_warmup_lr, weight_decay=c.weight_decay)
         self.nan_guard = loop.NaNGuard(c.max_nan_steps)
         self.clip_norm = [0.0, 0]  # running mean of clipped gradient norms (bias-corrected EMA), its count
-        if self.pairs is not None:
+        if self.pairs is not None:  # on the device once: every step draws from them
             self.pairs = tuple(t.to(self.device) for t in self.pairs)
+            self.pair_embeds = self.text["pairs_student"].prompt_embeds.to(self.device)
 
     def _clip_threshold(self) -> float:
         c = self.cfg
@@ -398,7 +405,7 @@ class Distiller:
         noise, latents, index = self.pairs
         idx = torch.randint(0, len(noise), (c.regression_batch or c.batch_size,), generator=g, device=g.device)
         idx = idx.to(noise.device)
-        emb = self.text["pairs_student"].prompt_embeds.to(self.device)[index[idx]]
+        emb = self.pair_embeds[index[idx]]
         with self.accel.autocast():
             pred = self.m.student.space.to_model(self.generator(noise[idx], emb))
         return F.mse_loss(pred.float(), latents[idx])
@@ -409,16 +416,14 @@ class Distiller:
         c = self.cfg
         params = self.student_params
         dmd_grads = [p.grad for p in params]
-        dmd_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x.float()) for x in dmd_grads
-                                                         if x is not None] or [torch.zeros((), device=self.device)]))
+        dmd_norm = _total_norm(dmd_grads, self.device)
         for p in params:
             p.grad = None
         loss = self._regression_loss(g)
         if not self._all_finite(loss):
             return False
         self.accel.backward(loss)
-        reg_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params
-                                                         if p.grad is not None] or [torch.ones((), device=self.device)]))
+        reg_norm = _total_norm([p.grad for p in params], self.device)
         scale = c.regression_weight * dmd_norm / reg_norm.clamp_min(1e-12)
         for p, d in zip(params, dmd_grads):
             r = None if p.grad is None else p.grad * scale.to(p.grad.dtype)
