@@ -292,6 +292,17 @@ def test_benchmark_table_has_every_row_and_resumes(tmp_path, quick_world, monkey
     assert "Bridge quality on held-out images" in text and "features tap" in text
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert {r["name"] for r in rows} == expected
+    # The seed's sample grid: start, same-space, synthetic, cross-space, teacher (prompts x seeds columns), copied
+    # beside the table and shown in it.
+    from PIL import Image
+
+    st = summary["settings"]
+    assert summary["grids"] == {"0": str(out / "seed0" / "grid.png")}
+    with Image.open(tmp_path / "bench_grid.png") as grid, Image.open(out / "seed0" / "grid.png") as own:
+        assert grid.size == own.size
+        assert grid.width >= st["grid_prompts"] * st["grid_seeds"] * 64 and grid.height >= 5 * 64
+        assert (grid.height - 2) / 5 - 2 in (64, 128)  # exactly five rows of one image size (2 px padding)
+    assert "![sample grid](bench_grid.png)" in text
     for r in rows:
         assert r["seeds"][0]["seed"] == 0 and set(r["seeds"][0]) >= {"accuracy", "background", "fd", "training_s"}
     # Finished tasks are kept: a second call only re-aggregates.

@@ -1,7 +1,11 @@
 """The shapes-world benchmark (v2): does cross-space distillation transfer knowledge the student lacks?
 
     python -m training.shapes.benchmark --seeds 0 1 2 --out runs/shapes-benchmark
-        # writes docs/shapes_benchmark.md and docs/shapes_benchmark.json
+        # writes docs/shapes_benchmark.md, docs/shapes_benchmark.json and docs/shapes_benchmark_grid.png
+
+The benchmark runs the method at its benchmark schedule (BENCHMARK_DEFAULTS: 800 regression pairs, 2000 warm-up
+steps, 300 DMD steps); the default run (`python -m training.run`) is its 10-minute version (run.py's DEFAULTS: 400,
+1500, 100), measured by `--regression-n 400 --regression-warmup-steps 1500 --distill-steps 100`.
 
 The world's student base never learnt one attribute (world.json `knowledge_gap`: its training captions carried a
 random background word), while the teacher draws it right. Rows, all on the same held-out prompts and evaluation
@@ -20,7 +24,8 @@ base lacks (the headline), mean attribute accuracy, per-attribute accuracy, FD, 
 Each (seed, task) is one task, run in up to --jobs worker processes with --threads torch threads each, in three
 phases (Bridges and untrained rows; rows that need the seed's Bridge; rows that need the cross-space row's wall
 time); a task's result is saved as <out>/seed<S>/<task>/result.json, so an interrupted benchmark resumes where it
-stopped (--fresh starts over).
+stopped (--fresh starts over). Each seed's sample grid (fixed prompts; rows: the start, same-space, the synthetic
+baseline, cross-space, the teacher) is <out>/seed<S>/grid.png.
 """
 
 from __future__ import annotations
@@ -34,6 +39,14 @@ import time
 
 from ..loop import write_json
 from .run import DEFAULTS, QUICK, add_setting_arguments, regression_text
+
+# The benchmark's schedule: the method given the time it needs to show what it learns (docs/shapes_investigation.md
+# §4, §5.8: on seed 0 this schedule first reached prompt accuracy 0.33, where the default run's 10-minute schedule
+# ends at 0.18). Same-space and the synthetic baseline get the resulting cross-space wall time, as always.
+BENCHMARK_DEFAULTS = dict(DEFAULTS, regression_n=800, regression_warmup_steps=2000, distill_steps=300)
+# Rows of each seed's sample grid (those that exist), top to bottom, with their short labels.
+GRID_ROWS = {"student_base_start": "start (one step)", "same_space": "same-space", "synthetic": "synthetic baseline",
+             "cross_space": "cross-space", "teacher": "teacher"}
 
 # The distiller's Bridge options and their "off" values (DMD2 as is): one ablation row per option that is on.
 OPTION_OFF = {
@@ -220,6 +233,33 @@ def run_task(task: str, seed: int, out: str, world_dir: str, settings: dict, thr
         for name in rows}, "training_s": training_s, **extra}
     write_json(_result_path(out, seed, task), result)
     return result
+
+
+def write_grids(out: str, world, settings: dict, seeds: list[int]) -> dict[int, str]:
+    """{seed: <out>/seed<S>/grid.png} for each seed with a finished distilled row: the run's grid prompts x two
+    evaluation seeds, one row per GRID_ROWS entry that the seed has (each distilled row from the student its task
+    saved). Cheap (a few dozen samples), so made again on every call."""
+    from ..distill import Distiller
+    from ..models.export import load_student_unet
+    from . import run as shapes_run
+    from .evaluate import base_generators
+
+    fixed = dict(base_generators(world), **shapes_run.start_rows(world, settings))
+    prompts = shapes_run.grid_prompts(settings["grid_prompts"])
+    grids = {}
+    for seed in seeds:
+        rows = {}
+        for row, label in GRID_ROWS.items():
+            path = os.path.join(out, f"seed{seed}", row, "distill", Distiller.STUDENT_FILE)
+            if row in fixed:
+                rows[label] = fixed[row]
+            elif os.path.exists(_result_path(out, seed, row)) and os.path.exists(path):
+                unet = load_student_unet(path).unet
+                rows[label] = shapes_run.student_generator(world, unet, settings["student_timestep"])
+        if len(rows) > len(fixed):
+            grids[seed] = shapes_run.sample_grid(world, os.path.join(out, f"seed{seed}", "grid.png"), rows, prompts,
+                                                 list(range(settings["grid_seeds"])))
+    return grids
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -457,6 +497,11 @@ def markdown(summary: dict, notes: str | None = None) -> str:
         "## Findings (computed from the table)",
         "",
     ] + findings(table, gap, s["settings"]["eval_samples"], s.get("bridge_quality"))
+    if s.get("grid"):
+        st = s["settings"]
+        lines += ["", f"Samples of seed {s['grid_seed']}'s students (`{s['grid']}`; columns: {st['grid_prompts']} "
+                  f"held-out prompts x evaluation seeds 0-{st['grid_seeds'] - 1}; every seed's grid: "
+                  "`<out>/seed<S>/grid.png`):", "", f"![sample grid]({s['grid']})"]
     lines += bridge_markdown(s.get("bridge_quality") or {})
     lines += ["", f"Why the table looks as it does, and what was tried: [{INVESTIGATION}]({INVESTIGATION})."]
     if notes:
@@ -482,7 +527,7 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
         raise ValueError("Give at least one seed (--seeds 0 1 2).")
     if jobs < 1 or threads < 1:
         raise ValueError(f"jobs and threads must be >= 1; got jobs={jobs}, threads={threads}.")
-    settings = dict(QUICK if quick else DEFAULTS, **overrides)
+    settings = dict(QUICK if quick else BENCHMARK_DEFAULTS, **overrides)
     world_dir = world_dir or models.DEFAULT_DIR
     if fresh and os.path.isdir(out):
         shutil.rmtree(out)
@@ -534,15 +579,22 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
     write_json(wall_path, {"wall_s": wall})
 
     gap = (world.config.get("knowledge_gap") or {}).get("attribute")
+    labels = row_labels(world, settings)
+    grids = write_grids(out, world, settings, seeds)
     summary = {
         "format": "shapes-benchmark", "version": 2, "quick": quick, "world": os.path.abspath(world_dir),
         "world_version": world.config.get("version"), "gap": gap, "seeds": seeds, "jobs": jobs, "threads": threads,
-        "settings": settings, "wall_s": wall, "command": command, "row_labels": row_labels(world, settings),
+        "settings": settings, "wall_s": wall, "command": command, "row_labels": labels,
         "table": aggregate(results, seeds), "bridge_quality": bridge_quality(results, seeds, settings),
-        "results": results,
+        "results": results, "grids": {str(seed): path for seed, path in grids.items()},
     }
     summary["rows"] = json_rows(summary)
     write_json(os.path.join(out, "benchmark.json"), summary)
+    if doc and grids:  # the first seed's grid beside the table
+        summary["grid"] = os.path.splitext(os.path.basename(doc))[0] + "_grid.png"
+        os.makedirs(os.path.dirname(os.path.abspath(doc)), exist_ok=True)
+        shutil.copyfile(grids[min(grids)], os.path.join(os.path.dirname(os.path.abspath(doc)), summary["grid"]))
+        summary["grid_seed"] = min(grids)
     text = markdown(summary, notes)
     if doc:
         os.makedirs(os.path.dirname(os.path.abspath(doc)), exist_ok=True)
@@ -574,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", metavar="TASK",
                         help="run only these tasks (and the ones they need), e.g. --tasks base cross_space same_space "
                              "synthetic; a later call without --tasks adds the rest")
-    add_setting_arguments(parser, DEFAULTS, QUICK)
+    add_setting_arguments(parser, BENCHMARK_DEFAULTS, QUICK)
     args = parser.parse_args(argv)
     notes = None
     if args.notes:
