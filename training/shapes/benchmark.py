@@ -454,7 +454,7 @@ def markdown(summary: dict, notes: str | None = None) -> str:
         f"seeds {s['seeds']} (each seed: its own Bridge and distillation runs and its own evaluation seed); "
         f"{s['settings']['eval_samples']} held-out prompts per seed; {s['jobs']} tasks at once with {s['threads']} CPU "
         f"thread(s) each; benchmark wall time {s['wall_s'] / 60:.1f} min (all its invocations). The same figures, "
-        "per seed: `shapes_benchmark.json`.",
+        f"per seed: `{s.get('json', 'benchmark.json in the benchmark folder')}`.",
         "",
         (f"**The knowledge gap:** the student base was trained with a random {gap} word in its captions, so it draws "
          f"the {gap} at chance; the teacher was trained on the true captions. Only the teacher can teach it: the "
@@ -590,17 +590,18 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
     }
     summary["rows"] = json_rows(summary)
     write_json(os.path.join(out, "benchmark.json"), summary)
-    if doc and grids:  # the first seed's grid beside the table
-        summary["grid"] = os.path.splitext(os.path.basename(doc))[0] + "_grid.png"
-        os.makedirs(os.path.dirname(os.path.abspath(doc)), exist_ok=True)
-        shutil.copyfile(grids[min(grids)], os.path.join(os.path.dirname(os.path.abspath(doc)), summary["grid"]))
-        summary["grid_seed"] = min(grids)
+    if doc:  # the JSON and the first seed's grid go beside the table, named after it
+        doc_dir, stem = os.path.dirname(os.path.abspath(doc)), os.path.splitext(os.path.basename(doc))[0]
+        os.makedirs(doc_dir, exist_ok=True)
+        summary["json"] = stem + ".json"
+        if grids:
+            summary["grid"], summary["grid_seed"] = stem + "_grid.png", min(grids)
+            shutil.copyfile(grids[min(grids)], os.path.join(doc_dir, summary["grid"]))
     text = markdown(summary, notes)
     if doc:
-        os.makedirs(os.path.dirname(os.path.abspath(doc)), exist_ok=True)
         with open(doc, "w", encoding="utf-8") as f:
             f.write(text)
-        write_json(os.path.splitext(doc)[0] + ".json",
+        write_json(os.path.join(doc_dir, summary["json"]),
                    {k: summary[k] for k in ("format", "version", "world_version", "gap", "seeds", "settings",
                                             "wall_s", "command", "rows", "bridge_quality")})
     print(text, flush=True)
