@@ -104,7 +104,14 @@ class DistillConfig:
     seed: int = 0
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     cpu: bool = False  # train on the CPU even where CUDA exists
-    gradient_checkpointing: bool = False
+    # None (auto): on when training runs on CUDA, off on the CPU (see loop.use_gradient_checkpointing).
+    gradient_checkpointing: bool | None = None
+    # The student's (and the regression warm-up's) optimizer: "adamw" (torch's fused kernel on CUDA) or "adamw8bit"
+    # (bitsandbytes, CUDA only: 8-bit moments, 6.4 -> 1.6 GiB for the full SD1.5 UNet). The fake LoRA keeps AdamW.
+    optimizer: str = "adamw"
+    # > 1: every step runs batch_size as that many micro-batches of batch_size / gradient_accumulation (forward and
+    # backward each, one optimizer step): batch_size stays the batch the DMD loss and the fake-score updates see.
+    gradient_accumulation: int = 1
     resume: bool = True
     # > 0: stop once the training loop has run this many seconds (over all invocations); `steps` is then a cap.
     # For comparisons at equal wall time.
@@ -176,6 +183,18 @@ class DistillConfig:
             p += [seed_problem("each of val_seeds", s) for s in self.val_seeds]
         if self.mixed_precision not in ("auto", "bf16", "no"):
             p.append(f"mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}")
+        if self.gradient_checkpointing not in (None, True, False):
+            p.append(f"gradient_checkpointing must be None (auto: on with CUDA), True or False, got "
+                     f"{self.gradient_checkpointing!r}")
+        p.append(loop.optimizer_problem(self.optimizer, cpu=self.cpu))
+        acc = self.gradient_accumulation
+        p.append(number_problem("gradient_accumulation", acc, low=1, integer=True))
+        if not number_problem("gradient_accumulation", acc, low=1, integer=True):
+            for name, n in (("batch_size", self.batch_size),
+                            ("regression_batch", self.regression_pairs and self.regression_batch)):
+                if isinstance(n, int) and not isinstance(n, bool) and n > 0 and n % acc:
+                    p.append(f"{name} ({n}) must be divisible by gradient_accumulation ({acc}): each step runs it "
+                             f"as {acc} equal micro-batches")
         p = list(dict.fromkeys(x for x in p if x))
         if p:
             raise ValueError("Invalid distillation config: " + "; ".join(p) + ".")
@@ -357,7 +376,8 @@ class Distiller:
         if c.student_lora_rank:
             student.add_lora(rank=c.student_lora_rank)
         teacher.add_fake_adapter(rank=c.fake_rank, alpha=c.fake_alpha or c.fake_rank)
-        if c.gradient_checkpointing:
+        self.gradient_checkpointing = loop.use_gradient_checkpointing(c.gradient_checkpointing, self.device)
+        if self.gradient_checkpointing:
             student.enable_gradient_checkpointing()
             bridge.enable_gradient_checkpointing()
             teacher.enable_gradient_checkpointing()
@@ -365,15 +385,16 @@ class Distiller:
             student.enable_ema(c.ema_decay)
         self.student_params = student.trainable_parameters()
         self.fake_params = list(teacher.fake_parameters())
-        self.opt_student = torch.optim.AdamW(student.parameter_groups(c.student_lr, c.student_cross_attention_lr),
-                                             lr=c.student_lr, weight_decay=c.weight_decay)
-        self.opt_fake = torch.optim.AdamW(self.fake_params, lr=c.fake_lr, weight_decay=c.weight_decay)
+        self.opt_student = loop.make_optimizer(student.parameter_groups(c.student_lr, c.student_cross_attention_lr),
+                                               lr=c.student_lr, weight_decay=c.weight_decay, name=c.optimizer)
+        self.opt_fake = loop.make_optimizer(self.fake_params, lr=c.fake_lr, weight_decay=c.weight_decay)
         self.opt_warmup = None
         if c.regression_warmup_steps:
-            self.opt_warmup = torch.optim.AdamW(
+            self.opt_warmup = loop.make_optimizer(
                 student.parameter_groups(c.regression_warmup_lr, c.regression_warmup_cross_attention_lr),
-                lr=c.regression_warmup_lr, weight_decay=c.weight_decay)
+                lr=c.regression_warmup_lr, weight_decay=c.weight_decay, name=c.optimizer)
         self.nan_guard = loop.NaNGuard(c.max_nan_steps)
+        self._applied_step = 0  # the last step whose optimizer update the weights hold (see run's save_on_failure)
         self.clip_norm = [0.0, 0]  # running mean of clipped gradient norms (bias-corrected EMA), its count
         if self.pairs is not None:  # on the device once: every step draws from them
             self.pairs = tuple(t.to(self.device) for t in self.pairs)
@@ -389,7 +410,11 @@ class Distiller:
     def _pull_back(self, z: torch.Tensor, z_in: torch.Tensor, metrics: dict) -> None:
         """Backpropagate the Bridge-side gradient (in z_in.grad) into the student, per-sample normalised in student
         space when configured; record the per-sample pull-back norm statistics."""
-        g = z_in.grad.float()
+        self.accel.backward(z, gradient=self._pull_back_gradient(z_in.grad.float(), metrics).to(z.dtype))
+
+    def _pull_back_gradient(self, g: torch.Tensor, metrics: dict) -> torch.Tensor:
+        """The whole batch's Bridge-side gradient at the student's latent (float), per-sample normalised in student
+        space when configured; records the per-sample pull-back norm statistics."""
         norms = g.flatten(1).norm(dim=1)
         med = norms.median().clamp_min(1e-12)
         metrics.update(pullback_norm_mean=norms.mean().item(),
@@ -397,18 +422,39 @@ class Distiller:
                        pullback_norm_max_over_median=(norms.max() / med).item())
         if self.cfg.grad_norm in ("student", "both"):
             g = g * (norms.mean() / norms.clamp_min(1e-12)).view(-1, *([1] * (g.ndim - 1)))
-        self.accel.backward(z, gradient=g.to(z.dtype))
+        return g
 
-    def _regression_loss(self, g: torch.Generator) -> torch.Tensor:
-        """mse of the student's model-space output on a batch of pairs (drawn from the step's generator)."""
+    # ---- gradient accumulation ----
+    def _micro_batches(self, n: int) -> list[slice]:
+        """`n` samples as gradient_accumulation equal micro-batches (validate() checked that they divide)."""
+        k = self.cfg.gradient_accumulation
+        m = n // k
+        return [slice(i * m, (i + 1) * m) for i in range(k)]
+
+    def _sync(self, i: int, parts: list):
+        """Under DDP the student's gradients are all-reduced on the last micro-batch's backward only."""
+        return contextlib.nullcontext() if i == len(parts) - 1 else self.accel.no_sync(self.generator)
+
+    def _regression_backward(self, g: torch.Generator) -> torch.Tensor:
+        """The gradient of the mse of the student's model-space output on a batch of pairs (drawn from the step's
+        generator), added into the student's .grad in gradient_accumulation micro-batches (each backpropagated at
+        once, weighted so that their sum is the whole batch's); returns the batch's loss, detached (the caller judges
+        it finite and discards the gradient otherwise)."""
         c = self.cfg
         noise, latents, index = self.pairs
         idx = torch.randint(0, len(noise), (c.regression_batch or c.batch_size,), generator=g, device=g.device)
         idx = idx.to(noise.device)
-        emb = self.pair_embeds[index[idx]]
-        with self.accel.autocast():
-            pred = self.m.student.space.to_model(self.generator(noise[idx], emb))
-        return F.mse_loss(pred.float(), latents[idx])
+        parts = self._micro_batches(len(idx))
+        total = torch.zeros((), device=self.device)
+        for i, part in enumerate(parts):
+            j = idx[part]
+            with self._sync(i, parts):
+                with self.accel.autocast():
+                    pred = self.m.student.space.to_model(self.generator(noise[j], self.pair_embeds[index[j]]))
+                loss = F.mse_loss(pred.float(), latents[j]) / len(parts)
+                self.accel.backward(loss)
+            total = total + loss.detach()
+        return total
 
     def _add_regression(self, g: torch.Generator, metrics: dict) -> bool:
         """Add the regression term's gradient onto the distribution-matching one already in the student's .grad,
@@ -419,10 +465,9 @@ class Distiller:
         dmd_norm = _total_norm(dmd_grads, self.device)
         for p in params:
             p.grad = None
-        loss = self._regression_loss(g)
+        loss = self._regression_backward(g)
         if not self._all_finite(loss):
             return False
-        self.accel.backward(loss)
         reg_norm = _total_norm([p.grad for p in params], self.device)
         scale = c.regression_weight * dmd_norm / reg_norm.clamp_min(1e-12)
         for p, d in zip(params, dmd_grads):
@@ -437,14 +482,15 @@ class Distiller:
             opts["warmup"] = self.opt_warmup
         return opts
 
-    def _warmup_step(self, g: torch.Generator) -> dict[str, float] | None:
+    def _warmup_step(self, g: torch.Generator, step: int | None = None) -> dict[str, float] | None:
         """A regression-only step (the warm-up): the student's mse on a batch of pairs, its own optimizer."""
-        loss = self._regression_loss(g)
+        loss = self._regression_backward(g)
         if not self._all_finite(loss):
             self.opt_warmup.zero_grad(set_to_none=True)
             return None
-        self.accel.backward(loss)
         self.opt_warmup.step()
+        if step is not None:
+            self._applied_step = step + 1
         self.opt_warmup.zero_grad(set_to_none=True)
         self.m.student.ema_step()
         return {"regression_loss": loss.item(), "warmup": 1.0}
@@ -472,12 +518,16 @@ class Distiller:
         return self.m.bridge.forward_model(z).float()
 
     def _noise(self, x: torch.Tensor, g: torch.Generator):
-        c = self.cfg
-        s = dmd.sample_timesteps(x.shape[0], c.timesteps, c.s_min, c.s_max, generator=g, device=g.device,
-                                 teacher=self.m.teacher, resolution=c.resolution * self.m.bridge.k)
-        n = torch.randn(x.shape, generator=g, device=g.device)
-        s, n = s.to(self.device), n.to(self.device)
+        s, n = self._draw_noise(x.shape, g)
         return s, n, self.m.teacher.add_noise(x.detach(), n, s)
+
+    def _draw_noise(self, shape, g: torch.Generator):
+        """Noise levels and noise for teacher latents of `shape` (only the shape matters: the draws come first)."""
+        c = self.cfg
+        s = dmd.sample_timesteps(shape[0], c.timesteps, c.s_min, c.s_max, generator=g, device=g.device,
+                                 teacher=self.m.teacher, resolution=c.resolution * self.m.bridge.k)
+        n = torch.randn(tuple(shape), generator=g, device=g.device)
+        return s.to(self.device), n.to(self.device)
 
     def _all_finite(self, value: torch.Tensor) -> bool:
         """The NaN guard's verdict, agreed by all processes (a process skipping alone would hang DDP)."""
@@ -503,73 +553,123 @@ class Distiller:
         c, teacher = self.cfg, self.m.teacher
         g = loop.step_generator(c.seed, step, self.accel.process_index, device=self.device)
         if step < c.regression_warmup_steps:
-            return self._warmup_step(g)
+            return self._warmup_step(g, step)
         noise, s_emb, t_cond = self._batch(g)
-        neg = self.text["negative"].repeat(c.batch_size).to(self.device)
         metrics: dict[str, float] = {}
 
         # -- student (generator) update --
         # The graph is cut at the student's latent z: the Bridge's backward gives the per-sample gradient in student
         # space (logged; normalised there with grad_norm "student"/"both"), which then flows into the student.
-        with self.accel.autocast():
-            with self._phase("student_forward"):
-                z = self.generator(noise, s_emb)
-            z_in = z.detach().requires_grad_(True)
-            with self._phase("decode_project"):
-                x = self.m.bridge.forward_model(z_in, straight_through=c.straight_through_clamp).float()
-        s, _, x_s = self._noise(x, g)
-        guidance = dmd.sample_guidance(c.batch_size, c.guidance_arg, generator=g, device=g.device)
-        if isinstance(guidance, torch.Tensor):
-            guidance = guidance.to(self.device)
-        with torch.no_grad(), self.accel.autocast():
-            with self._phase("real_teacher"):
-                x0_real = teacher.predict_x0(x_s, s, t_cond, neg_cond=neg, guidance=guidance).float()
-            with self._phase("fake_teacher"), teacher.fake():
-                x0_fake = teacher.predict_x0(x_s, s, t_cond).float()
-        loss, grad = dmd.distribution_matching_loss(c.loss, x, x0_real, x0_fake, s,
-                                                    normalise=c.grad_norm in ("teacher", "both"))
-        # The gradient's nan_to_num would hide a diverged teacher (e.g. a bf16 overflow) as a zero gradient:
-        # non-finite teacher outputs make the step a NaN step too.
-        if not self._all_finite(loss + 0 * (x0_real.sum() + x0_fake.sum())):
+        # With gradient accumulation the batch runs as micro-batches, each backpropagated at once, its loss weighted
+        # so the sum is the whole batch's; its randomness is drawn for the whole batch, as without accumulation.
+        parts = self._micro_batches(c.batch_size)
+        # Student-space normalisation needs every sample's pulled-back norm before any of it flows into the student:
+        # with several micro-batches the student runs without a graph first and again, micro-batch by micro-batch,
+        # for the backward (one student forward more; the graphs of all micro-batches are never held at once).
+        coupled = c.grad_norm in ("student", "both")
+        recompute = coupled and len(parts) > 1
+        draws = None
+        held, xs, gzs = [], [], []
+        loss = grad_abs = check = 0.0
+        for i, part in enumerate(parts):
+            with self._sync(i, parts):
+                with self.accel.autocast(), torch.no_grad() if recompute else contextlib.nullcontext():
+                    with self._phase("student_forward"):
+                        z = self.generator(noise[part], s_emb[part])
+                z_in = z.detach().requires_grad_(True)
+                with self.accel.autocast(), self._phase("decode_project"):
+                    x = self.m.bridge.forward_model(z_in, straight_through=c.straight_through_clamp).float()
+                if draws is None:  # noise levels, noise and guidance of the whole batch, in the order of one batch
+                    s_all, n_all = self._draw_noise((c.batch_size, *x.shape[1:]), g)
+                    guidance_all = dmd.sample_guidance(c.batch_size, c.guidance_arg, generator=g, device=g.device)
+                    if isinstance(guidance_all, torch.Tensor):
+                        guidance_all = guidance_all.to(self.device)
+                    draws = True
+                s = s_all[part]
+                x_s = teacher.add_noise(x.detach(), n_all[part], s)
+                guidance = guidance_all[part] if isinstance(guidance_all, torch.Tensor) else guidance_all
+                cond = t_cond if len(parts) == 1 else t_cond.index(part)
+                neg = self.text["negative"].repeat(x.shape[0]).to(self.device)
+                with torch.no_grad(), self.accel.autocast():
+                    with self._phase("real_teacher"):
+                        x0_real = teacher.predict_x0(x_s, s, cond, neg_cond=neg, guidance=guidance).float()
+                    with self._phase("fake_teacher"), teacher.fake():
+                        x0_fake = teacher.predict_x0(x_s, s, cond).float()
+                loss_i, grad = dmd.distribution_matching_loss(c.loss, x, x0_real, x0_fake, s,
+                                                              normalise=c.grad_norm in ("teacher", "both"))
+                # The gradient's nan_to_num would hide a diverged teacher (e.g. a bf16 overflow) as a zero gradient:
+                # non-finite teacher outputs make the step a NaN step too (judged once the whole batch has run).
+                check = check + loss_i.detach() + 0 * (x0_real.sum() + x0_fake.sum())
+                with self._phase("backward"):
+                    self.accel.backward(loss_i / len(parts))  # into z_in only: the Bridge is frozen
+                    gz = z_in.grad.float()
+                    if not coupled:  # nothing to wait for: into the student now, which frees this graph
+                        self.accel.backward(z, gradient=gz.to(z.dtype))
+                    elif not recompute:
+                        held.append(z)
+                loss = loss + loss_i.detach() / len(parts)
+                grad_abs = grad_abs + grad.abs().mean() / len(parts)
+                xs.append(x.detach())
+                gzs.append(gz)
+                del z, z_in, x, x_s, x0_real, x0_fake, grad, loss_i
+        if not self._all_finite(check):
             self.opt_student.zero_grad(set_to_none=True)
             return None
+        x = torch.cat(xs) if len(xs) > 1 else xs[0]
         with self._phase("backward"):
-            self.accel.backward(loss)  # into z_in only: the Bridge is frozen
-            self._pull_back(z, z_in, metrics)
+            gz = self._pull_back_gradient(torch.cat(gzs) if len(gzs) > 1 else gzs[0], metrics)
+            if coupled:
+                for i, part in enumerate(parts):
+                    with self._sync(i, parts):
+                        if recompute:
+                            with self.accel.autocast(), self._phase("student_forward"):
+                                z = self.generator(noise[part], s_emb[part])
+                        else:
+                            z = held[i]
+                        self.accel.backward(z, gradient=gz[part].to(z.dtype))
+                        del z
+                held.clear()
             if self.pairs is not None and c.regression_weight and not self._add_regression(g, metrics):
                 self.opt_student.zero_grad(set_to_none=True)
                 return None
             threshold = self._clip_threshold()
             gn = float(self.accel.clip_grad_norm_(self.student_params, threshold))
             self.opt_student.step()
+            self._applied_step = step + 1  # the state now holds this step's student update
             self.opt_student.zero_grad(set_to_none=True)
             self.m.student.ema_step()
         if c.grad_clip_relative and math.isfinite(gn):
             ema, n = self.clip_norm
             self.clip_norm = [CLIP_EMA * ema + (1 - CLIP_EMA) * min(gn, threshold), n + 1]
-        metrics.update(loss=loss.item(), grad_abs=grad.abs().mean().item(), student_grad_norm=gn,
-                       clipped=float(gn > threshold), sample_std=x.detach().std().item())
+        metrics.update(loss=float(loss), grad_abs=float(grad_abs), student_grad_norm=gn,
+                       clipped=float(gn > threshold), sample_std=x.std().item())
 
         # -- fake score updates --
+        # Whole-batch samples and draws; the teacher's forward and backward (the costly part) in micro-batches.
         fake_losses = []
         for k in range(c.fake_updates):
             if k == 0:
-                x_f, cond_f = x.detach(), t_cond
+                x_f, cond_f = x, t_cond
             else:
                 noise_k, s_emb_k, cond_f = self._batch(g)
                 with self._phase("fake_samples"), torch.no_grad(), self.accel.autocast():
-                    x_f = self._generate(noise_k, s_emb_k)
+                    x_f = torch.cat([self._generate(noise_k[part], s_emb_k[part]) for part in parts])
             s_f, n_f, x_s_f = self._noise(x_f, g)
             # Forward and backward inside the adapter's state: toggling adapters may change requires_grad of the
             # LoRA weights, and under gradient checkpointing the backward re-runs the forward.
             with self._phase("fake_update"), teacher.fake():
-                with self.accel.autocast():
-                    v = teacher.velocity(x_s_f, s_f, cond_f)
-                loss_f = dmd.flow_matching_loss(v, x_f, n_f)
+                loss_f = 0.0
+                for part in parts:
+                    with self.accel.autocast():
+                        v = teacher.velocity(x_s_f[part], s_f[part],
+                                             cond_f if len(parts) == 1 else cond_f.index(part))
+                    loss_i = dmd.flow_matching_loss(v, x_f[part], n_f[part]) / len(parts)
+                    loss_i.backward()
+                    loss_f = loss_f + loss_i.detach()
+                    del v, loss_i
                 if not self._all_finite(loss_f):
                     self.opt_fake.zero_grad(set_to_none=True)
                     continue
-                loss_f.backward()
                 self._average_fake_grads()
                 torch.nn.utils.clip_grad_norm_(self.fake_params, c.grad_clip)
                 self.opt_fake.step()
@@ -609,7 +709,7 @@ class Distiller:
     # ---- checkpoints ----
     def summary(self, step: int) -> dict:
         return {"steps": step, "config": asdict(self.cfg), "models": self.m.description,
-                "nan_skipped": self.nan_guard.skipped_total}
+                "nan_skipped": self.nan_guard.skipped_total, "gradient_checkpointing": self.gradient_checkpointing}
 
     def save(self, step: int, state: bool = True) -> None:
         from .models.export import save_student_lora, save_student_unet
@@ -645,6 +745,11 @@ class Distiller:
         self.clock.resume(extra.get("train_seconds", 0.0))
         return int(extra["step"])
 
+    def _free_gradients(self) -> None:
+        """After running out of memory: drop every gradient (the failed step's), so saving has room."""
+        for opt in self._optimizers().values():
+            opt.zero_grad(set_to_none=True)
+
     def _out_of_time(self) -> bool:
         """The time budget is spent (on any process: all stop at the same step, or DDP would hang)."""
         if not self.cfg.max_train_seconds:
@@ -673,12 +778,16 @@ class Distiller:
         log = loop.JsonlLogger(os.path.join(c.out_dir, "metrics.jsonl"), resume_step=start) if main else None
         progress = self.progress or loop.ProgressReporter(total=total, desc="distill", disable=not main)
         progress.start(start)
-        result: dict = {"resumed_from": start, "out_dir": c.out_dir}
+        result: dict = {"resumed_from": start, "out_dir": c.out_dir,
+                        "gradient_checkpointing": self.gradient_checkpointing}
         step = start
         if start >= total:
             self.save(start, state=False)  # already finished: the student file again, from the state
         t0 = self.clock.start()
-        with loop.graceful_interrupt(self.stop), loop.save_on_failure(self.save, lambda: step, start):
+        # A failure after a step's student update (e.g. out of memory in its fake-score updates) saves that step as
+        # done: resuming would otherwise apply its update a second time.
+        with loop.graceful_interrupt(self.stop), loop.save_on_failure(self.save, lambda: max(step, self._applied_step),
+                                                                      start, free=self._free_gradients):
             while step < total and not (step > 0 and self._out_of_time()):  # at least one step
                 metrics = self.train_step(step)
                 step += 1

@@ -195,14 +195,39 @@ def graceful_interrupt(stop: StopFlag):
         signal.signal(signal.SIGINT, old)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocator ran out of memory (CUDA's or the host's)."""
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+def free_after_out_of_memory(exc: BaseException, free: Callable[[], None] | None = None) -> None:
+    """Release what the failed step still holds before anything else allocates: the locals of the frames the error
+    unwound (the step's activations and graph live there, kept alive by the traceback; the frames still running are
+    left alone), then `free` (the trainer's gradients), then the allocator's cache."""
+    import gc
+    import traceback
+
+    traceback.clear_frames(exc.__traceback__)
+    if free is not None:
+        free()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @contextlib.contextmanager
-def save_on_failure(save: Callable[[int], None], current_step: Callable[[], int], start: int):
+def save_on_failure(save: Callable[[int], None], current_step: Callable[[], int], start: int,
+                    free: Callable[[], None] | None = None):
     """Whatever ends training early (an error, a cancel from a progress callback, a full disk) first saves the last
     finished step, so the run resumes from there. A save that fails too (the disk is still full) is reported as a
-    warning; the original error is the one raised."""
+    warning; the original error is the one raised. After running out of memory, `free_after_out_of_memory` (with
+    `free`, e.g. dropping gradients) runs first, so the save (which streams tensors to the CPU) has room."""
     try:
         yield
-    except BaseException:
+    except BaseException as exc:
+        if is_out_of_memory(exc):
+            free_after_out_of_memory(exc, free)
         step = current_step()
         if step > start:
             try:
@@ -283,6 +308,48 @@ def make_accelerator(mixed_precision: str = "auto", cpu: bool = False):
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and not cpu else "no"
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def optimizer_problem(name: str, cpu: bool = False, option: str = "optimizer") -> str | None:
+    """Why the optimizer `name` cannot run here (unknown, bitsandbytes missing, no CUDA), or None: checked by the
+    configs' validate(), before any model loads."""
+    import importlib.util
+
+    if name not in OPTIMIZERS:
+        return f"{option} must be one of {', '.join(OPTIMIZERS)}, got {name!r}"
+    if name == "adamw8bit":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            return (f"{option} adamw8bit needs the bitsandbytes package: pip install bitsandbytes (or use "
+                    f"{option} adamw)")
+        if cpu or not torch.cuda.is_available():
+            return (f"{option} adamw8bit needs a CUDA GPU (8-bit optimizer states save GPU memory); use {option} "
+                    "adamw on the CPU")
+    return None
+
+
+def make_optimizer(params, lr: float, weight_decay: float, name: str = "adamw", **kw) -> torch.optim.Optimizer:
+    """AdamW over `params` (tensors or parameter groups): torch's fused kernel when every parameter is on CUDA (one
+    kernel for the whole update, no per-step temporaries of the foreach version), else the default one;
+    name "adamw8bit": bitsandbytes' AdamW8bit (moments stored in 8 bits: a quarter of AdamW's two fp32 states)."""
+    groups = list(params)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=lr, weight_decay=weight_decay, **kw)
+    if name != "adamw":
+        raise ValueError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
+    fused = bool(tensors) and all(p.is_cuda and p.is_floating_point() for p in tensors)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None, **kw)
+
+
+def use_gradient_checkpointing(setting: bool | None, device) -> bool:
+    """A trainer's gradient_checkpointing: None (auto) is on when training runs on CUDA (activations are what fills a
+    GPU; recomputing them costs about a third more compute), off on the CPU."""
+    return torch.device(device).type == "cuda" if setting is None else bool(setting)
 
 
 def default_device(cpu: bool = False) -> str:
