@@ -58,7 +58,8 @@ class BridgeTrainConfig:
     tap: str = "image"  # where the projector reads the frozen decoder: "image" (full decode) or "features"
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     cpu: bool = False  # train on the CPU even where CUDA exists
-    gradient_checkpointing: bool = False
+    # None (auto): on when training runs on CUDA, off on the CPU (see loop.use_gradient_checkpointing).
+    gradient_checkpointing: bool | None = None
     resume: bool = True
     cache_dir: str | None = None  # default: <out_dir>/cache
     max_nan_steps: int = 5
@@ -97,6 +98,9 @@ class BridgeTrainConfig:
             problems.append(f"tap must be image or features, got {self.tap!r}")
         if self.mixed_precision not in ("auto", "bf16", "no"):
             problems.append(f"mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}")
+        if self.gradient_checkpointing not in (None, True, False):
+            problems.append(f"gradient_checkpointing must be None (auto: on with CUDA), True or False, got "
+                            f"{self.gradient_checkpointing!r}")
         problems = [p for p in problems if p]
         if problems:
             raise ValueError("Invalid Bridge training config: " + "; ".join(problems) + ".")
@@ -203,7 +207,8 @@ class BridgeTrainer:
         torch.manual_seed(cfg.seed)  # projector init is part of the run's identity
         bridge = bridge_model.Bridge(bridge_projector.Projector(pcfg), self.m.student_space, self.m.teacher_space,
                                      cfg.k, student_vae=self.m.student_vae, tap=cfg.tap)
-        if cfg.gradient_checkpointing:
+        self.gradient_checkpointing = loop.use_gradient_checkpointing(cfg.gradient_checkpointing, self.device)
+        if self.gradient_checkpointing:
             bridge.enable_gradient_checkpointing()
             self.m.teacher.enable_gradient_checkpointing()
         return bridge.to(self.device)
@@ -347,7 +352,7 @@ class BridgeTrainer:
     def _summary(self, step: int) -> dict:
         return {"steps": step, "config": asdict(self.cfg), "models": self.m.description,
                 "nan_skipped": self.nan_guard.skipped_total, "processes": self.accel.num_processes,
-                "last_val": self.last_val}
+                "last_val": self.last_val, "gradient_checkpointing": self.gradient_checkpointing}
 
     def save(self, step: int, state: bool = True) -> None:
         """The Bridge file, then the training state. The state is the commit point: a run killed between the two
@@ -379,7 +384,7 @@ class BridgeTrainer:
         self.prepare_data()
         self.bridge = self.build_bridge()
         self.trainable = [p for p in self.bridge.projector.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = loop.make_optimizer(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = loop.lr_schedule(self.opt, cfg.warmup_steps, cfg.steps)
         self.nan_guard = loop.NaNGuard(cfg.max_nan_steps)
         self.last_val = None
@@ -401,7 +406,7 @@ class BridgeTrainer:
         progress.start(start)
         step = start
         t0 = self.clock.start()
-        result = {"resumed_from": start, "stopped_early": False}
+        result = {"resumed_from": start, "stopped_early": False, "gradient_checkpointing": self.gradient_checkpointing}
         if start >= cfg.steps:
             # Already finished: write the Bridge again from the state (it may be missing, or older than the state
             # when an earlier version was killed between its two saves).
@@ -410,7 +415,8 @@ class BridgeTrainer:
                 result["last_val"] = self.last_val
         try:
             # Diverged, cancelled from a progress callback, or crashed: keep the last finished step resumable.
-            with loop.graceful_interrupt(self.stop), loop.save_on_failure(self.save, lambda: step, start):
+            free = lambda: self.opt.zero_grad(set_to_none=True)  # noqa: E731  gradients, after running out of memory
+            with loop.graceful_interrupt(self.stop), loop.save_on_failure(self.save, lambda: step, start, free=free):
                 while step < cfg.steps:
                     metrics = self.train_step(step)
                     step += 1

@@ -13,7 +13,6 @@ The schedule numbers come from diffusers' DDPMScheduler (scaled-linear betas 0.0
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -230,11 +229,38 @@ class OneStepStudent(nn.Module):
             self._ema.restore(params)
 
     # ---- export ----
-    def merged_unet(self, use_ema: bool = True) -> "UNet2DConditionModel":
-        """A plain UNet2DConditionModel copy with the trained weights (EMA if kept; LoRA fused in)."""
+    def merged_unet(self, use_ema: bool = True, device=None) -> "UNet2DConditionModel":
+        """A plain UNet2DConditionModel copy with the trained weights (EMA if kept; LoRA fused in), built from
+        `merged_state_dict` on the CPU and then moved to `device` (default: where the student is)."""
+        from diffusers import UNet2DConditionModel
+
+        state = self.merged_state_dict(use_ema=use_ema)
+        with torch.device("meta"):  # no random init: every weight comes from `state`
+            unet = UNet2DConditionModel.from_config(self.unet.config)
+        unet.load_state_dict(state, strict=True, assign=True)
+        device = self.alpha_bar.device if device is None else device
+        return unet.to(device).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def merged_state_dict(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
+        """The plain UNet's state dict (EMA weights if kept; a LoRA merged in: W + scale * B @ A), copied to the CPU
+        one tensor at a time and merged there: no copy of the UNet on its device, so a checkpoint can be saved right
+        after the GPU ran out of memory."""
+        from peft.tuners.lora import Linear as LoraLinear
+
         with self.ema_weights() if use_ema else contextlib.nullcontext():
-            unet = copy.deepcopy(self.unet)
-        if self.is_lora:
-            unet.fuse_lora()
-            unet.unload_lora()
-        return unet.requires_grad_(False).eval()
+            out = {k: v.detach().to("cpu", copy=True) for k, v in self.unet.state_dict().items()
+                   if "lora_" not in k}
+            if self.is_lora:
+                for name, module in self.unet.named_modules():
+                    if not hasattr(module, "lora_A"):
+                        continue
+                    if not isinstance(module, LoraLinear) or module.use_dora.get("default") or module.fan_in_fan_out:
+                        raise ValueError(f"Cannot merge the student's LoRA layer {name!r} ({type(module).__name__}): "
+                                         "only plain LoRA on linear layers (the student's attention projections).")
+                    key = f"{name}.base_layer.weight"
+                    a = module.lora_A["default"].weight.detach().to("cpu", torch.float32)
+                    b = module.lora_B["default"].weight.detach().to("cpu", torch.float32)
+                    w = out[key]
+                    out[key] = (w.float() + (b @ a) * module.scaling["default"]).to(w.dtype)
+        return {k.replace(".base_layer.", "."): v for k, v in out.items()}

@@ -44,8 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--log-every", type=int, default=10, help="metrics.jsonl line every N steps")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--mixed-precision", default="auto", choices=("auto", "bf16", "no"))
-    t.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory "
-                                                                          "(student decoder and teacher)")
+    t.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="trade compute for memory (student decoder and teacher; default: on with CUDA, off on the "
+                        "CPU)")
     t.add_argument("--restart", action="store_true", help="ignore an existing training state in --out and "
                                                           "start over (default: resume)")
 

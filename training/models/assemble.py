@@ -202,7 +202,11 @@ def load_distill_models(student: str, bridge: str, teacher_family: str, teacher:
     sd15 = loading.load_sd15(student, components=("unet", "text_encoder", "tokenizer"), dtype=torch.float32,
                              device=device, tokenizer=tokenizers)
     bridge_module = bridge_checkpoint.load_bridge(bridge, student_vae=world.student_vae, device=device)
+    # The closures below hold the CLIP-L only through `text`, which free() clears (the loaded bundle `sd15` would
+    # keep it alive for the whole run): the UNet and the tokenizer are taken out of it here.
     text = {"clip": sd15.text_encoder.to(world.student_vae.dtype).eval()}
+    unet, tokenizer = sd15.unet, sd15.tokenizer
+    del sd15
 
     def free():
         world.free_text_encoders()
@@ -211,9 +215,9 @@ def load_distill_models(student: str, bridge: str, teacher_family: str, teacher:
             torch.cuda.empty_cache()
 
     return DistillModels(
-        student=OneStepStudent(sd15.unet), bridge=bridge_module, teacher=world.teacher, teacher_vae=world.teacher_vae,
+        student=OneStepStudent(unet), bridge=bridge_module, teacher=world.teacher, teacher_vae=world.teacher_vae,
         encode_teacher=world.encode_text,
-        encode_student=lambda prompts: encode_sd15(prompts, text["clip"], sd15.tokenizer),
+        encode_student=lambda prompts: encode_sd15(prompts, text["clip"], tokenizer),
         free_text_encoders=free, description={**world.description, "bridge": os.path.basename(bridge)},
     )
 

@@ -39,12 +39,12 @@ def save_student_unet(path, student: OneStepStudent, summary: dict | None = None
     path = os.fspath(path)
     if not path.lower().endswith(".safetensors"):
         raise ValueError(f"Student checkpoints are .safetensors files; got {path!r}.")
-    unet = student.merged_unet(use_ema=use_ema)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in unet.state_dict().items()}
+    # Streamed to the CPU and merged there: saving needs no GPU memory (it must work after running out of it).
+    tensors = {k: v.contiguous() for k, v in student.merged_state_dict(use_ema=use_ema).items()}
     metadata = {
         "format": STUDENT_FORMAT,
         "format_version": str(STUDENT_FORMAT_VERSION),
-        "unet_config": json.dumps(_plain_config(unet), default=list),
+        "unet_config": json.dumps(_plain_config(student.unet), default=list),
         "timestep": str(student.timestep),
         "schedule": json.dumps(student.schedule),
         "space": json.dumps(student.space.to_dict()),
@@ -185,7 +185,7 @@ def export_sd15(student: OneStepStudent | str, base, single_file: str | None = N
         raise ValueError("Nothing to export: give single_file=... and/or folder=...")
     if isinstance(student, (str, os.PathLike)):
         student = load_student_unet(student)
-    unet = student.merged_unet() if isinstance(student, OneStepStudent) else student
+    unet = student.merged_unet(device="cpu") if isinstance(student, OneStepStudent) else student
     # The tokenizer is only needed for the diffusers folder (a single file has none, and may have no tokenizer nearby).
     parts = loading.load_sd15(base, components=("vae", "text_encoder") + (("tokenizer",) if folder else ()))
     out = {}
