@@ -588,7 +588,7 @@ class Distiller:
                 s = s_all[part]
                 x_s = teacher.add_noise(x.detach(), n_all[part], s)
                 guidance = guidance_all[part] if isinstance(guidance_all, torch.Tensor) else guidance_all
-                cond = t_cond if len(parts) == 1 else t_cond.index(part)
+                cond = t_cond if len(parts) == 1 else t_cond.index(torch.arange(part.start, part.stop))
                 neg = self.text["negative"].repeat(x.shape[0]).to(self.device)
                 with torch.no_grad(), self.accel.autocast():
                     with self._phase("real_teacher"):
@@ -662,7 +662,7 @@ class Distiller:
                 for part in parts:
                     with self.accel.autocast():
                         v = teacher.velocity(x_s_f[part], s_f[part],
-                                             cond_f if len(parts) == 1 else cond_f.index(part))
+                                             cond_f if len(parts) == 1 else cond_f.index(torch.arange(part.start, part.stop)))
                     loss_i = dmd.flow_matching_loss(v, x_f[part], n_f[part]) / len(parts)
                     loss_i.backward()
                     loss_f = loss_f + loss_i.detach()

@@ -83,6 +83,12 @@ def _module_tensors(module: nn.Module, optimized: set[int], trainable_only: bool
     return out
 
 
+def _optimizer_kind(opt) -> str:
+    """The optimizer's class (through accelerate's wrapper): states of different optimizers do not mix."""
+    inner = getattr(opt, "optimizer", opt)
+    return f"{type(inner).__module__}.{type(inner).__name__}"
+
+
 def _optimized_ids(optimizers: dict) -> set[int]:
     return {id(p) for opt in optimizers.values() for group in opt.param_groups for p in group["params"]}
 
@@ -105,6 +111,7 @@ def save_training_state(path, modules: dict[str, nn.Module], optimizers: dict[st
         "optimizers": {name: _encode(opt.state_dict(), tensors) for name, opt in optimizers.items()},
         "schedulers": {name: _encode(s.state_dict(), tensors) for name, s in schedulers.items()},
         "extra": _encode(dict(extra), tensors),
+        "optimizer_kinds": {name: _optimizer_kind(opt) for name, opt in optimizers.items()},
     }
     # safetensors refuses tensors that share memory (tied weights appear twice in a state dict): copy repeats.
     seen = set()
@@ -146,7 +153,9 @@ def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
                                  f"version reads {FORMAT_VERSION}. Start a fresh run or use the matching version.")
     try:
         state = json.loads(meta["state"])
+        kinds = state.get("optimizer_kinds", {})  # absent in states written before it was recorded
         state = {k: state[k] for k in ("trainable_only", "modules", "optimizers", "schedulers", "extra")}
+        state["optimizer_kinds"] = kinds
     except (KeyError, ValueError, TypeError) as e:
         raise TrainingStateError(f"{name!r} has a damaged header ({type(e).__name__}: {e}). Delete it to start "
                                  "over.") from None
@@ -207,6 +216,11 @@ def load_training_state(path, modules: dict[str, nn.Module], optimizers: dict[st
         module_states[mod_name] = sd
 
     for opt_name, opt in optimizers.items():
+        saved_kind = state["optimizer_kinds"].get(opt_name)
+        if saved_kind is not None and saved_kind != _optimizer_kind(opt):
+            raise TrainingStateError(f"{name!r}: optimizer {opt_name!r} was {saved_kind.rsplit('.', 1)[-1]} in the file "
+                                     f"but is {_optimizer_kind(opt).rsplit('.', 1)[-1]} here; resume with the same "
+                                     f"optimizer setting (--optimizer), or {_FRESH.split('; ')[1]}.")
         _check_optimizer(name, opt_name, opt, opt_states[opt_name])
 
     for mod_name, module in modules.items():
@@ -216,6 +230,9 @@ def load_training_state(path, modules: dict[str, nn.Module], optimizers: dict[st
     for sched_name, sched in schedulers.items():
         sched.load_state_dict(sched_states[sched_name])
     return extra
+
+
+_PER_ELEMENT = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "state1", "state2")
 
 
 def _check_optimizer(name: str, opt_name: str, opt: torch.optim.Optimizer, saved: dict) -> None:
@@ -235,6 +252,8 @@ def _check_optimizer(name: str, opt_name: str, opt: torch.optim.Optimizer, saved
         if p is None:
             raise TrainingStateError(f"{name!r}: optimizer {opt_name!r} has state for an unknown parameter; {_FRESH}.")
         for key, v in entry.items():
-            if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape != p.shape:
+            # Per-element moments are shaped like their parameter; other entries (bitsandbytes' quantisation maps
+            # and block scales) are not.
+            if key in _PER_ELEMENT and isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape != p.shape:
                 raise TrainingStateError(f"{name!r}: optimizer {opt_name!r} state {key!r} has shape {list(v.shape)} "
                                          f"but the parameter has {list(p.shape)}; {_FRESH}.")
