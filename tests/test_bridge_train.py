@@ -186,3 +186,34 @@ def test_flux_teacher_trains_with_double_and_single_block_attention(tmp_path, im
     from bridge.checkpoint import read_bridge_metadata
 
     assert read_bridge_metadata(result["bridge"])["teacher_space"]["name"] == "flux"
+
+
+def test_gradient_accumulation_gives_the_full_batch_step(tmp_path, images):
+    """Issue 23: with accumulation 2 and 4 a step sees the same images, noise, timesteps and attention queries as
+    with 1: the same reconstruction and attention losses and the same projector gradient before the clip, over the
+    micro-batches' backward passes (learning rate tiny: Adam turns rounding-level gradient entries into full steps)."""
+    runs = {}
+    for acc in (1, 2, 4):
+        trainer = BridgeTrainer(_cfg(tmp_path / str(acc), images, steps=3, lr=1e-7, val_every=100, ckpt_every=100,
+                                     gradient_accumulation=acc), demo_bridge_models())
+        grads, clip = [], trainer.accel.clip_grad_norm_
+
+        def recording(params, max_norm, grads=grads, clip=clip):
+            params = list(params)
+            grads.append(torch.cat([p.grad.flatten() for p in params]).clone())
+            return clip(params, max_norm)
+
+        trainer.accel.clip_grad_norm_ = recording
+        trainer.run()
+        runs[acc] = (grads, _metrics(tmp_path / str(acc)))
+    ref_grads, ref_rows = runs[1]
+    assert len(ref_grads) == 3 and all(g.abs().max() > 0 for g in ref_grads)
+    for acc in (2, 4):
+        grads, rows = runs[acc]
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-4 * r.abs().max().item())
+        keys = ("loss", "rec", "attn", "grad_norm")
+        train = [r[k] for r in rows if "loss" in r for k in keys]
+        assert train == pytest.approx([r[k] for r in ref_rows if "loss" in r for k in keys], rel=1e-4)
+    with pytest.raises(ValueError, match=r"batch_size \(4\) must be divisible by gradient_accumulation \(3\)"):
+        _cfg(tmp_path, images, gradient_accumulation=3).validate()

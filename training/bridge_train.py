@@ -11,6 +11,7 @@ used by the CLI (`python -m training.run bridge`) and by the ComfyUI training no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -60,6 +61,9 @@ class BridgeTrainConfig:
     cpu: bool = False  # train on the CPU even where CUDA exists
     # None (auto): on when training runs on CUDA, off on the CPU (see loop.use_gradient_checkpointing).
     gradient_checkpointing: bool | None = None
+    # > 1: every step runs batch_size as that many equal micro-batches (forward and backward each, one optimizer
+    # step); the losses, the gradient and its clip are the whole batch's.
+    gradient_accumulation: int = 1
     resume: bool = True
     cache_dir: str | None = None  # default: <out_dir>/cache
     max_nan_steps: int = 5
@@ -101,6 +105,13 @@ class BridgeTrainConfig:
         if self.gradient_checkpointing not in (None, True, False):
             problems.append(f"gradient_checkpointing must be None (auto: on with CUDA), True or False, got "
                             f"{self.gradient_checkpointing!r}")
+        acc_problem = number_problem("gradient_accumulation", self.gradient_accumulation, low=1, integer=True)
+        problems.append(acc_problem)
+        if not acc_problem and not number_problem("batch_size", self.batch_size, low=1, integer=True) and \
+                self.batch_size % self.gradient_accumulation:
+            problems.append(f"batch_size ({self.batch_size}) must be divisible by gradient_accumulation "
+                            f"({self.gradient_accumulation}): each step runs it as {self.gradient_accumulation} equal "
+                            "micro-batches")
         problems = [p for p in problems if p]
         if problems:
             raise ValueError("Invalid Bridge training config: " + "; ".join(problems) + ".")
@@ -224,20 +235,27 @@ class BridgeTrainer:
 
         return TextCond.from_tensors(batch, prefix="text.").to(self.device)
 
-    def _losses(self, batch: dict, step: int, stream: int, with_attention: bool) -> dict[str, torch.Tensor]:
-        """Reconstruction and attention losses for one batch; per-(step, stream) randomness."""
+    def _attention_draws(self, shape, dtype, step: int, stream: int):
+        """Noise levels, noise and the query seed of the attention loss for a batch of teacher latents of `shape`:
+        per-(step, stream) randomness, drawn for the whole batch (micro-batches take their rows)."""
+        g = loop.step_generator(self.cfg.seed, step, 1000 + stream, device=self.device)
+        s = self.m.teacher.sample_s(shape[0], generator=g, device=self.device)
+        noise = torch.randn(shape, generator=g, device=self.device, dtype=dtype)
+        q_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=self.device).item())
+        return s, noise, q_seed
+
+    def _losses(self, batch: dict, step: int, stream: int, with_attention: bool,
+                draws=None) -> dict[str, torch.Tensor]:
+        """Reconstruction and attention losses for one batch; per-(step, stream) randomness (`draws`: those of
+        `_attention_draws` for these rows, when the batch is a micro-batch)."""
         t_space = self.m.teacher_space
         z_s = batch["student"]
         target = t_space.to_model(batch["teacher"])
         pred = self.bridge.forward_model(z_s)
         out = {"rec": F.mse_loss(pred.float(), target.float()), "pred": pred, "target": target}
         if with_attention:
-            teacher = self.m.teacher
-            g = loop.step_generator(self.cfg.seed, step, 1000 + stream, device=self.device)
-            s = teacher.sample_s(target.shape[0], generator=g, device=self.device)
-            noise = torch.randn(target.shape, generator=g, device=self.device, dtype=target.dtype)
+            s, noise, q_seed = draws or self._attention_draws(target.shape, target.dtype, step, stream)
             cond = self._cond(batch)
-            q_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=self.device).item())
             maps_t, maps_p = self._attention_maps(target, pred, noise, s, cond, q_seed)
             kls = {name: attention_kl(maps_t[name], maps_p[name]) for name in maps_t}
             out["attn"] = torch.stack(list(kls.values())).mean()
@@ -263,11 +281,32 @@ class BridgeTrainer:
         cfg = self.cfg
         stream = self.accel.process_index
         batch = self._batch(self.train_data, step, stream)
-        with self.accel.autocast():
-            out = self._losses(batch, step, stream, with_attention=cfg.attn_weight > 0)
-            loss = out["rec"] + (cfg.attn_weight * out["attn"] if "attn" in out else 0.0)
-        # Non-finite values are judged on the all-reduced gradient norm, so every DDP process skips the same steps.
-        self.accel.backward(loss)
+        attention = cfg.attn_weight > 0
+        k = cfg.gradient_accumulation
+        draws = None
+        if attention and k > 1:  # the whole batch's draws, as without accumulation
+            shape = batch["teacher"].shape
+            draws = self._attention_draws(shape, self.m.teacher_space.to_model(batch["teacher"][:1]).dtype, step,
+                                          stream)
+        sums: dict[str, torch.Tensor] = {}
+        m = cfg.batch_size // k
+        for i in range(k):
+            part = slice(i * m, (i + 1) * m)
+            micro = batch if k == 1 else {key: v[part] for key, v in batch.items()}
+            sync = contextlib.nullcontext() if i == k - 1 else self.accel.no_sync(self.bridge.projector)
+            with sync:
+                with self.accel.autocast():
+                    out = self._losses(micro, step, stream, with_attention=attention,
+                                       draws=None if draws is None else (draws[0][part], draws[1][part], draws[2]))
+                    loss = out["rec"] + (cfg.attn_weight * out["attn"] if "attn" in out else 0.0)
+                # Non-finite values are judged on the all-reduced gradient norm, so every DDP process skips the same
+                # steps.
+                self.accel.backward(loss / k)
+            for key, v in (("loss", loss), ("rec", out["rec"]), ("attn", out.get("attn"))):
+                if v is not None:
+                    sums[key] = sums.get(key, 0.0) + v.detach() / k
+            del out, loss
+        loss, out = sums["loss"], sums
         grad_norm = self.accel.clip_grad_norm_(self.trainable, cfg.grad_clip)
         if not self.nan_guard.check(grad_norm):
             self.opt.zero_grad(set_to_none=True)

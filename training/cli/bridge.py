@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="trade compute for memory (student decoder and teacher; default: on with CUDA, off on the "
                         "CPU)")
+    t.add_argument("--gradient-accumulation", type=int, default=1,
+                   help="run each step's --batch-size as this many micro-batches (same losses and gradient, less "
+                        "memory, a little slower); it must divide the batch size")
     t.add_argument("--restart", action="store_true", help="ignore an existing training state in --out and "
                                                           "start over (default: resume)")
 
@@ -69,6 +72,7 @@ def config_from_args(args, demo: bool):
         seed=args.seed, k=args.k, student_res=student_res, teacher_res=args.k * student_res, projector=projector,
         tap=args.tap,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        gradient_accumulation=args.gradient_accumulation,
         resume=not args.restart, cache_dir=args.cache_dir,
     )
 
