@@ -40,8 +40,8 @@ _ERRNO_FIX = {
     errno.ELOOP: "too many levels of symbolic links: check the path",
     errno.EFBIG: "the file is too large for this file system: choose an output folder on another disk (--out)",
 }
-_OOM_FIX = ("lower --batch-size or the resolution (--resolution / --student-res), use --gradient-checkpointing, or "
-            "use a machine with more memory")
+_OOM_FIX = ("lower --batch-size or the resolution (--resolution / --student-res), use --gradient-checkpointing or "
+            "--gradient-accumulation, or use a machine with more memory")
 
 
 def _os_error(code: int, what: str, path: str | None) -> UserError:
