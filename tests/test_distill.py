@@ -323,7 +323,8 @@ from training.distill import Distiller
 
 out = sys.argv[1]
 student, bridge, teacher = T.closed_form_world()
-d = Distiller(T._config(out, steps=3, batch_size=4, fake_updates=2), T._models(student, bridge, teacher))
+kw = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {{}}
+d = Distiller(T._config(out, steps=3, batch_size=4, fake_updates=2, **kw), T._models(student, bridge, teacher))
 d.run()
 sums = {{"student": sum(p.double().sum().item() for p in student.parameters()),
         "fake": sum(p.double().sum().item() for p in teacher.fake_parameters()), "processes": d.accel.num_processes}}
@@ -333,9 +334,12 @@ with open(os.path.join(out, f"rank{{d.accel.process_index}}.json"), "w") as f:
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_train_one_model_with_ddp(tmp_path, trainer_deps):
+@pytest.mark.parametrize("options", [{}, dict(gradient_accumulation=2, grad_norm="both")],
+                         ids=["batch", "accumulation-student-space-normalisation"])
+def test_two_cpu_processes_train_one_model_with_ddp(tmp_path, trainer_deps, options):
     """accelerate's DDP on 2 CPU processes (ACCELERATE_USE_CPU=1 makes `--multi_gpu` use gloo on the CPU):
-    both processes end with identical student and fake-score weights, and only the main one logs."""
+    both processes end with identical student and fake-score weights, and only the main one logs; also with
+    gradient accumulation (the all-reduce on the last micro-batch only)."""
     import json
     import os
     import subprocess
@@ -347,7 +351,8 @@ def test_two_cpu_processes_train_one_model_with_ddp(tmp_path, trainer_deps):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
                PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path)]
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path),
+           json.dumps(options)]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
