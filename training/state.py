@@ -118,7 +118,7 @@ def save_training_state(path, modules: dict[str, nn.Module], optimizers: dict[st
     for key, t in tensors.items():
         ptr = (t.device, t.untyped_storage().data_ptr()) if t.numel() else None
         if ptr in seen:
-            tensors[key] = t.clone()
+            tensors[key] = t.to("cpu", copy=True)  # on the CPU: saving must not allocate GPU memory
         elif ptr is not None:
             seen.add(ptr)
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "state": json.dumps(state)}
