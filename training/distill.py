@@ -568,7 +568,6 @@ class Distiller:
         # for the backward (one student forward more; the graphs of all micro-batches are never held at once).
         coupled = c.grad_norm in ("student", "both")
         recompute = coupled and len(parts) > 1
-        draws = None
         held, xs, gzs = [], [], []
         loss = grad_abs = check = 0.0
         for i, part in enumerate(parts):
@@ -579,16 +578,15 @@ class Distiller:
                 z_in = z.detach().requires_grad_(True)
                 with self.accel.autocast(), self._phase("decode_project"):
                     x = self.m.bridge.forward_model(z_in, straight_through=c.straight_through_clamp).float()
-                if draws is None:  # noise levels, noise and guidance of the whole batch, in the order of one batch
+                if i == 0:  # noise levels, noise and guidance of the whole batch, in the order of one batch
                     s_all, n_all = self._draw_noise((c.batch_size, *x.shape[1:]), g)
                     guidance_all = dmd.sample_guidance(c.batch_size, c.guidance_arg, generator=g, device=g.device)
                     if isinstance(guidance_all, torch.Tensor):
                         guidance_all = guidance_all.to(self.device)
-                    draws = True
                 s = s_all[part]
                 x_s = teacher.add_noise(x.detach(), n_all[part], s)
                 guidance = guidance_all[part] if isinstance(guidance_all, torch.Tensor) else guidance_all
-                cond = t_cond if len(parts) == 1 else t_cond.index(torch.arange(part.start, part.stop))
+                cond = t_cond.index(torch.arange(part.start, part.stop))
                 neg = self.text["negative"].repeat(x.shape[0]).to(self.device)
                 with torch.no_grad(), self.accel.autocast():
                     with self._phase("real_teacher"):
@@ -661,8 +659,7 @@ class Distiller:
                 loss_f = 0.0
                 for part in parts:
                     with self.accel.autocast():
-                        v = teacher.velocity(x_s_f[part], s_f[part],
-                                             cond_f if len(parts) == 1 else cond_f.index(torch.arange(part.start, part.stop)))
+                        v = teacher.velocity(x_s_f[part], s_f[part], cond_f.index(torch.arange(part.start, part.stop)))
                     loss_i = dmd.flow_matching_loss(v, x_f[part], n_f[part]) / len(parts)
                     loss_i.backward()
                     loss_f = loss_f + loss_i.detach()
@@ -786,8 +783,9 @@ class Distiller:
         t0 = self.clock.start()
         # A failure after a step's student update (e.g. out of memory in its fake-score updates) saves that step as
         # done: resuming would otherwise apply its update a second time.
-        with loop.graceful_interrupt(self.stop), loop.save_on_failure(self.save, lambda: max(step, self._applied_step),
-                                                                      start, free=self._free_gradients):
+        done = lambda: max(step, self._applied_step)  # noqa: E731
+        failure = loop.save_on_failure(self.save, done, start, free=self._free_gradients)
+        with loop.graceful_interrupt(self.stop), failure:
             while step < total and not (step > 0 and self._out_of_time()):  # at least one step
                 metrics = self.train_step(step)
                 step += 1

@@ -217,10 +217,11 @@ def load_training_state(path, modules: dict[str, nn.Module], optimizers: dict[st
 
     for opt_name, opt in optimizers.items():
         saved_kind = state["optimizer_kinds"].get(opt_name)
-        if saved_kind is not None and saved_kind != _optimizer_kind(opt):
-            raise TrainingStateError(f"{name!r}: optimizer {opt_name!r} was {saved_kind.rsplit('.', 1)[-1]} in the file "
-                                     f"but is {_optimizer_kind(opt).rsplit('.', 1)[-1]} here; resume with the same "
-                                     f"optimizer setting (--optimizer), or {_FRESH.split('; ')[1]}.")
+        kind = _optimizer_kind(opt)
+        if saved_kind is not None and saved_kind != kind:
+            raise TrainingStateError(f"{name!r}: optimizer {opt_name!r} was {saved_kind.rsplit('.', 1)[-1]} in the "
+                                     f"file but is {kind.rsplit('.', 1)[-1]} here; resume with the same optimizer "
+                                     "setting (--optimizer), or use a fresh --out folder.")
         _check_optimizer(name, opt_name, opt, opt_states[opt_name])
 
     for mod_name, module in modules.items():
