@@ -203,6 +203,7 @@ def train_bridge(world: "ShapesWorld", out_dir: str, images: str, settings: dict
         seed=seed, k=world.k, student_res=models.STUDENT_RESOLUTION, teacher_res=models.TEACHER_RESOLUTION,
         projector={"width": settings["projector_width"], "depth": settings["projector_depth"]},
         tap=settings["bridge_tap"], mixed_precision="no", resume=True,
+        gradient_checkpointing=False,  # tiny models: on CUDA too, memory is no concern and recomputing only slows it
     )
     bridge_models = BridgeModels(
         student_vae=world.student_vae, teacher_vae=world.teacher_vae, teacher=shapes_teacher(world),
@@ -292,6 +293,7 @@ def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dic
         log_every=max(1, settings["distill_steps"] // 50), sample_every=warmup + steps,
         ckpt_every=max(1, (warmup + settings["distill_steps"]) // 5), seed=seed, mixed_precision="no", resume=True,
         max_train_seconds=time_budget_s,
+        gradient_checkpointing=False,  # tiny models: on CUDA too, memory is no concern and recomputing only slows it
     )
     t0 = time.perf_counter()
     result = Distiller(cfg, dm).run()
