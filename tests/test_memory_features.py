@@ -129,10 +129,12 @@ def test_memory_settings_are_checked_before_anything_loads(tmp_path, monkeypatch
     with pytest.raises(ValueError, match=r"regression_batch \(6\) must be divisible by gradient_accumulation \(4\)"):
         DistillConfig(out_dir=str(tmp_path), prompts=["a"], regression_pairs="p.safetensors", regression_batch=6,
                       gradient_accumulation=4).validate()
-    # 8-bit AdamW: a CUDA GPU and bitsandbytes, each refusal naming the fix.
+    # 8-bit AdamW: a CUDA GPU and bitsandbytes, each refusal naming the fix (installed or not, here).
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "bitsandbytes" else real_find_spec(name, *a))
     with pytest.raises(ValueError, match="optimizer adamw8bit needs a CUDA GPU"):
         DistillConfig(out_dir=str(tmp_path), prompts=["a"], optimizer="adamw8bit", cpu=True).validate()
-    real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
     with pytest.raises(ValueError, match="pip install bitsandbytes"):
@@ -156,6 +158,11 @@ def test_cli_memory_options_reach_the_config_and_8bit_on_cpu_is_one_line(tmp_pat
     assert (cfg.gradient_checkpointing, cfg.gradient_accumulation, cfg.optimizer) == (False, 2, "adamw8bit")
     assert cli.config_from_args(p.parse_args(base + ["--gradient-checkpointing"]), ["a"]).gradient_checkpointing
 
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",  # bitsandbytes installed or not: the GPU is what is missing
+                        lambda name, *a: object() if name == "bitsandbytes" else real_find_spec(name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     loaded = []
     monkeypatch.setattr("training.models.assemble.demo_distill_models", lambda *a: loaded.append(1))
