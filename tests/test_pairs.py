@@ -153,9 +153,10 @@ def test_bad_pairs_files_and_settings_are_clear_errors(tmp_path):
         distiller(tmp_path / "nan.safetensors")
     with pytest.raises(ValueError) as e:
         DistillConfig(out_dir=str(tmp_path), prompts=["a"], regression_pairs="", regression_weight=-1.0,
-                      regression_batch=-1, regression_warmup_steps=3, regression_warmup_lr=0.0).validate()
+                      regression_batch=-1, regression_warmup_steps=3, regression_warmup_lr=0.0,
+                      regression_n=0).validate()
     for text in ("regression_pairs must be", "regression_weight must be >= 0", "regression_batch",
-                 "regression_warmup_steps needs regression_pairs", "regression_warmup_lr must be > 0"):
+                 "regression_warmup_steps needs pairs", "regression_warmup_lr must be > 0"):
         assert text in str(e.value)
 
 

@@ -289,6 +289,7 @@ def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dic
         regression_batch=settings["regression_batch"], regression_warmup_steps=warmup,
         regression_warmup_lr=settings["regression_warmup_lr"],
         regression_warmup_cross_attention_lr=settings["regression_warmup_cross_attention_lr"],
+        regression_n=0,  # the pairs are made above (their own seed and batch, counted in the row's time), or none
         log_every=max(1, settings["distill_steps"] // 50), sample_every=warmup + steps,
         ckpt_every=max(1, (warmup + settings["distill_steps"]) // 5), seed=seed, mixed_precision="no", resume=True,
         max_train_seconds=time_budget_s,
