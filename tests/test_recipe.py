@@ -249,3 +249,19 @@ def test_distill_demo_by_default_makes_pairs_warms_up_then_distils(tmp_path, mon
     assert [r["step"] for r in rows] == list(range(1, 43))
     assert [bool(r.get("warmup")) for r in rows] == [True] * 40 + [False] * 2
     assert all("fake_loss" in r for r in rows[40:])
+
+
+def test_the_benchmark_breaks_down_the_recipes_phases():
+    """`python -m training.bench.distill` times a batch of pairs and warm-up steps beside the DMD step (tiny size) and
+    counts their FLOPs; a warm-up step costs less than a DMD step, and the default recipe's phases add up."""
+    from training.bench.distill import bench, count_flops, format_flops, format_table
+
+    r = bench("tiny", batch=1, fake_updates=1, steps=1, warmup=0, checkpointing=False, pairs=True)
+    assert r["pair_s"] > 0 and 0 < r["warmup_step_s"] < r["step_s"]
+    assert r["recipe_s"]["pairs"] == pytest.approx(800 * r["pair_s"])
+    assert r["recipe_s"]["dmd"] == pytest.approx(2000 * r["step_s"])
+    assert "pairs (per pair)" in format_table(r) and "warm-up step" in format_table(r)
+    f = count_flops("tiny", 2, 5)
+    assert 0 < f["warmup_step_tflop"] < f["step_tflop"] and f["pair_tflop"] > 0
+    assert f["recipe_tflop"]["pairs"] == pytest.approx(800 * f["pair_tflop"])
+    assert "one regression pair" in format_flops(f)
