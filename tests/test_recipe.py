@@ -265,3 +265,43 @@ def test_the_benchmark_breaks_down_the_recipes_phases():
     assert 0 < f["warmup_step_tflop"] < f["step_tflop"] and f["pair_tflop"] > 0
     assert f["recipe_tflop"]["pairs"] == pytest.approx(800 * f["pair_tflop"])
     assert "one regression pair" in format_flops(f)
+
+
+_DDP_SCRIPT = """
+import json, os, sys, warnings
+sys.path.insert(0, {tests!r})
+warnings.simplefilter("ignore")
+import torch
+torch.set_num_threads(1)
+import test_recipe as T
+from training.distill import Distiller
+
+out = sys.argv[1]
+models = T._models()
+d = Distiller(T._config(out), models)
+result = d.run()
+with open(os.path.join(out, f"rank{{d.accel.process_index}}.json"), "w") as f:
+    json.dump({{"student": sum(p.double().sum().item() for p in models.student.parameters()),
+               "pairs": d.pairs[1].double().sum().item(), "step": result["step"]}}, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_pairs_the_main_one_makes(tmp_path):
+    """Under DDP (2 CPU processes, gloo) the main process makes the pairs, the other waits for the merged file; both
+    fit the same pairs and end with the same student."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0] == ranks[1] and ranks[0]["step"] == 6
+    assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4, 5, 6]

@@ -370,6 +370,7 @@ class Distiller:
                                 "fitted them: give the settings it was started with, or start over (--restart / "
                                 "resume off), which makes them again.")
             os.remove(path)
+        self.accel.wait_for_everyone()  # no process looks for the file before a stale one is gone
         if self.accel.is_main_process and not os.path.exists(path):
             callback = getattr(self.progress, "callback", None)  # the ComfyUI bar shows the pairs' batches too
             self.m.teacher.model.to(self.device)
@@ -383,6 +384,13 @@ class Distiller:
             import shutil
 
             shutil.rmtree(path + ".partial", ignore_errors=True)  # a kill between the merge and its clean-up
+        else:
+            # The main process makes them (at real size for longer than a collective barrier's timeout), so
+            # the others wait for the merged file; a launcher ends them if the main process dies.
+            while not os.path.exists(path):
+                if self.stop.is_set():
+                    return False
+                time.sleep(2.0)
         self.accel.wait_for_everyone()
         self._use_pairs(path)
         return True
