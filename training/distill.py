@@ -86,7 +86,7 @@ class DistillConfig:
     # Straight-through clamp of the decoded student image in the training path (forward clamps to [0, 1], backward
     # passes the gradient of saturated pixels too); inference keeps the plain clamp.
     straight_through_clamp: bool = False
-    # The default recipe is pairs, then a regression warm-up, then DMD (README "Regression pairs": why these
+    # The default recipe is pairs, then a regression warm-up, then DMD (README "The recipe, by default": why these
     # defaults; shapes_investigation §4, §5.8). Each part can be switched off: regression_n 0 (and
     # regression_warmup_steps 0) for plain DMD2, regression_warmup_steps 0 for no warm-up, steps 0 for no DMD.
     # Regression term (DMD's, across latent spaces; training/pairs.py): a pairs file of student noise -> the student
