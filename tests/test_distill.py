@@ -168,9 +168,10 @@ def _models(student, bridge, teacher, calls=None):
 def _config(out_dir, **kw):
     from training.distill import DistillConfig
 
+    # Plain DMD unless a test asks for pairs (the closed-form world has no teacher VAE to make the recipe's own).
     base = dict(out_dir=str(out_dir), prompts=["a", "b"], steps=60, batch_size=16, resolution=16, guidance=1.0,
                 student_lr=3e-4, fake_lr=0.1, fake_updates=3, weight_decay=0.0, log_every=1, sample_every=1000,
-                ckpt_every=1000)
+                ckpt_every=1000, regression_n=0, regression_warmup_steps=0)
     base.update(kw)
     return DistillConfig(**base)
 
@@ -295,9 +296,9 @@ def test_bad_configs_and_mismatched_models_are_clear_errors(tmp_path, trainer_de
     from training.distill import DistillConfig, Distiller, read_prompts
 
     with pytest.raises(ValueError) as e:
-        DistillConfig(out_dir=str(tmp_path), prompts=[], steps=0, resolution=20, loss="sds", guidance=[5, 1],
+        DistillConfig(out_dir=str(tmp_path), prompts=[], steps=-1, resolution=20, loss="sds", guidance=[5, 1],
                       timesteps="cosine", student_cross_attention_lr=-1e-3).validate()
-    for text in ("prompts", "steps must be >= 1", "multiple of 8", "dmd, vsd", "low <= high", "uniform",
+    for text in ("prompts", "steps must be >= 0", "multiple of 8", "dmd, vsd", "low <= high", "uniform",
                  "student_cross_attention_lr"):
         assert text in str(e.value)
     (tmp_path / "p.txt").write_text("# comment\n\n a cat \nthe sea\n")
@@ -375,7 +376,9 @@ def test_demo_command_runs_end_to_end_and_resumes(tmp_path, monkeypatch, trainer
     out = tmp_path / "runs" / "distill-demo"
     with pytest.warns(UserWarning, match="untrained"):
         assert main(args + ["--steps", "4"]) == 0
-    assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4]  # resumed at 2, not restarted
+    # The demo's recipe: 40 warm-up steps on its 16 pairs, then the DMD steps; resumed at 42, not restarted.
+    assert [m["step"] for m in _metrics(out)] == list(range(1, 45))
+    assert [bool(m.get("warmup")) for m in _metrics(out)] == [True] * 40 + [False] * 4
     for name in ("student_unet.safetensors", "train_state.safetensors", "student_sd15.safetensors",
                  "student_sd15/model_index.json", "cache/teacher.safetensors", "samples/step_000004.png"):
         assert (out / name).exists(), name
@@ -497,7 +500,7 @@ def test_demo_command_with_a_student_lora_writes_the_lora_file(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     with pytest.warns(UserWarning, match="untrained"):
         assert main(["distill", "--demo", "--steps", "1", "--fake-updates", "1", "--sample-every", "1",
-                     "--student-lora-rank", "4", "--student-lr", "1e-3", "--no-export"]) == 0
+                     "--student-lora-rank", "4", "--student-lr", "1e-3", "--no-export", "--regression-n", "0"]) == 0
     lora = tmp_path / "runs" / "distill-demo" / "student_lora.safetensors"
     shown = f"Student LoRA (kohya layout, for the base SD1.5 model): {os.path.join('runs', 'distill-demo', lora.name)}"
     assert shown in capsys.readouterr().out

@@ -153,9 +153,10 @@ def test_bad_pairs_files_and_settings_are_clear_errors(tmp_path):
         distiller(tmp_path / "nan.safetensors")
     with pytest.raises(ValueError) as e:
         DistillConfig(out_dir=str(tmp_path), prompts=["a"], regression_pairs="", regression_weight=-1.0,
-                      regression_batch=-1, regression_warmup_steps=3, regression_warmup_lr=0.0).validate()
+                      regression_batch=-1, regression_warmup_steps=3, regression_warmup_lr=0.0,
+                      regression_n=0).validate()
     for text in ("regression_pairs must be", "regression_weight must be >= 0", "regression_batch",
-                 "regression_warmup_steps needs regression_pairs", "regression_warmup_lr must be > 0"):
+                 "regression_warmup_steps needs pairs", "regression_warmup_lr must be > 0"):
         assert text in str(e.value)
 
 
@@ -195,3 +196,53 @@ def test_teacher_corrected_pairs_carry_the_teachers_background_and_keep_the_layo
     make_pairs(dm, prompts, 6, again, **kw)
     with safe_open(once, framework="pt") as f, safe_open(again, framework="pt") as g:
         torch.testing.assert_close(f.get_tensor("latents"), g.get_tensor("latents"))
+
+
+@pytest.mark.filterwarnings("ignore:No demo Bridge")
+def test_making_pairs_resumes_batch_by_batch_and_starts_over_for_other_settings(tmp_path):
+    """Stopped after a batch, the next call continues there and makes exactly the uninterrupted pairs; a batch file
+    that does not read is made again; other settings start the partial folder over; the callback sees every batch."""
+    import os
+
+    from training import loop
+    from training.models.assemble import demo_distill_models
+    from training.pairs import load_pairs, make_pairs
+
+    dm = demo_distill_models(0)[0]
+    prompts = ["a red circle", "a blue square", "a green star"]
+    kw = dict(resolution=64, student_steps=2, teacher_steps=2, guidance=2.0, batch_size=2, seed=3, progress=False)
+    whole = str(tmp_path / "whole.safetensors")
+    assert make_pairs(dm, prompts, 5, whole, **kw)["complete"]
+    path = str(tmp_path / "pairs.safetensors")
+    partial = path + ".partial"
+    stop, seen = loop.StopFlag(), []
+
+    def callback(done, total):
+        seen.append((done, total))
+        stop.set()
+
+    first = make_pairs(dm, prompts, 5, path, **kw, callback=callback, stop=stop)
+    assert not first["complete"] and seen == [(1, 3)] and not os.path.exists(path)
+    assert sorted(os.listdir(partial)) == ["batch_000000.safetensors", "job.json"]
+    # The second batch made, then damaged (a disk error): read back as missing and made again.
+    make_pairs(dm, prompts, 5, path, **kw, callback=callback, stop=stop)
+    with open(os.path.join(partial, "batch_000001.safetensors"), "r+b") as f:
+        f.truncate(20)
+    seen.clear()
+    done = make_pairs(dm, prompts, 5, path, **kw, callback=lambda k, n: seen.append((k, n)))
+    assert done["complete"] and seen == [(2, 3), (3, 3)] and not os.path.exists(partial)
+    assert done["seconds"] > 0
+    for a, b in zip(load_pairs(whole, 4, 8), load_pairs(path, 4, 8)):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
+        elif isinstance(a, list):
+            assert a == b
+    # A partial folder of other settings is not continued: the pairs of the new settings come out.
+    stop.clear()
+    make_pairs(dm, prompts, 5, str(tmp_path / "other.safetensors"), **kw, callback=lambda k, n: stop.set(), stop=stop)
+    os.replace(str(tmp_path / "other.safetensors.partial"), partial)
+    os.remove(path)
+    kw2 = dict(kw, seed=4)
+    make_pairs(dm, prompts, 5, path, **kw2)
+    make_pairs(dm, prompts, 5, str(tmp_path / "fresh.safetensors"), **kw2)
+    assert torch.equal(load_pairs(path, 4, 8)[1], load_pairs(str(tmp_path / "fresh.safetensors"), 4, 8)[1])

@@ -290,6 +290,11 @@ def test_benchmark_table_has_every_row_and_resumes(tmp_path, quick_world, monkey
         assert summary["row_labels"][row] in text
     assert "knowledge gap" in text.lower()
     assert "Bridge quality on held-out images" in text and "features tap" in text
+    # Held-out captions (issue 25): the columns are measured on them, the captions distillation saw beside.
+    assert summary["settings"]["held_out_captions"] == 150
+    assert "**Held-out captions:** 150" in text and "seen captions |" in text
+    for row in expected:
+        assert 0 <= summary["table"][row]["seen_accuracy"]["mean"] <= 1
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert {r["name"] for r in rows} == expected
     # The seed's sample grid: start, same-space, synthetic, cross-space, teacher (prompts x seeds columns), copied
@@ -501,3 +506,53 @@ def test_one_step_regression_diagnostic_scores_each_rate_pair(tmp_path, quick_wo
     with pytest.raises(SystemExit):
         relearn.main(["--bridge", "bridge.safetensors"])
     assert "--bridge goes with --fake-score" in capsys.readouterr().err
+
+
+def test_held_out_captions_never_reach_distillation_data_and_are_what_is_evaluated(tmp_path, quick_world):
+    """Issue 25: with held-out captions, the Bridge images, the regression pairs, the DMD prompts and the synthetic
+    samples use none of them; the evaluation scores n prompts among them and, beside, n among the others."""
+    import glob
+
+    from safetensors import safe_open
+
+    from training.distill import Distiller
+    from training.shapes import models
+    from training.shapes import run as shapes_run
+    from training.shapes.adapters import RoundTripBridge
+    from training.shapes.evaluate import eval_prompt_sets, evaluate_generators
+    from training.shapes.render import all_captions, held_out_captions
+
+    held = held_out_captions(150)
+    assert len(set(held)) == 150 and held[:100] == held_out_captions(100)  # fixed, a larger set extends a smaller
+    assert set(shapes_run.training_prompts(150)) == set(all_captions()) - set(held)
+    assert shapes_run.training_prompts(0) == all_captions()
+    images = shapes_run.render_images(str(tmp_path / "images"), 200, seed=0, held_out=150)
+    captions = [open(p).read().strip() for p in glob.glob(os.path.join(images, "*.txt"))]
+    assert len(captions) == 200 and not set(captions) & set(held)
+    everything = shapes_run.render_images(str(tmp_path / "all"), 200, seed=0)  # without: the same stream as before
+    assert set(open(p).read().strip() for p in glob.glob(os.path.join(everything, "*.txt"))) & set(held)
+
+    world = models.load_shapes_world(quick_world, register=False)
+    settings = dict(shapes_run.QUICK, held_out_captions=150, regression_n=16)
+    bridge = RoundTripBridge(world.student_vae, world.teacher_vae, world.student_space, world.teacher_space, world.k)
+    unet, result = shapes_run.distill_student(world, str(tmp_path / "distill"), "cross", settings, bridge=bridge)
+    with safe_open(str(tmp_path / "distill" / "pairs.safetensors"), "pt") as f:
+        pair_prompts = json.loads(f.metadata()["prompts"])
+    with safe_open(str(tmp_path / "distill" / Distiller.STUDENT_FILE), "pt") as f:
+        dmd_prompts = json.loads(f.metadata()["training_summary"])["config"]["prompts"]
+    assert len(pair_prompts) == 16 and not set(pair_prompts) & set(held)
+    assert set(dmd_prompts) == set(all_captions()) - set(held)
+    data = shapes_run.synthetic_data(world, str(tmp_path / "synthetic.safetensors"), 64, seed=0, held_out=150)
+    assert len(data["prompts"]) == 64 and not set(data["prompts"]) & set(held)
+
+    sets = eval_prompt_sets(12, 0, held)
+    assert set(sets["held_out"]) <= set(held) and not set(sets["seen"]) & set(held)
+    asked = []
+
+    def generator(prompts, g):
+        asked.extend(prompts)
+        return world.decode_student(world.sample_student(prompts, generator=g, steps=1, cfg=1.0))
+
+    scores = evaluate_generators(world, {"row": generator}, n=12, seed=0, batch_size=12, held_out=held)
+    assert asked == sets["held_out"] + sets["seen"] and scores["held_out_captions"] == 150
+    assert 0 <= scores["row"]["accuracy"] <= 1 and 0 <= scores["row"]["seen"]["accuracy"] <= 1

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 GRAD_NORMS = ("teacher", "student", "both")
 CLIP_EMA = 0.9  # running mean of the student gradient norm for grad_clip_relative
+PAIRS_FILE = "pairs.safetensors"  # the pairs a run makes itself (DistillConfig.regression_n), in its run folder
 
 @dataclass
 class DistillConfig:
@@ -85,19 +86,33 @@ class DistillConfig:
     # Straight-through clamp of the decoded student image in the training path (forward clamps to [0, 1], backward
     # passes the gradient of saturated pixels too); inference keeps the plain clamp.
     straight_through_clamp: bool = False
+    # The default recipe is pairs, then a regression warm-up, then DMD (README "The recipe, by default": why these
+    # defaults; shapes_investigation §4, §5.8). Each part can be switched off: regression_n 0 (and
+    # regression_warmup_steps 0) for plain DMD2, regression_warmup_steps 0 for no warm-up, steps 0 for no DMD.
     # Regression term (DMD's, across latent spaces; training/pairs.py): a pairs file of student noise -> the student
     # base's own sample as corrected by the teacher through the Bridge, back in the student's space. Each student step
     # adds the gradient of mse(G(noise_i), target_i) over regression_batch pairs (0: batch_size), rescaled to
     # regression_weight x the norm of that step's distribution-matching gradient (a share, whatever the scales).
+    # 0 (the default): no term inside the DMD steps, which measured worse per second than the warm-up (§5.8).
     regression_pairs: str | None = None
-    regression_weight: float = 1.0
+    regression_weight: float = 0.0
     regression_batch: int = 0
     # > 0: that many regression-only steps (no teacher, no fake score: cheap) before the `steps` distillation steps,
     # with their own optimizer and learning rates (cross-attention: 0 = regression_warmup_lr). The one-step student
     # fits the pairs far faster per second this way than inside the distillation's steps (shapes_investigation §5.8).
-    regression_warmup_steps: int = 0
-    regression_warmup_lr: float = 1e-4
-    regression_warmup_cross_attention_lr: float = 0.0
+    regression_warmup_steps: int = 2000
+    regression_warmup_lr: float = 1e-5
+    regression_warmup_cross_attention_lr: float = 1e-4
+    # Without a regression_pairs file: the run first makes regression_n pairs from its own prompts in
+    # <out_dir>/pairs.safetensors (training/pairs.py make_pairs: resumable per batch, reused when present, made before
+    # anything trains so from the untrained student base): the student base's regression_student_steps-step DDIM
+    # sample at CFG regression_student_cfg, through the Bridge, redrawn by the teacher from noise level regression_s0
+    # in regression_teacher_steps steps at the run's guidance. 0: no pairs.
+    regression_n: int = 800
+    regression_s0: float = 0.9
+    regression_student_steps: int = 25
+    regression_student_cfg: float = 7.5
+    regression_teacher_steps: int = 20
     log_every: int = 10
     sample_every: int = 250
     ckpt_every: int = 500
@@ -130,7 +145,7 @@ class DistillConfig:
         if self.val_prompts is not None and (not self.val_prompts or not all(isinstance(x, str)
                                                                                for x in self.val_prompts)):
             p.append("val_prompts must be None (the first 4 prompts) or a non-empty list of strings")
-        for name in ("steps", "batch_size", "log_every", "sample_every", "ckpt_every", "fake_updates",
+        for name in ("batch_size", "log_every", "sample_every", "ckpt_every", "fake_updates",
                      "max_nan_steps"):
             p.append(number_problem(name, getattr(self, name), low=1, integer=True))
         if number_problem("resolution", self.resolution, low=8, integer=True) or self.resolution % 8:
@@ -166,8 +181,24 @@ class DistillConfig:
         p.append(number_problem("regression_warmup_lr", self.regression_warmup_lr, low=0, low_open=True))
         p.append(number_problem("regression_warmup_cross_attention_lr", self.regression_warmup_cross_attention_lr,
                                 low=0))
-        if self.regression_warmup_steps and not self.regression_pairs:
-            p.append("regression_warmup_steps needs regression_pairs (the pairs the warm-up fits)")
+        p.append(number_problem("regression_n", self.regression_n, low=0, integer=True))
+        if number_problem("regression_s0", self.regression_s0) or not 0 < self.regression_s0 <= 1:
+            p.append(f"regression_s0 (the noise level the teacher redraws from) must be in (0, 1], got "
+                     f"{self.regression_s0!r}")
+        p.append(number_problem("regression_student_steps", self.regression_student_steps, low=1, integer=True))
+        p.append(number_problem("regression_teacher_steps", self.regression_teacher_steps, low=1, integer=True))
+        p.append(number_problem("regression_student_cfg", self.regression_student_cfg, low=0))
+        has_pairs = bool(self.regression_pairs) or (isinstance(self.regression_n, int) and self.regression_n > 0)
+        if self.regression_warmup_steps and not has_pairs:
+            p.append("regression_warmup_steps needs pairs to fit: regression_n > 0 (made in the run folder) or a "
+                     "regression_pairs file; set regression_warmup_steps 0 for no warm-up")
+        if self.regression_weight and not has_pairs:
+            p.append("regression_weight > 0 needs pairs: regression_n > 0 or a regression_pairs file; set "
+                     "regression_weight 0")
+        p.append(number_problem("steps", self.steps, low=0, integer=True))
+        if self.steps == 0 and not (has_pairs and self.regression_warmup_steps):
+            p.append("steps 0 (no DMD, regression only) needs a regression warm-up: regression_warmup_steps > 0 and "
+                     "pairs (regression_n > 0 or regression_pairs); otherwise nothing would train")
         p.append(number_problem("max_train_seconds", self.max_train_seconds, low=0))
         p.append(number_problem("weight_decay", self.weight_decay, low=0))
         if self.fake_alpha is not None:
@@ -198,6 +229,16 @@ class DistillConfig:
         p = list(dict.fromkeys(x for x in p if x))
         if p:
             raise ValueError("Invalid distillation config: " + "; ".join(p) + ".")
+
+    @property
+    def pairs_file(self) -> str | None:
+        """The pairs the run fits: the regression_pairs file, else the one it makes (regression_n > 0), else None.
+        None too when nothing would use them (no warm-up and regression_weight 0): no pairs are made then."""
+        if not (self.regression_warmup_steps or self.regression_weight):
+            return None
+        if self.regression_pairs:
+            return self.regression_pairs
+        return os.path.join(self.out_dir, PAIRS_FILE) if self.regression_n else None
 
     @property
     def guidance_arg(self):
@@ -304,15 +345,89 @@ class Distiller:
         self.latent = models.student.latent_size(config.resolution)
         self.pairs = None  # (noise, target latents, index of each pair's prompt into pair_prompts)
         self.pair_prompts: list[str] = []
-        if config.regression_pairs:
-            from .pairs import load_pairs
-
-            noise, latents, prompts, _ = load_pairs(config.regression_pairs, models.student.space.channels, self.latent)
-            self.pair_prompts = sorted(set(prompts))
-            where = {p: i for i, p in enumerate(self.pair_prompts)}
-            self.pairs = (noise, latents, torch.tensor([where[p] for p in prompts]))
+        self.pairs_seconds = 0.0  # what making the pairs cost (over all invocations), from the pairs file
+        if config.regression_pairs:  # a file made elsewhere: checked now, before any work
+            self._use_pairs(config.regression_pairs)
         self.timer = None  # set by the benchmark to time the parts of a step
         self.clock = loop.TrainClock()
+
+    # ---- regression pairs ----
+    def _use_pairs(self, path: str) -> None:
+        from .pairs import load_pairs
+
+        noise, latents, prompts, meta = load_pairs(path, self.m.student.space.channels, self.latent)
+        self.pair_prompts = sorted(set(prompts))
+        where = {p: i for i, p in enumerate(self.pair_prompts)}
+        self.pairs = (noise, latents, torch.tensor([where[p] for p in prompts]))
+        try:
+            self.pairs_seconds = float(json.loads(meta.get("seconds", "0")))
+        except (TypeError, ValueError):
+            self.pairs_seconds = 0.0
+
+    def make_pairs(self) -> bool:
+        """The run's own pairs (regression_n > 0 and no regression_pairs file): made in the run folder from the
+        config's prompts, resuming a stopped or killed making (training/pairs.py), reused when complete, then loaded.
+        Before anything trains, so the student is still its base. False: stopped (self.stop) before they were all
+        made (what is made is kept). A no-op when the run has no pairs to make or has loaded them."""
+        c = self.cfg
+        if self.pairs is not None or c.regression_pairs or not c.pairs_file:
+            return True
+        from .pairs import make_pairs
+
+        path = c.pairs_file
+        g = c.guidance_arg
+        settings = dict(s0=c.regression_s0, student_steps=c.regression_student_steps,
+                        student_cfg=c.regression_student_cfg, teacher_steps=c.regression_teacher_steps,
+                        guidance=sum(g) / 2 if isinstance(g, tuple) else g,  # a range: its middle
+                        seed=c.seed, resolution=c.resolution)
+        match = self._pairs_match(path, settings) if self.accel.is_main_process and os.path.exists(path) else True
+        if not match:
+            # Damaged (None): derived data, made again (the same pairs: the student is still its base here).
+            if match is False and c.resume and os.path.exists(os.path.join(c.out_dir, self.STATE_FILE)):
+                raise UserError(f"The run folder's pairs {path!r} were made with other regression settings (count, "
+                                "s0, steps, CFG, guidance, seed or resolution) than this run's, and its training "
+                                "fitted them: give the settings it was started with, or start over (--restart / "
+                                "resume off), which makes them again.")
+            os.remove(path)
+        self.accel.wait_for_everyone()  # no process looks for the file before a stale one is gone
+        if self.accel.is_main_process and not os.path.exists(path):
+            callback = getattr(self.progress, "callback", None)  # the ComfyUI bar shows the pairs' batches too
+            self.m.teacher.model.to(self.device)
+            made = make_pairs(self.m, c.prompts, c.regression_n, path, **settings, negative_prompt=c.negative_prompt,
+                              batch_size=c.batch_size, device=self.device,
+                              callback=(lambda k, n: callback(k, n, {"pairs_batches": k}, None)) if callback else None,
+                              stop=self.stop)
+            if not made["complete"]:
+                return False
+        elif self.accel.is_main_process:
+            import shutil
+
+            shutil.rmtree(path + ".partial", ignore_errors=True)  # a kill between the merge and its clean-up
+        else:
+            # The main process makes them (at real size for longer than a collective barrier's timeout), so
+            # the others wait for the merged file; a launcher ends them if the main process dies.
+            while not os.path.exists(path):
+                if self.stop.is_set():
+                    return False
+                time.sleep(2.0)
+        self.accel.wait_for_everyone()
+        self._use_pairs(path)
+        return True
+
+    def _pairs_match(self, path: str, settings: dict) -> bool | None:
+        """Whether the pairs file at `path` holds regression_n pairs made with `settings` (its metadata); None when
+        it does not read as a pairs file."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                n = f.get_slice("noise").get_shape()[0]
+            made = {k: json.loads(meta[k]) for k in settings}
+        except (SafetensorError, OSError, KeyError, ValueError):
+            return None
+        want = json.loads(json.dumps(settings))
+        return n == self.cfg.regression_n and made == want
 
     # ---- text ----
     def _cache_key(self) -> str:
@@ -756,7 +871,9 @@ class Distiller:
 
     # ---- main loop ----
     def prepare(self) -> int:
-        """Text cache, models, optimizers, resume; returns the step to start from."""
+        """Pairs (when the run makes its own), text cache, models, optimizers, resume; returns the step to start from."""
+        if not self.make_pairs():
+            raise UserError("Stopped while making the regression pairs; run again to continue making them.")
         self.prepare_text()
         self.setup()
         self.generator = self.m.student
@@ -770,10 +887,18 @@ class Distiller:
         total = c.regression_warmup_steps + c.steps  # the warm-up's steps come first
         if self.accel.is_main_process:
             loop.remove_stale_temporaries(c.out_dir, os.path.join(c.out_dir, "samples"), self.cache_dir)
+        with loop.graceful_interrupt(self.stop):
+            pairs_made = self.make_pairs()  # first: the pairs come from the untrained student base
+        if not pairs_made:  # stopped while making them: the batches made so far are kept for the next run
+            return {"resumed_from": 0, "out_dir": c.out_dir, "step": 0, "stopped_early": True, "seconds": 0.0,
+                    "train_seconds": 0.0, "nan_skipped": 0, "pairs": c.pairs_file, "pairs_seconds": None,
+                    "student": os.path.join(c.out_dir, self.STUDENT_FILE)}
         start = self.prepare()
         main = self.accel.is_main_process
         log = loop.JsonlLogger(os.path.join(c.out_dir, "metrics.jsonl"), resume_step=start) if main else None
         progress = self.progress or loop.ProgressReporter(total=total, desc="distill", disable=not main)
+        if isinstance(progress, loop.ProgressReporter):
+            progress.total = total  # warm-up and DMD steps, whatever total the caller's reporter was made with
         progress.start(start)
         result: dict = {"resumed_from": start, "out_dir": c.out_dir,
                         "gradient_checkpointing": self.gradient_checkpointing}
@@ -812,6 +937,8 @@ class Distiller:
         progress.close()
         result.update(step=step, seconds=time.time() - t0, train_seconds=self.clock.seconds(),
                       nan_skipped=self.nan_guard.skipped_total, student=os.path.join(c.out_dir, self.STUDENT_FILE))
+        if self.pairs is not None:  # what the pairs cost, beside the training loop's seconds
+            result.update(pairs=c.pairs_file, pairs_seconds=self.pairs_seconds, warmup_steps=c.regression_warmup_steps)
         if self.m.student.is_lora:
             result["lora"] = os.path.join(c.out_dir, self.LORA_FILE)
         return result

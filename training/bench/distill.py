@@ -16,7 +16,11 @@ memory do not depend on the weights) with a timer around its parts:
     fake_update       fake-score flow-matching forward + backward + optimizer step (N per student step)
 
 and prints seconds per step, the share of each part, and peak memory (CUDA: max_memory_allocated; CPU:
-the process's peak RSS). Without CUDA the real size is broken down in FLOPs instead, counted on the meta
+the process's peak RSS). The recipe's other phases are timed beside it (`--no-pairs` skips them): making one batch
+of teacher-corrected regression pairs (training/pairs.py at the library's settings: 25 student DDIM steps with CFG,
+20 teacher steps with CFG from s0, the teacher VAE decode and the student VAE encode) and a regression warm-up step,
+with what the library's default recipe (DistillConfig: 800 pairs, 2000 warm-up steps, 2000 DMD steps) would take at
+this batch. Without CUDA the real size is broken down in FLOPs instead, counted on the meta
 device (`--flops`). Target (issue 3): everything except the teacher forwards and the fake update is at
 most 20% of a step at real sizes (SD1.5 512 px student, SD3.5 Medium at 1024 px).
 
@@ -88,6 +92,18 @@ class PhaseTimer:
             self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
 
 
+def _teacher_vae(size: str):
+    """An SD3.5-style 16-channel VAE of `size` (random init): what making regression pairs decodes with."""
+    from diffusers import AutoencoderKL
+
+    from ..models import tiny
+    from .bridge import SD3_VAE_CONFIG
+
+    if size == "tiny":
+        return tiny.tiny_vae(16)
+    return AutoencoderKL(**dict(SD3_VAE_CONFIG, **SIZES[size]["vae"]))
+
+
 def _models(size: str, tap: str = "image"):
     """(unet, student VAE, SD3.5-style transformer, Bridge) of `size`, random init, on the current default device."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
@@ -128,16 +144,21 @@ def build(size: str, batch: int, fake_updates: int, out_dir: str, checkpointing:
         return lambda prompts: TextCond(prompt_embeds=torch.randn(len(prompts), *shape),
                                         pooled=torch.randn(len(prompts), pooled) if pooled else None)
 
+    with where:
+        teacher_vae = _teacher_vae(size).requires_grad_(False).eval()
     models = DistillModels(student=OneStepStudent(unet), bridge=bridge, teacher=teacher,
                            encode_teacher=encode(spec["teacher_text"], spec["pooled"]),
-                           encode_student=encode(spec["student_text"], 0))
+                           encode_student=encode(spec["student_text"], 0), teacher_vae=teacher_vae)
+    # The DMD step alone (the pairs and the warm-up are timed on their own, see bench()).
     cfg = DistillConfig(out_dir=out_dir, prompts=[f"prompt {i}" for i in range(8)], batch_size=batch,
                         resolution=spec["resolution"], fake_rank=spec["fake_rank"], fake_updates=fake_updates,
-                        resume=False, gradient_checkpointing=checkpointing, student_lora_rank=student_lora_rank)
+                        resume=False, gradient_checkpointing=checkpointing, student_lora_rank=student_lora_rank,
+                        regression_n=0, regression_warmup_steps=0)
     distiller = Distiller(cfg, models)
     if distiller.device.type == "cuda":  # frozen parts in bf16, the student trains in fp32 under autocast
         vae.to(distiller.device, torch.bfloat16)
         transformer.to(distiller.device, torch.bfloat16)
+        teacher_vae.to(distiller.device, torch.bfloat16)
     return distiller
 
 
@@ -147,8 +168,42 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+def bench_recipe_phases(d, steps: int) -> dict:
+    """After the DMD steps: one batch of regression pairs made with the library's settings (seconds per pair), then
+    `steps` regression warm-up steps on them (the trainer's own step), and what the default recipe would take."""
+    from ..distill import DistillConfig
+    from ..pairs import make_pairs
+
+    c, defaults = d.cfg, DistillConfig(out_dir=d.cfg.out_dir, prompts=["a"])
+    path = os.path.join(c.out_dir, "bench_pairs.safetensors")
+    sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
+    sync()
+    made = make_pairs(d.m, c.prompts, c.batch_size, path, resolution=c.resolution, s0=defaults.regression_s0,
+                      student_steps=defaults.regression_student_steps,
+                      student_cfg=defaults.regression_student_cfg, teacher_steps=defaults.regression_teacher_steps,
+                      guidance=c.guidance_arg, batch_size=c.batch_size, device=d.device, progress=False)
+    sync()
+    pair_s = made["seconds"] / c.batch_size
+    # The warm-up step as the trainer runs it (its own optimizer stands in: same parameters, same cost).
+    d._use_pairs(path)
+    d.pairs = tuple(t.to(d.device) for t in d.pairs)
+    d.pair_embeds = d.m.encode_student(d.pair_prompts).prompt_embeds.to(d.device)
+    d.opt_warmup = d.opt_student
+    g = torch.Generator(device=d.device).manual_seed(0)
+    d._warmup_step(g)  # untimed: first-call overheads
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        d._warmup_step(g)
+    sync()
+    warmup_s = (time.perf_counter() - t0) / steps
+    return {"pair_s": pair_s, "warmup_step_s": warmup_s,
+            "recipe_s": {"pairs": defaults.regression_n * pair_s,
+                         "warmup": defaults.regression_warmup_steps * warmup_s}}
+
+
 def bench(size: str, batch: int, fake_updates: int, steps: int, warmup: int, checkpointing: bool,
-          student_lora_rank: int = 0, tap: str = "image") -> dict:
+          student_lora_rank: int = 0, tap: str = "image", pairs: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as out:
         d = build(size, batch, fake_updates, out, checkpointing, student_lora_rank, tap)
         d.prepare()
@@ -164,10 +219,14 @@ def bench(size: str, batch: int, fake_updates: int, steps: int, warmup: int, che
         total = per_step.pop("step")
         per_step["other"] = max(0.0, total - sum(per_step.values()))
         ours = total - sum(per_step.get(k, 0.0) for k in TEACHER_PARTS)
-        return {"size": size, "device": str(d.device), "batch": batch, "fake_updates": fake_updates,
-                "steps": steps, "step_s": total, "parts_s": per_step, "non_teacher_share": ours / total,
-                "peak_memory_gb": peak_memory_gb(d.device), "gradient_checkpointing": checkpointing,
-                "student_lora_rank": student_lora_rank, "tap": tap}
+        result = {"size": size, "device": str(d.device), "batch": batch, "fake_updates": fake_updates,
+                  "steps": steps, "step_s": total, "parts_s": per_step, "non_teacher_share": ours / total,
+                  "peak_memory_gb": peak_memory_gb(d.device), "gradient_checkpointing": checkpointing,
+                  "student_lora_rank": student_lora_rank, "tap": tap}
+        if pairs:
+            result.update(bench_recipe_phases(d, steps))
+            result["recipe_s"]["dmd"] = d.cfg.steps * total
+        return result
 
 
 def count_flops(size: str, batch: int, fake_updates: int) -> dict:
@@ -210,13 +269,38 @@ def count_flops(size: str, batch: int, fake_updates: int) -> dict:
         f_teacher = flops(teacher_fwd)
     f_train = flops(student_bridge_train)
     f_fake = flops(teacher_train)
+    # Making one batch of regression pairs (training/pairs.py, the library's settings): the student base's DDIM steps
+    # and the teacher's steps, both with CFG (two forwards each), the teacher VAE's decode, the student VAE's encode.
+    from ..distill import DistillConfig
+
+    d = DistillConfig(out_dir=".", prompts=["a"])
+    with torch.device("meta"):
+        t_vae = _teacher_vae(size)
+        image = torch.zeros(batch, 3, 2 * spec["resolution"], 2 * spec["resolution"])
+        small = torch.zeros(batch, 3, spec["resolution"], spec["resolution"])
+        x_t16 = torch.zeros(batch, 16, 2 * h, 2 * h)
+    with torch.no_grad():
+        f_vaes = flops(lambda: t_vae.decode(x_t16)) + flops(lambda: bridge.student_vae.encode(small))
+        del image
+    f_pairs = 2 * d.regression_student_steps * f_student + 2 * d.regression_teacher_steps * f_teacher + f_vaes
+    with torch.device("meta"):
+        x = noise.detach()
+    def warmup_step():
+        out = unet(x, t, encoder_hidden_states=emb).sample
+        out.backward(torch.ones_like(out))
+    for p_ in unet.parameters():
+        p_.requires_grad_(True)
+    f_warmup = flops(warmup_step)
     parts = {"student_forward": f_student, "decode_project": f_bridge, "real_teacher": 2 * f_teacher,
              "fake_teacher": f_teacher, "backward": f_train - f_student - f_bridge,
              "fake_samples": (fake_updates - 1) * (f_student + f_bridge), "fake_update": fake_updates * f_fake}
     total = sum(parts.values())
     ours = total - sum(parts[k] for k in TEACHER_PARTS)
     return {"size": size, "batch": batch, "fake_updates": fake_updates, "step_tflop": total / 1e12,
-            "parts_tflop": {k: v / 1e12 for k, v in parts.items()}, "non_teacher_share": ours / total}
+            "parts_tflop": {k: v / 1e12 for k, v in parts.items()}, "non_teacher_share": ours / total,
+            "pair_tflop": f_pairs / batch / 1e12, "warmup_step_tflop": f_warmup / 1e12,
+            "recipe_tflop": {"pairs": d.regression_n * f_pairs / batch / 1e12,
+                             "warmup": d.regression_warmup_steps * f_warmup / 1e12, "dmd": d.steps * total / 1e12}}
 
 
 def format_flops(r: dict) -> str:
@@ -226,6 +310,11 @@ def format_flops(r: dict) -> str:
         v = r["parts_tflop"][k]
         lines.append(f"{k:<18}{v:>10.4g}{100 * v / r['step_tflop']:>8.1f}%")
     lines.append(f"everything but teacher forwards and fake update: {100 * r['non_teacher_share']:.1f}% of the FLOPs")
+    rt = r["recipe_tflop"]
+    lines.append(f"recipe phases: one regression pair {r['pair_tflop']:.4g} TFLOP, one warm-up step "
+                 f"{r['warmup_step_tflop']:.4g} TFLOP ({r['warmup_step_tflop'] / r['step_tflop']:.3f} of a DMD step); "
+                 "the default recipe at this batch (800 pairs, 2000 warm-up, 2000 DMD steps): " +
+                 ", ".join(f"{k} {v:.4g} TFLOP ({100 * v / sum(rt.values()):.0f}%)" for k, v in rt.items()))
     return "\n".join(lines)
 
 
@@ -239,6 +328,14 @@ def format_table(r: dict) -> str:
     for k in (*PARTS, "other"):
         v = r["parts_s"].get(k, 0.0)
         lines.append(f"{k:<18}{v:>10.4f}{100 * v / r['step_s']:>8.1f}%")
+    if "pair_s" in r:  # the recipe's other phases (bench_recipe_phases)
+        rs = r["recipe_s"]
+        lines.append(f"{'pairs (per pair)':<18}{r['pair_s']:>10.4f}  making one batch of {r['batch']} regression pairs")
+        lines.append(f"{'warm-up step':<18}{r['warmup_step_s']:>10.4f}  {r['warmup_step_s'] / r['step_s']:.3f} of a "
+                     "DMD step")
+        lines.append("the default recipe at this batch: " + ", ".join(
+            f"{k} {v:.4g} s ({100 * v / sum(rs.values()):.0f}%)" for k, v in rs.items()) +
+            " (800 pairs, 2000 warm-up steps, 2000 DMD steps)")
     verdict = "meets" if r["non_teacher_share"] <= 0.2 else "above"
     lines.append(f"everything but teacher forwards and fake update: {100 * r['non_teacher_share']:.1f}% of the step "
                  f"({verdict} the 20% target, which applies at real sizes)")
@@ -258,6 +355,8 @@ def main(argv=None) -> int:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--student-lora-rank", type=int, default=0, help="train a student LoRA of this rank (0: full UNet)")
     p.add_argument("--tap", default="image", choices=("image", "features"), help="the Bridge's tap")
+    p.add_argument("--no-pairs", action="store_true",
+                   help="skip timing the recipe's other phases (a batch of regression pairs, warm-up steps)")
     p.add_argument("--flops", default="auto",
                    help="comma-separated sizes whose step is broken down in counted FLOPs (meta device, no compute); "
                         "default: real on CPU, none on CUDA; 'none' to skip")
@@ -279,7 +378,7 @@ def main(argv=None) -> int:
     results = []
     for size in sizes:
         r = bench(size, args.batch, args.fake_updates, args.steps, args.warmup, args.gradient_checkpointing,
-                  args.student_lora_rank, args.tap)
+                  args.student_lora_rank, args.tap, pairs=not args.no_pairs)
         results.append(r)
         print(format_table(r), flush=True)
     flop_sizes = ("real" if args.device == "cpu" else "none") if args.flops == "auto" else args.flops

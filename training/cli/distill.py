@@ -42,7 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip writing the standard SD1.5 checkpoint (student_sd15.safetensors) at the end")
 
     t = p.add_argument_group("training")
-    t.add_argument("--steps", type=int, help="student steps (default 2000; 60 with --demo)")
+    t.add_argument("--steps", type=int,
+                   help="DMD steps after the regression warm-up (default 2000; 60 with --demo); 0: no DMD, the "
+                        "regression warm-up alone (needs pairs and --regression-warmup-steps > 0)")
     t.add_argument("--batch-size", type=int, help="default 4 (2 with --demo)")
     t.add_argument("--loss", default="dmd", choices=dmd.LOSSES, help="DMD2-normalised gradient (default) or VSD")
     t.add_argument("--guidance",
@@ -76,26 +78,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--straight-through-clamp", action=argparse.BooleanOptionalAction,
                    default=DistillConfig.straight_through_clamp,
                    help="training only: the decoded image's [0,1] clamp passes gradients of saturated pixels")
-    r = p.add_argument_group("regression term (teacher-corrected pairs, training/pairs.py)")
-    r.add_argument("--regression-n", type=int, default=0,
-                   help="> 0: first make this many pairs in <out>/pairs.safetensors (reused when present): the student "
-                        "base's own sample, redrawn by the teacher from --regression-s0 through the Bridge, back in "
-                        "the student's space; then train with the regression term on them")
-    r.add_argument("--regression-pairs", help="train with the regression term on this pairs file (made elsewhere)")
+    r = p.add_argument_group(
+        "the recipe: teacher-corrected pairs, a regression warm-up, then DMD (training/pairs.py)",
+        "By default a run makes regression pairs from its own prompts, fits the one-step student to them in cheap "
+        "regression-only steps, then runs the DMD steps: on the shapes world the pairs are what transfers what only "
+        "the teacher knows (background 0.79 with them, 0.18 = chance without; docs/shapes_investigation.md 4, 5.8). "
+        "The real-size defaults are argued in README.md (The recipe, by default). --regression-n 0: plain DMD2, no pairs "
+        "and no warm-up; --regression-warmup-steps 0: no warm-up; --steps 0: no DMD (regression only).")
+    r.add_argument("--regression-n", type=int,
+                   help=f"make this many pairs in <out>/pairs.safetensors first (resumable per batch, reused when "
+                        f"present; default {DistillConfig.regression_n}, 16 with --demo; 0: none): the student base's "
+                        "own sample of a training prompt, redrawn by the teacher from --regression-s0 through the "
+                        "Bridge, back in the student's space. The benchmark's count (800 pairs, 600 captions); 400 "
+                        "measured weaker. At real size one pair costs about 1.3 DMD steps at batch 2 (counted FLOPs)")
+    r.add_argument("--regression-pairs",
+                   help="use this pairs file (made elsewhere, e.g. training.pairs.make_pairs) instead of making them")
     r.add_argument("--regression-weight", type=float, default=DistillConfig.regression_weight,
-                   help="the regression gradient's norm as a multiple of the distribution-matching one's (default 1)")
+                   help="> 0: also a regression term inside every DMD step, its gradient's norm this multiple of the "
+                        "distribution-matching one's (default 0: weight 1 measured worse per second than the "
+                        "warm-up)")
     r.add_argument("--regression-batch", type=int, default=0, help="pairs per step (default: --batch-size)")
-    r.add_argument("--regression-warmup-steps", type=int, default=0,
-                   help="regression-only steps before the distillation's --steps (cheap: no teacher queries)")
-    r.add_argument("--regression-warmup-lr", type=float, default=DistillConfig.regression_warmup_lr)
+    r.add_argument("--regression-warmup-steps", type=int,
+                   help=f"regression-only steps on the pairs before the DMD --steps (default "
+                        f"{DistillConfig.regression_warmup_steps}, 40 with --demo; 0 without pairs): cheap, no teacher "
+                        "query (at real size 1.3%% of a DMD step's FLOPs); the benchmark's 2000 (1500 measured "
+                        "weaker, 300 too few)")
+    r.add_argument("--regression-warmup-lr", type=float, default=DistillConfig.regression_warmup_lr,
+                   help=f"the warm-up's learning rate (default {DistillConfig.regression_warmup_lr:g}: DMD2's student "
+                        "rate and the usual full-UNet SD1.5 fine-tuning rate; about 10x more for a LoRA student)")
     r.add_argument("--regression-warmup-cross-attention-lr", type=float,
                    default=DistillConfig.regression_warmup_cross_attention_lr,
-                   help="> 0: the warm-up's learning rate of the cross-attention layers (default: --regression-warmup-lr)")
-    r.add_argument("--regression-s0", type=float, default=0.9,
-                   help="noise level the teacher redraws the student base's sample from (default 0.9)")
-    r.add_argument("--regression-student-steps", type=int, default=25, help="student base DDIM steps (default 25)")
-    r.add_argument("--regression-student-cfg", type=float, default=7.5, help="student base CFG (default 7.5)")
-    r.add_argument("--regression-teacher-steps", type=int, default=20, help="teacher steps from s0 (default 20)")
+                   help=f"the warm-up's learning rate of the cross-attention layers (default "
+                        f"{DistillConfig.regression_warmup_cross_attention_lr:g}, 10x the rest as on the shapes world, "
+                        "where the prompt is learned only with a higher rate there; 0: --regression-warmup-lr)")
+    r.add_argument("--regression-s0", type=float, default=DistillConfig.regression_s0,
+                   help=f"noise level the teacher redraws the student base's sample from (default "
+                        f"{DistillConfig.regression_s0:g}: above ~0.8 is where the teacher decides what the prompt "
+                        "asks over the image; below it keeps the base's layout)")
+    r.add_argument("--regression-student-steps", type=int, default=DistillConfig.regression_student_steps,
+                   help=f"student base DDIM steps per pair (default {DistillConfig.regression_student_steps})")
+    r.add_argument("--regression-student-cfg", type=float, default=DistillConfig.regression_student_cfg,
+                   help=f"student base CFG (default {DistillConfig.regression_student_cfg:g})")
+    r.add_argument("--regression-teacher-steps", type=int, default=DistillConfig.regression_teacher_steps,
+                   help=f"teacher steps from s0 to 0 (default {DistillConfig.regression_teacher_steps})")
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--sample-every", type=int, help="preview grid every N steps (default 250; 20 with --demo)")
     t.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps")
@@ -135,34 +160,22 @@ def _parse_guidance(text: str):
     raise ValueError(f"--guidance must be a number or LOW,HIGH; got {text!r}.")
 
 
-def _pairs_path(args) -> str | None:
+def _regression(args) -> tuple[int, int]:
+    """(pairs to make, warm-up steps): the recipe's defaults, none without pairs; explicit contradictions are errors."""
     if args.regression_n and args.regression_pairs:
         raise UserError("Give --regression-n (make the pairs in the run folder) or --regression-pairs FILE (use a file "
                         "made elsewhere), not both.")
-    if args.regression_n < 0:
+    if args.regression_n is not None and args.regression_n < 0:
         raise UserError(f"--regression-n must be >= 0 (0: no pairs are made), got {args.regression_n}.")
-    if args.regression_n:
-        return os.path.join(args.out, "pairs.safetensors")
-    return args.regression_pairs
-
-
-def make_run_pairs(args, cfg: DistillConfig, models) -> None:
-    """The --regression-n pairs, made once in the run folder (a resumed run reuses them) from the models' base."""
-    from ..pairs import make_pairs
-
-    if not args.regression_n or os.path.exists(cfg.regression_pairs):
-        return
-    print(f"Making {args.regression_n} regression pairs in {cfg.regression_pairs} ...")
-    make_pairs(models, cfg.prompts, args.regression_n, cfg.regression_pairs, resolution=cfg.resolution,
-               s0=args.regression_s0, student_steps=args.regression_student_steps,
-               student_cfg=args.regression_student_cfg, teacher_steps=args.regression_teacher_steps,
-               guidance=cfg.guidance_arg if not isinstance(cfg.guidance_arg, tuple) else sum(cfg.guidance_arg) / 2,
-               negative_prompt=cfg.negative_prompt, batch_size=cfg.batch_size, seed=cfg.seed,
-               device=models.student.unet.device)
+    n = 0 if args.regression_pairs else given(args.regression_n, 16 if args.demo else DistillConfig.regression_n)
+    if not (n or args.regression_pairs):  # no pairs: no warm-up unless asked for, which validate() refuses
+        return 0, given(args.regression_warmup_steps, 0)
+    return n, given(args.regression_warmup_steps, 40 if args.demo else DistillConfig.regression_warmup_steps)
 
 
 def config_from_args(args, prompts: list[str]) -> DistillConfig:
     demo = args.demo
+    regression_n, warmup_steps = _regression(args)
     return DistillConfig(
         out_dir=args.out, prompts=prompts, negative_prompt=args.negative_prompt,
         val_prompts=read_prompts(args.val_prompts) if args.val_prompts else None,
@@ -175,8 +188,10 @@ def config_from_args(args, prompts: list[str]) -> DistillConfig:
         fake_rank=args.fake_rank, fake_alpha=args.fake_alpha, fake_updates=args.fake_updates,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_norm=args.grad_norm,
         grad_clip_relative=args.grad_clip_relative, straight_through_clamp=args.straight_through_clamp,
-        regression_pairs=_pairs_path(args), regression_weight=args.regression_weight,
-        regression_batch=args.regression_batch, regression_warmup_steps=args.regression_warmup_steps,
+        regression_pairs=args.regression_pairs, regression_weight=args.regression_weight,
+        regression_batch=args.regression_batch, regression_warmup_steps=warmup_steps, regression_n=regression_n,
+        regression_s0=args.regression_s0, regression_student_steps=args.regression_student_steps,
+        regression_student_cfg=args.regression_student_cfg, regression_teacher_steps=args.regression_teacher_steps,
         regression_warmup_lr=args.regression_warmup_lr,
         regression_warmup_cross_attention_lr=args.regression_warmup_cross_attention_lr, log_every=args.log_every,
         sample_every=given(args.sample_every, 20 if demo else 250), ckpt_every=args.ckpt_every, seed=args.seed,
@@ -207,7 +222,7 @@ def run(args) -> int:
     cfg.validate()
     if args.demo and args.bridge:
         assemble.check_demo_bridge(args.bridge)
-    if cfg.regression_pairs and not args.regression_n:  # a file made elsewhere: checked before any model loads
+    if cfg.regression_pairs:  # a file made elsewhere: checked before any model loads
         from ..pairs import load_pairs
 
         load_pairs(cfg.regression_pairs, 4, cfg.resolution // 8)
@@ -217,7 +232,12 @@ def run(args) -> int:
     else:
         models = assemble.load_distill_models(args.student, args.bridge, args.teacher_family, **model_files(args))
         base = None
-    make_run_pairs(args, cfg, models)
+    if cfg.pairs_file:
+        pairs = cfg.pairs_file if cfg.regression_pairs else f"{cfg.regression_n} pairs made in {cfg.pairs_file}"
+        print(f"Plan: regression pairs ({pairs}), {cfg.regression_warmup_steps} regression warm-up steps, then "
+              f"{cfg.steps} DMD steps.")
+    else:
+        print(f"Plan: {cfg.steps} DMD steps, no regression pairs.")
     result = Distiller(cfg, models).run()
     print(json.dumps({k: v for k, v in result.items()}, indent=2, default=str))
     if not args.no_export and not result.get("stopped_early"):

@@ -24,6 +24,16 @@ def eval_prompts(n: int, seed: int = 0) -> list[str]:
     return sample_scenes(n, "test", seed).captions()
 
 
+def eval_prompt_sets(n: int, seed: int, held_out: list[str]) -> dict[str, list[str]]:
+    """{"held_out": n test-split captions among `held_out`, "seen": n among the others}: the benchmark's two
+    evaluations when captions are held out of the distillation (render.held_out_captions)."""
+    from .render import all_captions, sample_scenes_outside
+
+    held = set(held_out)
+    return {"held_out": sample_scenes_outside(n, "test", seed, set(all_captions()) - held).captions(),
+            "seen": sample_scenes_outside(n, "test", seed, held).captions()}
+
+
 def eval_generator(seed: int) -> torch.Generator:
     """The noise generator of evaluation seed `seed` (distinct from every training stream)."""
     return torch.Generator().manual_seed(10_000 + int(seed))
@@ -50,10 +60,23 @@ def timed_samples(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
 
 
 def evaluate_generators(world: "ShapesWorld", runs: dict[str, Callable[[list[str], torch.Generator], torch.Tensor]],
-                        n: int = 500, seed: int = 0, batch_size: int = 100, progress: bool = False) -> dict:
-    """Score each generator `run(prompts, generator) -> images01` on the same n held-out prompts, evaluation noise
-    seed `seed` and Fréchet reference; adds seconds per image (wall time of generation at `batch_size`)."""
-    prompts = eval_prompts(n, seed)
+                        n: int = 500, seed: int = 0, batch_size: int = 100, progress: bool = False,
+                        held_out: list[str] | None = None, prompts: list[str] | None = None) -> dict:
+    """Score each generator `run(prompts, generator) -> images01` on the same n held-out prompts (or the given
+    `prompts`), evaluation noise seed `seed` and Fréchet reference; adds seconds per image (wall time of generation
+    at `batch_size`).
+
+    held_out (captions no distillation saw, render.held_out_captions): the scores are those on n prompts among
+    them, and each row's "seen" entry those on n prompts among the other captions (eval_prompt_sets)."""
+    if held_out:
+        sets = eval_prompt_sets(n, seed, held_out)
+        results = evaluate_generators(world, runs, n, seed, batch_size, progress, prompts=sets["held_out"])
+        seen = evaluate_generators(world, runs, n, seed, batch_size, progress, prompts=sets["seen"])
+        for name in runs:
+            results[name]["seen"] = seen[name]
+        results["held_out_captions"] = len(held_out)
+        return results
+    prompts = eval_prompts(n, seed) if prompts is None else prompts
     reference = reference_images(prompts, seed)
     results = {"prompts": n, "seed": seed}
     items = runs.items()

@@ -82,6 +82,30 @@ def all_captions() -> list[str]:
     ]
 
 
+def held_out_captions(n: int) -> list[str]:
+    """n of the world's captions set aside for evaluation (issue 25): a fixed draw on its own stream, the same in
+    every run (a larger n extends a smaller one's set), for distillation-stage data (pairs, DMD prompts, synthetic
+    samples, Bridge images) to leave out. n = 0: none."""
+    captions = all_captions()
+    if not 0 <= n < len(captions):
+        raise ValueError(f"held-out captions must be between 0 and {len(captions) - 1}, got {n}.")
+    seed = int.from_bytes(hashlib.sha256(b"shapes/held_out_captions").digest()[:8], "little")
+    order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(seed))
+    return [captions[int(i)] for i in order[:n]]
+
+
+def sample_scenes_outside(n: int, split: str, seed: int, excluded: set[str]) -> Scenes:
+    """n scenes of `sample_scenes(., split, seed)`'s stream whose captions are not in `excluded`, in stream order
+    (the same as sample_scenes(n, ...) when nothing is excluded)."""
+    m = n
+    while True:
+        scenes = sample_scenes(m, split, seed)
+        keep = torch.tensor([c not in excluded for c in scenes.captions()], dtype=torch.bool)
+        if int(keep.sum()) >= n:
+            return scenes[torch.nonzero(keep).flatten()[:n]]
+        m = 2 * m + 16
+
+
 def split_generator(split: str, seed: int = 0) -> torch.Generator:
     """A generator whose stream depends only on (split, seed), so splits never share a random stream."""
     if split not in SPLITS:

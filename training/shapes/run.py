@@ -77,6 +77,10 @@ DEFAULTS = dict(
     # The synthetic-data baseline (benchmark): teacher samples -> student VAE -> fine-tune the student base on them
     # (multi-step objective) -> same-space distillation, all in the cross-space row's wall time.
     synthetic_images=800, synthetic_finetune_steps=200, synthetic_batch=64, synthetic_lr=2e-4,
+    # > 0: this many of the world's captions (render.held_out_captions) never appear in distillation-stage data
+    # (pairs, DMD prompts, synthetic samples, Bridge images); the benchmark measures on them (issue 25). The default
+    # run keeps every caption (0).
+    held_out_captions=0,
 )
 # The same pipeline with a handful of steps: checks everything end to end, not quality.
 QUICK = dict(DEFAULTS, n_images=24, bridge_steps=4, bridge_batch=4, distill_steps=3, distill_batch=2, fake_updates=1,
@@ -106,18 +110,21 @@ def _log(msg: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- data
 
-def render_images(folder: str, n: int, seed: int = 0) -> str:
-    """n captioned train-split scenes as 128 px PNGs with .txt captions (what BridgeTrainer reads).
+def render_images(folder: str, n: int, seed: int = 0, held_out: int = 0) -> str:
+    """n captioned train-split scenes as 128 px PNGs with .txt captions (what BridgeTrainer reads), none of the
+    `held_out` held-out captions among them.
 
-    Deterministic in (n, seed); a folder that already holds exactly this set is kept."""
+    Deterministic in (n, seed, held_out); a folder that already holds exactly this set is kept."""
     from PIL import Image
     from tqdm.auto import tqdm
 
     from . import models
-    from .render import render, sample_scenes
+    from .render import held_out_captions, render, sample_scenes_outside
 
     stamp = os.path.join(folder, "dataset.json")
     info = {"n": n, "seed": seed, "resolution": models.TEACHER_RESOLUTION, "split": "train"}
+    if held_out:
+        info["held_out_captions"] = held_out
     if os.path.exists(stamp):
         with open(stamp, encoding="utf-8") as f:
             if json.load(f) == info:
@@ -125,7 +132,8 @@ def render_images(folder: str, n: int, seed: int = 0) -> str:
     if os.path.isdir(folder):
         shutil.rmtree(folder)
     os.makedirs(folder)
-    scenes = sample_scenes(n, "train", seed=100_000 + seed)  # a stream the world's own training never used
+    # A stream the world's own training never used.
+    scenes = sample_scenes_outside(n, "train", 100_000 + seed, set(held_out_captions(held_out)))
     captions = scenes.captions()
     for start in tqdm(range(0, n, 200), desc="render data", unit_scale=200):
         images = render(scenes[start : start + 200], models.TEACHER_RESOLUTION)
@@ -139,11 +147,12 @@ def render_images(folder: str, n: int, seed: int = 0) -> str:
     return folder
 
 
-def training_prompts() -> list[str]:
-    """Distillation prompts: every caption of the world (the teacher knows all of them)."""
-    from .render import all_captions
+def training_prompts(held_out: int = 0) -> list[str]:
+    """Distillation prompts: every caption of the world (the teacher knows all of them) but the `held_out` ones."""
+    from .render import all_captions, held_out_captions
 
-    return all_captions()
+    excluded = set(held_out_captions(held_out))
+    return [c for c in all_captions() if c not in excluded]
 
 
 def grid_prompts(n: int) -> list[str]:
@@ -279,7 +288,7 @@ def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dic
         steps = 100 * steps  # a cap only: the time budget ends the run
     warmup = settings["regression_warmup_steps"] if pairs_path else 0
     cfg = DistillConfig(
-        out_dir=out_dir, prompts=training_prompts(), negative_prompt="", val_prompts=grid_prompts(4),
+        out_dir=out_dir, prompts=training_prompts(settings.get("held_out_captions", 0)), negative_prompt="", val_prompts=grid_prompts(4),
         val_seeds=[0, 1], steps=steps, batch_size=settings["distill_batch"], resolution=models.STUDENT_RESOLUTION,
         loss="dmd", guidance=guidance, timesteps=settings["distill_timesteps"],
         s_min=settings["distill_s_min"], s_max=s_max, student_lr=settings["student_lr"],
@@ -290,6 +299,7 @@ def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dic
         regression_batch=settings["regression_batch"], regression_warmup_steps=warmup,
         regression_warmup_lr=settings["regression_warmup_lr"],
         regression_warmup_cross_attention_lr=settings["regression_warmup_cross_attention_lr"],
+        regression_n=0,  # the pairs are made above (their own seed and batch, counted in the row's time), or none
         log_every=max(1, settings["distill_steps"] // 50), sample_every=warmup + steps,
         ckpt_every=max(1, (warmup + settings["distill_steps"]) // 5), seed=seed, mixed_precision="no", resume=True,
         max_train_seconds=time_budget_s,
@@ -318,7 +328,7 @@ def regression_pairs(world: "ShapesWorld", dm, path: str, settings: dict, guidan
         _log(f"making {settings['regression_n']} regression pairs (student base -> Bridge -> teacher from "
              f"s = {settings['regression_s0']:g} -> student space)")
         sampling = world.config["student_sampling"]
-        make_pairs(dm, training_prompts(), settings["regression_n"], path, resolution=models.STUDENT_RESOLUTION,
+        make_pairs(dm, training_prompts(settings.get("held_out_captions", 0)), settings["regression_n"], path, resolution=models.STUDENT_RESOLUTION,
                    s0=settings["regression_s0"], student_steps=sampling["steps"], student_cfg=sampling["cfg"],
                    teacher_steps=max(1, round(world.config["teacher_sampling"]["steps"] * settings["regression_s0"])),
                    guidance=guidance, batch_size=100, seed=300_000 + seed)
@@ -328,7 +338,7 @@ def regression_pairs(world: "ShapesWorld", dm, path: str, settings: dict, guidan
 
 # ---------------------------------------------------------------------------------------------- synthetic-data baseline
 
-def synthetic_data(world: "ShapesWorld", path: str, n: int, seed: int = 0) -> dict:
+def synthetic_data(world: "ShapesWorld", path: str, n: int, seed: int = 0, held_out: int = 0) -> dict:
     """The baseline a user would pick instead of a Bridge: n teacher samples (its own sampler and CFG) of random
     prompts, decoded, resized to the student's resolution, encoded with the student VAE (model space). Saved to
     `path` (complete or absent), reused when present. Returns {"latents", "prompts", "seconds"}."""
@@ -345,7 +355,7 @@ def synthetic_data(world: "ShapesWorld", path: str, n: int, seed: int = 0) -> di
             meta = json.load(f)
         return {"latents": data["latents"], "prompts": meta["prompts"], "seconds": meta["seconds"]}
     t0 = time.perf_counter()
-    captions = all_captions()
+    captions = training_prompts(held_out) if held_out else all_captions()  # never a held-out caption
     g = torch.Generator().manual_seed(200_000 + seed)
     prompts = [captions[int(i)] for i in torch.randint(len(captions), (n,), generator=g)]
     latents = []
