@@ -93,10 +93,12 @@ def _slug(text: str, n: int = 40) -> str:
 def run(args) -> int:
     from ..errors import output_dir
     from ..models import assemble
+    from .common import check_inputs
 
-    # Everything cheap first: options, device and output folder, then the models.
+    # Everything cheap first: options, the files given, device and output folder, then the models.
     check_sampling(batch=args.batch, resolution=args.resolution, seed=args.seed, prompts=len(args.prompt))
     device = resolve_device(args.device)
+    check_inputs(args)
     output_dir(args.out)
     student, vae, text_encoder, tokenizer = assemble.load_student_for_sampling(args.student, args.base, device)
     written = []
