@@ -34,15 +34,18 @@ VERSION = "1"
 
 
 def teacher_correct(teacher, x: torch.Tensor, cond, neg_cond, s0: float, steps: int, guidance,
-                    generator: torch.Generator) -> torch.Tensor:
+                    generator: torch.Generator, callback=None) -> torch.Tensor:
     """Teacher model-space latents noised to s0 and denoised by the teacher: `steps` Euler steps on a uniform grid
-    of s from s0 to 0 (each x_{s'} = x0 + s'/s (x_s - x0), the flow's deterministic step), with its guidance."""
+    of s from s0 to 0 (each x_{s'} = x0 + s'/s (x_s - x0), the flow's deterministic step), with its guidance.
+    callback: called with no arguments after each step (progress)."""
     n = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
     x = teacher.add_noise(x, n, torch.full((x.shape[0],), s0, device=x.device))
     grid = torch.linspace(s0, 0.0, steps + 1).tolist()
     for s, s_next in zip(grid[:-1], grid[1:]):
         x0 = teacher.predict_x0(x, s, cond, neg_cond=neg_cond, guidance=guidance).float()
         x = x0 + (s_next / s) * (x - x0)
+        if callback is not None:
+            callback()
     return x
 
 
@@ -83,19 +86,24 @@ def make_pairs(models: "DistillModels", prompts: list[str], n: int, path: str, *
     neg_s = models.encode_student([negative_prompt]).prompt_embeds.to(device)
     neg_t = models.encode_teacher([negative_prompt]).to(device)
     out = []
-    batches = range(0, n, batch_size)
+    # The bar counts pairs and moves after every sampler step (a batch takes many seconds on a CPU), with an ETA.
+    bar, step = None, None
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="regression pairs", unit="batch")
-    for i in batches:
+        bar = tqdm(total=n, desc="regression pairs", unit="pair", bar_format="{l_bar}{bar}| {n:.0f}/{total} "
+                   "[{elapsed}<{remaining}, {rate_fmt}]")
+    for i in range(0, n, batch_size):
         p = chosen[i : i + batch_size]
         b = len(p)
+        if bar is not None:  # each sampler step of this batch: its share of the batch's pairs
+            step = (lambda share=b / (student_steps + teacher_steps): bar.update(min(share, n - bar.n)))
         hidden = models.encode_student(p).prompt_embeds.to(device)
         x = ddim_sample(unet, hidden, neg_s, noise[i : i + b].to(device), student.schedule, student_steps,
-                        student_cfg)
+                        student_cfg, callback=step)
         y = bridge.forward_model(student.space.to_raw(x)).float()
-        y = teacher_correct(teacher, y, models.encode_teacher(p).to(device), neg_t, s0, teacher_steps, guidance, g)
+        y = teacher_correct(teacher, y, models.encode_teacher(p).to(device), neg_t, s0, teacher_steps, guidance, g,
+                            callback=step)
         if same_space:  # a teacher in the student's own space (same-space distillation): y is the target
             out.append(y.cpu())
             continue
@@ -104,6 +112,8 @@ def make_pairs(models: "DistillModels", prompts: list[str], n: int, path: str, *
         vae = bridge.student_vae
         raw = vae.encode((small * 2 - 1).to(vae.dtype)).latent_dist.mean.float()
         out.append(student.space.to_model(raw).cpu())
+    if bar is not None:
+        bar.close()
     latents = torch.cat(out)
     if not torch.isfinite(latents).all():
         raise UserError("The regression pairs came out non-finite (NaN/inf): the teacher or a VAE diverged; try "
