@@ -662,8 +662,8 @@ def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, qui
                      **({"one-step same-space": rows["same_space"]} if "same_space" in rows else {}),
                      "teacher": rows["teacher"]}
         sample_grid(world, os.path.join(out, "grid.png"), grid_rows, prompts, seeds)
-    for r in evaluation.values():
-        r["mean_attributes"] = mean_attributes(r)
+    for name in rows:
+        evaluation[name]["mean_attributes"] = mean_attributes(evaluation[name])
     # Summed over every invocation of this run (a resumed run's times are the sum of its parts).
     timings = ledger.timings()
     stage_threads = ledger.threads()
