@@ -1,7 +1,9 @@
 """Command line: `python -m training.run <command> ...` from the repository root.
 
 With no arguments it runs the embedded default: the whole method on the shapes world (Bridge training,
-cross-space distillation, evaluation and a report), on a CPU, in about five minutes (2 cores).
+cross-space distillation, evaluation and a report), on a CPU, in EXPECTED-TIME-PLACEHOLDER (the measured time and
+machine: README.md, training/shapes/settings.py EXPECTED_TIME say the same), with the CPU threads its first line
+names (`--threads N` chooses).
 
 Commands:
   shapes    the default run on the shapes world (also what no arguments does)

@@ -184,8 +184,8 @@ def add_setting_arguments(parser: argparse.ArgumentParser, defaults: dict, quick
             groups[stage] = parser.add_argument_group(f"settings: {stage}")
         kind = dict(action=argparse.BooleanOptionalAction) if isinstance(value, bool) else dict(type=type(value))
         if not isinstance(value, bool):
-            kind["metavar"] = "{" + ",".join(choices[key]) + "}" if key in choices else (
-                "N" if isinstance(value, int) else "X")
+            # A choice's help names the choices; N an integer, X a number.
+            kind["metavar"] = "NAME" if key in choices else "N" if isinstance(value, int) else "X"
         shown = f"default {value}" + ("" if quick[key] == value else f"; --quick {quick[key]}")
         groups[stage].add_argument(f"--{key.replace('_', '-')}", default=None, help=f"{text} ({shown})".replace("%", "%%"),
                                    **kind)
@@ -213,7 +213,9 @@ def build_parser(prog: str = "python -m training.shapes.run") -> argparse.Argume
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py"), encoding="utf-8") as f:
         doc = ast.get_docstring(ast.parse(f.read()))
     parser = argparse.ArgumentParser(
-        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, description=doc,
+        # Wide enough for the longest flag, so each setting's help starts on its own line.
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=46),
         usage="%(prog)s [--out FOLDER] [--threads N] [--quick] [--fresh] [--SETTING VALUE ...]",
         epilog=f"Expected time of the default run: {EXPECTED_TIME}. " + THREADS_HELP)
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="FOLDER", help=f"run folder (default {DEFAULT_OUT})")
