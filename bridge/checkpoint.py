@@ -210,11 +210,11 @@ def _json_field(raw: dict, key: str):
 
 
 def _check_named_space(role: str, space: LatentSpace) -> None:
-    """A space named like a known one (sd15, sd3, flux, ... or a registered one) must have its numbers: a header
-    claiming SD1.5 with 16 channels is damaged, and would otherwise be blamed later on the user's VAE."""
-    from .spaces import SPACES
+    """A space named like a built-in one (sd15, sdxl, sd3, flux) must have its numbers: a header claiming SD1.5 with
+    16 channels is damaged, and would otherwise be blamed later on the user's VAE."""
+    from .spaces import BUILT_IN
 
-    known = SPACES.get(space.name)
+    known = BUILT_IN.get(space.name)
     if known is None:
         return  # a custom space: its numbers are the only description there is
     wrong = [f"{f} {getattr(space, f)!r} (the {space.name} space has {getattr(known, f)!r})"

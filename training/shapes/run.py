@@ -579,7 +579,8 @@ class StageLedger:
 def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, quick: bool = False,
         fresh: bool = False, threads: int | None = None, **overrides) -> dict:
     """The default run (see the module docstring); returns the report dict (also written as report.json), or
-    {"stopped_early": True, ...} after Ctrl-C (the stage saved its state: the same call resumes it)."""
+    {"stopped_early": True, ...} after Ctrl-C (the stage saved its state: the same call resumes it).
+    threads: torch CPU threads for the run (None: `choose_threads`, by the machine's load)."""
     from . import models
     from .evaluate import base_generators, evaluate_generators
 
