@@ -73,14 +73,15 @@ def config_from_args(args, demo: bool):
 
 
 def run(args) -> int:
+    # Only what is actually missing or wrong: the given paths checked, the options not given named; before the
+    # imports below load torch.
+    check_inputs(args, () if args.demo else ("--images", "--out", "--student", "--teacher-family", "--teacher"),
+                 "Bridge training", "or --demo to try it on tiny models")
     from .. import data
     from ..bridge_train import BridgeTrainer
     from ..errors import output_dir
     from ..models import assemble
 
-    # Only what is actually missing or wrong: the given paths checked, the options not given named.
-    check_inputs(args, () if args.demo else ("--images", "--out", "--student", "--teacher-family", "--teacher"),
-                 "Bridge training", "or --demo to try it on tiny models")
     if args.demo:
         args.out = args.out or os.path.join("runs", "bridge-demo")
     demo_images = args.demo and not args.images
