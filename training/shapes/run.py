@@ -714,4 +714,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.shapes.r
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ..run import main as cli_main
+
+    sys.exit(cli_main(["shapes", *sys.argv[1:]]))  # the command line's boundary: bad input is one `error:` line
