@@ -38,8 +38,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import loop
-from .settings import (BUSY_LOAD, DEFAULT_OUT, DEFAULTS, EXPECTED_TIME, QUICK, THREADS_HELP, add_setting_arguments,  # noqa: F401
-                       parse_args, path_problems, setting_problems)
+# The settings and the command line live in settings.py (no torch there); the benchmark and tests import them here.
+from .settings import (  # noqa: F401
+    BUSY_LOAD, DEFAULT_OUT, DEFAULTS, EXPECTED_TIME, QUICK, THREADS_HELP, add_setting_arguments, parse_args,
+    path_problems, setting_problems,
+)
 
 if TYPE_CHECKING:
     from .models import ShapesWorld
@@ -517,7 +520,7 @@ def _stopped(out: str, stage: str, result: dict) -> dict:
     return {"stopped_early": True, "stage": stage, "step": result["step"]}
 
 
-# ---------------------------------------------------------------------------------------------- threads and stage times
+# ------------------------------------------------------------------------------------- threads and stage times
 
 def choose_threads(requested: int | None = None) -> tuple[int, str]:
     """(threads for this run, why): `requested` (--threads), else OMP_NUM_THREADS when set, else by the load
@@ -529,7 +532,8 @@ def choose_threads(requested: int | None = None) -> tuple[int, str]:
     cores = torch.get_num_threads()  # torch's default: one per physical core
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if cores > 1 and load >= BUSY_LOAD:
-        return 1, f"other work is running (load average {load:.1f}), where {cores} threads would spin-wait against it"
+        return 1, (f"other work is running (load average {load:.1f}), where {cores} threads would spin-wait "
+                   "against it")
     return cores, f"torch's default, one per core: the machine is idle (load average {load:.1f})"
 
 

@@ -187,8 +187,8 @@ def add_setting_arguments(parser: argparse.ArgumentParser, defaults: dict, quick
             # A choice's help names the choices; N an integer, X a number.
             kind["metavar"] = "NAME" if key in choices else "N" if isinstance(value, int) else "X"
         shown = f"default {value}" + ("" if quick[key] == value else f"; --quick {quick[key]}")
-        groups[stage].add_argument(f"--{key.replace('_', '-')}", default=None, help=f"{text} ({shown})".replace("%", "%%"),
-                                   **kind)
+        help_line = f"{text} ({shown})".replace("%", "%%")  # argparse formats help with %
+        groups[stage].add_argument(f"--{key.replace('_', '-')}", default=None, help=help_line, **kind)
 
 
 # The expected time of the default run, measured (README.md and training/run.py say the same).
