@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -208,6 +209,22 @@ def _json_field(raw: dict, key: str):
     raise ValueError(f"header field {key!r} is nested deeper than {MAX_JSON_DEPTH} levels")
 
 
+def _check_named_space(role: str, space: LatentSpace) -> None:
+    """A space named like a built-in one (sd15, sdxl, sd3, flux) must have its numbers: a header claiming SD1.5 with
+    16 channels is damaged, and would otherwise be blamed later on the user's VAE."""
+    from .spaces import BUILT_IN
+
+    known = BUILT_IN.get(space.name)
+    if known is None:
+        return  # a custom space: its numbers are the only description there is
+    wrong = [f"{f} {getattr(space, f)!r} (the {space.name} space has {getattr(known, f)!r})"
+             for f in ("channels", "downscale", "scale", "shift")
+             if not math.isclose(getattr(space, f), getattr(known, f), rel_tol=1e-6, abs_tol=1e-9)]
+    if wrong:
+        raise ValueError(f"its {role} space is named {space.name!r} but has {', '.join(wrong)}; the header is "
+                         "inconsistent")
+
+
 def _parse_header(raw: dict, name: str) -> dict | None:
     """The one validation of a Bridge header's fields (format, version, spaces, k, projector, summary): the
     parsed metadata, None when the file is not a Bridge at all, or BridgeCheckpointError. A new header field is
@@ -227,8 +244,8 @@ def _parse_header(raw: dict, name: str) -> dict | None:
     try:
         for key in ("student_space", "teacher_space", "projector", "training_summary"):
             meta[key] = _json_field(raw, key)
-        LatentSpace.from_dict(meta["student_space"])
-        LatentSpace.from_dict(meta["teacher_space"])
+        for role in ("student", "teacher"):
+            _check_named_space(role, LatentSpace.from_dict(meta[f"{role}_space"]))
         ProjectorConfig.from_dict(meta["projector"])
         if len(raw["k"]) > 4:
             raise ValueError(f"k {raw['k'][:20]!r}... is not a small integer")
@@ -328,20 +345,17 @@ def _read_tap(raw: dict, version: int, name: str) -> str:
 def read_bridge_metadata(path) -> dict:
     """format, format_version, student_space / teacher_space (dicts), k, projector (config dict),
     decoder_fingerprint (str or None), training_summary (dict), tap ("image" for version-1 files). Checks
-    everything `load_bridge` checks short of reading the weights (header, tensor names, dtypes and shapes), so a
-    file it accepts loads."""
-    return _open(path)[0]
+    everything `load_bridge` checks (header, tensor names, dtypes and shapes, and that every weight is finite: a
+    Bridge's projector is small, so reading its weights is cheap), so a file it accepts loads."""
+    meta, _ = _open(path)
+    _read_weights(os.fspath(path))
+    return meta
 
 
-def load_bridge(path, student_vae=None, device="cpu", dtype=torch.float32) -> "Bridge":
-    """Rebuild a Bridge from its checkpoint. Only the projector is moved to device/dtype; the student VAE
-    stays where the caller put it. Warns (does not fail) when the VAE is not the one it was trained with."""
+def _read_weights(path: str) -> dict[str, torch.Tensor]:
+    """The file's tensors, refused unless readable and finite (NaN/inf weights make every output NaN)."""
     from safetensors.torch import load_file
 
-    from .model import Bridge
-
-    path = os.fspath(path)
-    meta, bridge = _open(path)
     name = os.path.basename(path)
     try:
         tensors = load_file(path)
@@ -351,6 +365,17 @@ def load_bridge(path, student_vae=None, device="cpu", dtype=torch.float32) -> "B
     if bad:
         raise BridgeCheckpointError(f"{name!r} holds NaN/inf weights ({', '.join(bad[:3])}); the file is corrupt "
                                     "or came from a diverged training run.")
+    return tensors
+
+
+def load_bridge(path, student_vae=None, device="cpu", dtype=torch.float32) -> "Bridge":
+    """Rebuild a Bridge from its checkpoint. Only the projector is moved to device/dtype; the student VAE
+    stays where the caller put it. Warns (does not fail) when the VAE is not the one it was trained with."""
+    from .model import Bridge
+
+    path = os.fspath(path)
+    meta, bridge = _open(path)
+    tensors = _read_weights(path)
     projector = bridge.projector
     # assign: the meta-device parameters become the file's tensors (nothing was allocated before this point).
     projector.load_state_dict({k[len(PREFIX):]: v for k, v in tensors.items()}, strict=True, assign=True)

@@ -193,6 +193,15 @@ class Bridge(nn.Module):
                              "Whatever produced it diverged: check the sampler settings (steps, CFG), the VAE "
                              "precision (an fp16 VAE can overflow: try fp32 or bf16) or the node that made it.")
 
+    @staticmethod
+    def check_output(out: torch.Tensor, x: torch.Tensor, what: str = "student latent") -> torch.Tensor:
+        """A finite input gave a non-finite output: refuse it with the likely cause instead of passing NaN on."""
+        if not torch.isfinite(out).all():
+            raise ValueError(f"The Bridge turned a finite {what} (largest |value| {x.abs().max().item():.3g}) into "
+                             "NaN/inf: the input is far outside the range its VAE produces (VAE latents are of order "
+                             "1-10, images in [0, 1]). Pass the VAE's own output, not a rescaled or synthetic tensor.")
+        return out
+
     # ---- the mapping ----
     def decode_student(self, z_s_raw: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
         """Student raw latent [B,C_s,h,w] -> image01 [B,3,8h,8w] through the frozen decoder (straight_through: see
@@ -232,7 +241,7 @@ class Bridge(nn.Module):
         """Decoded image -> teacher RAW latent (what the teacher VAE decodes, what ComfyUI LATENTs hold)."""
         self.check_image(image01)
         self.check_finite(image01, "image")
-        return self.teacher_space.to_raw(self.project_image_model(image01))
+        return self.check_output(self.teacher_space.to_raw(self.project_image_model(image01)), image01, "image")
 
     def project_features_model(self, features: torch.Tensor) -> torch.Tensor:
         """Decoder features at the teacher grid [B,C_f,k*h,k*w] -> teacher MODEL-space latent [B,C_t,k*h,k*w]."""
@@ -260,7 +269,7 @@ class Bridge(nn.Module):
         """Student raw latent -> teacher RAW latent [B,C_t,k*h,k*w]."""
         self.check_student_latent(z_s_raw)
         self.check_finite(z_s_raw)
-        return self.teacher_space.to_raw(self.forward_model(z_s_raw))
+        return self.check_output(self.teacher_space.to_raw(self.forward_model(z_s_raw)), z_s_raw)
 
     def enable_gradient_checkpointing(self):
         """Recompute decoder and projector activations in backward (much less memory, ~1 extra forward)."""

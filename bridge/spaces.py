@@ -79,6 +79,10 @@ SPACES: dict[str, LatentSpace] = {
     )
 }
 
+# The model families' own spaces, as shipped (SPACES also holds what register_space adds at run time): a file that
+# names one of these must have its numbers (bridge/checkpoint.py).
+BUILT_IN: dict[str, LatentSpace] = dict(SPACES)
+
 # Names people actually type for the same spaces.
 _ALIASES = {"sd1": "sd15", "sd1.5": "sd15", "sd35": "sd3", "sd3.5": "sd3", "flux1": "flux", "flux.1": "flux"}
 

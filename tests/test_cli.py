@@ -57,9 +57,33 @@ def test_options_without_a_command_go_to_the_default_run(monkeypatch):
     import training.shapes.run as shapes_run
 
     seen = []
-    monkeypatch.setattr(shapes_run, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(shapes_run, "run_args", lambda args: seen.append((args.fresh, args.seed, args.quick)) or 0)
     assert main(["--fresh", "--seed", "3"]) == 0 and main([]) == 0 and main(["shapes", "--quick"]) == 0
-    assert seen == [["--fresh", "--seed", "3"], [], ["--quick"]]
+    assert seen == [(True, 3, False), (False, 0, False), (False, 0, True)]
+
+
+def test_shapes_help_documents_every_setting_by_stage_under_the_command_typed():
+    """Issue 24: one line per setting saying what it does, grouped by stage, the usage naming the command the user
+    typed, the threads and the expected time; answered without loading torch."""
+    from training.shapes.settings import DEFAULTS, SETTINGS_HELP
+
+    code = ("import sys; from training.run import main\n"
+            "try:\n    main(['shapes', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'no torch')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, COLUMNS="200")).stdout
+    assert out.strip().endswith("no torch")
+    assert out.startswith("usage: python -m training.run shapes ")
+    for stage in ("data", "Bridge training", "regression pairs and warm-up", "distillation (DMD)", "evaluation"):
+        assert f"settings: {stage}:" in out
+    lines = out.splitlines()
+    for key in DEFAULTS:
+        flag = "--" + key.replace("_", "-")
+        i = next(i for i, line in enumerate(lines) if line.strip().startswith((flag + " ", flag + ",")))
+        # One line each; only the on/off pairs (--x, --no-x) are too wide to share their line with the help.
+        line = lines[i] + (lines[i + 1] if isinstance(DEFAULTS[key], bool) else "")
+        assert SETTINGS_HELP[key][1][:30] in line and f"default {DEFAULTS[key]}" in line, line
+    assert "--threads N" in out and "Expected time of the default run" in out
 
 
 def test_bridge_demo_with_the_features_tap_at_k1(tmp_path, capsys):

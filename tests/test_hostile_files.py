@@ -248,6 +248,46 @@ def test_read_bridge_metadata_refuses_what_load_bridge_refuses(tmp_path, bridge_
         read_bridge_metadata(tmp_path / "missing.safetensors")
 
 
+def test_read_bridge_metadata_refuses_nan_weights_as_load_bridge_does(tmp_path, bridge_file):
+    """Its docstring promises that a file it accepts loads: NaN/inf weights are refused at read time too."""
+    key = "projector.proj_out.weight"
+    with safe_open(str(bridge_file), "pt") as f:
+        weight = f.get_tensor(key)
+    for value in (float("nan"), float("inf")):
+        bad_weight = weight.clone()
+        bad_weight.view(-1)[0] = value
+        bad = _rewrite(bridge_file, tmp_path / "nan.safetensors", tensors={key: bad_weight})
+        for fn in (read_bridge_metadata, load_bridge):
+            with pytest.raises(BridgeCheckpointError, match="NaN/inf weights.*proj_out.weight"):
+                fn(bad)
+
+
+@pytest.mark.parametrize("role,field,value", [("student", "channels", 16), ("teacher", "channels", 4),
+                                              ("student", "scale", 1.0), ("teacher", "downscale", 16)])
+def test_a_header_whose_space_contradicts_its_name_is_refused_before_anything_is_built(tmp_path, bridge_file,
+                                                                                      monkeypatch, role, field, value):
+    """A header claiming SD1.5 with 16 channels is a damaged file, refused before a projector is built, not later
+    blamed on the user's VAE."""
+    with safe_open(str(bridge_file), "pt") as f:
+        space = json.loads(f.metadata()[f"{role}_space"])
+    bad = _rewrite(bridge_file, tmp_path / "bad.safetensors",
+                   meta={f"{role}_space": json.dumps({**space, field: value})})
+    built = []
+    monkeypatch.setattr(Projector, "__init__", lambda self, *a, **k: built.append(1))
+    for fn in (read_bridge_metadata, load_bridge):
+        with pytest.raises(BridgeCheckpointError) as e:
+            fn(bad)
+        message = str(e.value)
+        assert "damaged Bridge header" in message and f"{role} space is named {space['name']!r}" in message
+        assert f"{field} {value!r}" in message and "\n" not in message and str(tmp_path) not in message
+    assert not built
+    # A custom space (a name no table knows) is described by its numbers alone and still loads.
+    custom = _rewrite(bridge_file, tmp_path / "custom.safetensors",
+                      meta={f"{role}_space": json.dumps({**space, "name": "my_space"})})
+    monkeypatch.undo()
+    assert read_bridge_metadata(custom)[f"{role}_space"]["name"] == "my_space"
+
+
 def test_distill_checks_the_bridge_before_loading_any_model(tmp_path, bridge_file):
     """Everything cheap before anything expensive: a bad Bridge fails before the (large) student or teacher."""
     from training.models.assemble import load_distill_models
@@ -274,6 +314,10 @@ def test_non_finite_or_empty_inputs_to_the_bridge_api_are_refused(student_vae):
         image[0, 0, 0, 0] = value
         with pytest.raises(ValueError, match="image holds NaN or inf"):
             bridge.project_image(image)
+    # Finite but far outside any VAE's range: a non-finite output is refused with the likely cause, in one line.
+    with pytest.raises(ValueError, match="finite student latent.*into NaN/inf.*far outside") as e:
+        bridge(torch.full((1, 4, 4, 4), 1e30))
+    assert "\n" not in str(e.value) and "1e+30" in str(e.value)
     with pytest.raises(ValueError, match="batch is empty"):
         bridge(torch.zeros(0, 4, 4, 4))
     with pytest.raises(ValueError, match="batch is empty"):

@@ -246,3 +246,38 @@ def test_making_pairs_resumes_batch_by_batch_and_starts_over_for_other_settings(
     make_pairs(dm, prompts, 5, path, **kw2)
     make_pairs(dm, prompts, 5, str(tmp_path / "fresh.safetensors"), **kw2)
     assert torch.equal(load_pairs(path, 4, 8)[1], load_pairs(str(tmp_path / "fresh.safetensors"), 4, 8)[1])
+
+
+def test_the_pairs_bar_counts_pairs_and_moves_after_every_sampler_step(tmp_path, monkeypatch):
+    """Issue 24: a batch of pairs takes minutes on a busy CPU, so the bar (unit: pairs, with tqdm's ETA) advances
+    after every student and teacher step, not once per batch; the pairs are the same with or without it."""
+    import tqdm.auto
+
+    from training.pairs import make_pairs
+    from training.shapes import models
+    from training.shapes import run as shapes_run
+    from training.shapes.adapters import RoundTripBridge
+
+    updates = []
+
+    class Recorder(tqdm.auto.tqdm):
+        def update(self, n=1):
+            updates.append((self.total, self.unit, n))
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    world = models.load_shapes_world(register=False)
+    bridge = RoundTripBridge(world.student_vae, world.teacher_vae, world.student_space, world.teacher_space, k=world.k)
+    dm = shapes_run.distill_models(world, "cross", bridge)
+    kw = dict(resolution=models.STUDENT_RESOLUTION, s0=0.9, student_steps=3, student_cfg=2.0, teacher_steps=2,
+              guidance=1.5, batch_size=4, seed=5)
+    shown, quiet = str(tmp_path / "shown.safetensors"), str(tmp_path / "quiet.safetensors")
+    make_pairs(dm, shapes_run.training_prompts(), 6, shown, progress=True, **kw)
+    assert len(updates) == 2 * (3 + 2)  # two batches (4 + 2 pairs), five sampler steps each
+    assert {(total, unit) for total, unit, _ in updates} == {(6, "pair")}
+    assert sum(n for _, _, n in updates) == pytest.approx(6)
+    make_pairs(dm, shapes_run.training_prompts(), 6, quiet, progress=False, **kw)
+    from safetensors import safe_open
+
+    with safe_open(shown, framework="pt") as f, safe_open(quiet, framework="pt") as g:
+        assert torch.equal(f.get_tensor("latents"), g.get_tensor("latents"))

@@ -556,3 +556,98 @@ def test_held_out_captions_never_reach_distillation_data_and_are_what_is_evaluat
     scores = evaluate_generators(world, {"row": generator}, n=12, seed=0, batch_size=12, held_out=held)
     assert asked == sets["held_out"] + sets["seen"] and scores["held_out_captions"] == 150
     assert 0 <= scores["row"]["accuracy"] <= 1 and 0 <= scores["row"]["seen"]["accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_a_resumed_run_reports_what_an_uninterrupted_one_does_and_its_times_sum_its_parts(tmp_path, quick_world,
+                                                                                           monkeypatch):
+    """Issue 24: stopped (Ctrl-C) in the Bridge stage and again in the distillation, the same command resumed to
+    the end gives a report equal in every figure but wall times to an uninterrupted run's; its stage times and total
+    are the sums over its three invocations (stages.json), each invocation's threads recorded per stage."""
+    import json
+    import time
+
+    from training import loop
+    from training.shapes import run as shapes_run
+
+    base = ["--world", quick_world, "--quick", "--threads", "1", "--bridge-steps", "6"]
+    assert shapes_run.main(["--out", str(tmp_path / "once")] + base) == 0
+    once = json.loads((tmp_path / "once" / "report.json").read_text())
+
+    real_update = loop.ProgressReporter.update
+    stops = {"bridge": 2, "distill": 3}
+
+    def interrupt(self, step, metrics=None, preview=None):
+        if stops.get(self.desc) == step:
+            del stops[self.desc]
+            os.kill(os.getpid(), __import__("signal").SIGINT)  # the graceful handler sets the stop flag
+        return real_update(self, step, metrics, preview)
+
+    monkeypatch.setattr(loop.ProgressReporter, "update", interrupt)
+    out = tmp_path / "resumed"
+    walls, codes = [], []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        codes.append(shapes_run.main(["--out", str(out)] + base))
+        walls.append(time.perf_counter() - t0)
+    assert codes == [130, 130, 0] and not stops
+    resumed = json.loads((out / "report.json").read_text())
+    assert resumed["bridge"]["resumed_from"] == 6 and resumed["student"]["resumed_from"] == 3  # last invocation
+
+    def figures(report):
+        r = {k: v for k, v in report.items() if k not in ("timings_s", "training_s", "invocations", "stage_threads")}
+        r["evaluation"] = {row: {k: v for k, v in ev.items() if k != "seconds_per_image"} if isinstance(ev, dict)
+                           else ev for row, ev in report["evaluation"].items()}
+        r["bridge"] = {k: v for k, v in report["bridge"].items() if k != "resumed_from"}
+        r["student"] = {k: v for k, v in report["student"].items() if k != "resumed_from"}
+        return r
+
+    assert figures(resumed) == figures(once)
+    assert "mean_attributes" in resumed["evaluation"]["cross_space"]
+    assert "mean attribute" in (out / "report.md").read_text()
+
+    invocations = json.loads((out / "stages.json").read_text())["invocations"]
+    assert len(invocations) == resumed["invocations"] == 3 and once["invocations"] == 1
+    for stage in ("bridge_training", "distillation"):
+        parts = [inv["stages"][stage] for inv in invocations if stage in inv["stages"]]
+        assert len(parts) == (3 if stage == "bridge_training" else 2)  # rerun to its end, then found finished
+        assert resumed["timings_s"][stage] == pytest.approx(sum(parts))
+        assert resumed["stage_threads"][stage] == [1] * len(parts)
+    assert resumed["timings_s"]["total"] == pytest.approx(sum(inv["total"] for inv in invocations))
+    for inv, wall in zip(invocations, walls):
+        assert 0 < inv["total"] <= wall  # each part is this invocation's own time
+    assert resumed["timings_s"]["total"] > max(inv["total"] for inv in invocations)  # all parts, not the last
+    assert resumed["training_s"]["cross_space"] == pytest.approx(
+        resumed["timings_s"]["bridge_training"] + resumed["timings_s"]["distillation"])
+    assert "summed over the run's 3 invocations" in (out / "report.md").read_text()
+
+
+def test_threads_follow_the_request_the_environment_or_the_load(monkeypatch):
+    from training.shapes import run as shapes_run
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert shapes_run.choose_threads(3) == (3, "--threads")
+    monkeypatch.setattr(shapes_run.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(shapes_run.os, "getloadavg", lambda: (shapes_run.BUSY_LOAD + 1, 0.0, 0.0))
+    threads, why = shapes_run.choose_threads()
+    assert threads == 1 and "other work is running" in why
+    monkeypatch.setattr(shapes_run.os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert shapes_run.choose_threads()[0] == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert shapes_run.choose_threads() == (2, "OMP_NUM_THREADS")
+    report = {"threads": 1, "stage_threads": {"bridge_training": [2, 1], "distillation": [1]}}
+    assert shapes_run.threads_text(report) == "CPU threads per stage: bridge_training 2 then 1, distillation 1"
+    assert shapes_run.threads_text({"threads": 2, "stage_threads": {"data": [2]}}) == "2 CPU thread(s)"
+
+
+def test_setting_choices_and_the_default_world_are_the_librarys():
+    """settings.py spells them out to stay free of torch; they must agree with the library's."""
+    from training.distill import GRAD_NORMS
+    from training.dmd import TIMESTEP_DISTS
+    from training.shapes import settings
+    from training.shapes.models import DEFAULT_DIR
+
+    choices = settings.setting_choices()
+    assert tuple(choices["distill_timesteps"]) == TIMESTEP_DISTS and tuple(choices["distill_grad_norm"]) == GRAD_NORMS
+    assert settings.DEFAULT_WORLD == DEFAULT_DIR and os.path.isdir(DEFAULT_DIR)
+    assert set(settings.SETTINGS_HELP) == set(settings.DEFAULTS) and not settings.setting_problems(settings.DEFAULTS)

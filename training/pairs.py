@@ -36,15 +36,18 @@ VERSION = "1"
 
 
 def teacher_correct(teacher, x: torch.Tensor, cond, neg_cond, s0: float, steps: int, guidance,
-                    generator: torch.Generator) -> torch.Tensor:
+                    generator: torch.Generator, callback=None) -> torch.Tensor:
     """Teacher model-space latents noised to s0 and denoised by the teacher: `steps` Euler steps on a uniform grid
-    of s from s0 to 0 (each x_{s'} = x0 + s'/s (x_s - x0), the flow's deterministic step), with its guidance."""
+    of s from s0 to 0 (each x_{s'} = x0 + s'/s (x_s - x0), the flow's deterministic step), with its guidance.
+    callback: called with no arguments after each step (progress)."""
     n = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
     x = teacher.add_noise(x, n, torch.full((x.shape[0],), s0, device=x.device))
     grid = torch.linspace(s0, 0.0, steps + 1).tolist()
     for s, s_next in zip(grid[:-1], grid[1:]):
         x0 = teacher.predict_x0(x, s, cond, neg_cond=neg_cond, guidance=guidance).float()
         x = x0 + (s_next / s) * (x - x0)
+        if callback is not None:
+            callback()
     return x
 
 
@@ -102,23 +105,27 @@ def make_pairs(models: "DistillModels", prompts: list[str], n: int, path: str, *
         models.teacher_vae.to(device)
     neg_s = models.encode_student([negative_prompt]).prompt_embeds.to(device)
     neg_t = models.encode_teacher([negative_prompt]).to(device)
-    bar = None
+    # The bar counts pairs and moves after every sampler step (a batch takes many seconds on a CPU), with an ETA.
+    bar, step = None, None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(starts), initial=len(out), desc=f"regression pairs ({n}, {batch_size} per batch)",
-                   unit="batch", dynamic_ncols=True)
+        done = sum(len(t) for t in out)
+        bar = tqdm(total=n, initial=done, desc=f"regression pairs ({batch_size} per batch)", unit="pair",
+                   dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
     try:
         for k in range(len(out), len(starts)):
             i = starts[k]
             p = chosen[i : i + batch_size]
             b = len(p)
+            if bar is not None:  # each sampler step of this batch: its share of the batch's pairs
+                step = (lambda share=b / (student_steps + teacher_steps): bar.update(min(share, n - bar.n)))
             hidden = models.encode_student(p).prompt_embeds.to(device)
             x = ddim_sample(unet, hidden, neg_s, noise[i : i + b].to(device), student.schedule, student_steps,
-                            student_cfg)
+                            student_cfg, callback=step)
             y = bridge.forward_model(student.space.to_raw(x)).float()
             y = teacher_correct(teacher, y, models.encode_teacher(p).to(device), neg_t, s0, teacher_steps, guidance,
-                                g)
+                                g, callback=step)
             if same_space:  # a teacher in the student's own space (same-space distillation): y is the target
                 target = y.cpu()
             else:
@@ -132,8 +139,9 @@ def make_pairs(models: "DistillModels", prompts: list[str], n: int, path: str, *
                                 "try --dtype fp32.")
             out.append(target)
             parts.save(k, target, g.get_state(), spent + time.perf_counter() - t0)
-            if bar is not None:
-                bar.update(1)
+            if bar is not None:  # exact count at the batch's end (the per-step shares are fractions)
+                bar.n = min(n, i + b)
+                bar.refresh()
             if callback is not None:
                 callback(k + 1, len(starts))
             if stop is not None and stop.is_set() and k + 1 < len(starts):

@@ -1,7 +1,9 @@
 """Command line: `python -m training.run <command> ...` from the repository root.
 
 With no arguments it runs the embedded default: the whole method on the shapes world (Bridge training,
-cross-space distillation, evaluation and a report), on a CPU, in about five minutes (2 cores).
+cross-space distillation, evaluation and a report), on a CPU, in EXPECTED-TIME-PLACEHOLDER (the measured time and
+machine: README.md, training/shapes/settings.py EXPECTED_TIME say the same), with the CPU threads its first line
+names (`--threads N` chooses).
 
 Commands:
   shapes    the default run on the shapes world (also what no arguments does)
@@ -67,9 +69,13 @@ def _dispatch(argv: list[str]) -> int:
     # No command (options only, e.g. --fresh) is the embedded default, the shapes run; --help lists the commands.
     default = not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help"))
     if default or argv[0] == "shapes":
-        from .shapes.run import main as shapes_main
+        from .shapes.settings import parse_args
 
-        return int(shapes_main(argv if default else argv[1:]) or 0)
+        prog = "python -m training.run" + ("" if default else " shapes")  # the command the user typed
+        args = parse_args(argv if default else argv[1:], prog=prog)  # checked before torch loads
+        from .shapes.run import run_args
+
+        return int(run_args(args) or 0)
     chosen = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(load_commands=chosen)
     args = parser.parse_args(argv)

@@ -63,10 +63,10 @@ def ddim_scheduler(schedule: dict | None = None):
 
 @torch.no_grad()
 def ddim_sample(unet: "UNet2DConditionModel", hidden: torch.Tensor, neg_hidden: torch.Tensor, noise: torch.Tensor,
-                schedule: dict | None = None, steps: int = 25, cfg: float = 7.5) -> torch.Tensor:
+                schedule: dict | None = None, steps: int = 25, cfg: float = 7.5, callback=None) -> torch.Tensor:
     """The multi-step SD1.5 sampler: DDIM with CFG from noise [B,C,h,w] -> x0, MODEL space (float32). Trailing
     spacing, so the first step is t = 999 and steps=1, cfg=1 is the one-step student base. neg_hidden: [1,L,D] or
-    [B,L,D] (the negative / empty prompt)."""
+    [B,L,D] (the negative / empty prompt). callback: called with no arguments after each step (progress)."""
     scheduler = ddim_scheduler(schedule)
     scheduler.set_timesteps(steps, device=noise.device)
     x, b, dtype = noise.float(), noise.shape[0], unet.dtype
@@ -80,6 +80,8 @@ def ddim_sample(unet: "UNet2DConditionModel", hidden: torch.Tensor, neg_hidden: 
         else:
             eps = unet(x.to(dtype), tt, encoder_hidden_states=hidden.to(dtype)).sample.float()
         x = scheduler.step(eps, t, x).prev_sample
+        if callback is not None:
+            callback()
     return x
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from .common import add_model_arguments, given, model_files
+from .common import add_model_arguments, check_inputs, given, model_files, validate_flags
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,22 +78,23 @@ def config_from_args(args, demo: bool):
 
 
 def run(args) -> int:
+    # Only what is actually missing or wrong: the given paths checked, the options not given named; before the
+    # imports below load torch.
+    check_inputs(args, () if args.demo else ("--images", "--out", "--student", "--teacher-family", "--teacher"),
+                 "Bridge training", "or --demo to try it on tiny models")
     from .. import data
     from ..bridge_train import BridgeTrainer
-    from ..errors import UserError, output_dir
+    from ..errors import output_dir
     from ..models import assemble
 
     if args.demo:
         args.out = args.out or os.path.join("runs", "bridge-demo")
-    elif not args.images or not args.out or not args.student or not args.teacher_family or not args.teacher:
-        raise UserError("Bridge training needs --images FOLDER, --out FOLDER, --student (SD1.5 file or folder), "
-                        "--teacher-family and --teacher (or --demo to try it on tiny models).")
     demo_images = args.demo and not args.images
     if demo_images:
         args.images = os.path.join(args.out, "images")
     # Everything cheap first: the options, then the output folder, before images are made or models loaded.
     cfg = config_from_args(args, demo=args.demo)
-    cfg.validate()
+    validate_flags(cfg, args, {"out_dir": "--out"})
     output_dir(cfg.out_dir)
     if args.demo:
         if demo_images and not os.path.isdir(args.images):

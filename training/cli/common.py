@@ -40,3 +40,80 @@ def model_files(args) -> dict:
 def given(value, default):
     """An option's value, or `default` when it was not given (0 is a value, refused by the config's checks)."""
     return default if value is None else value
+
+
+# The path options of the commands and what each must be; checked by `check_inputs` before anything loads.
+# "model": a .safetensors file or a diffusers folder; "file": a .safetensors file; "text": a text file.
+PATH_OPTIONS = {"images": "folder", "student": "model", "base": "model", "student_vae": "file", "teacher": "model",
+                "teacher_vae": "file", "clip_l": "file", "clip_g": "file", "t5": "file", "tokenizers": "folder",
+                "bridge": "file", "prompts": "text", "val_prompts": "text"}
+
+
+def path_problem(flag: str, path: str, kind: str) -> str | None:
+    """Why the path given to `flag` cannot be what it must be (`kind`, see PATH_OPTIONS), or None. Model files are
+    only opened far enough to see that they start like a safetensors file (9 bytes): a wrong file is refused in
+    milliseconds, not after the libraries have loaded."""
+    import os
+
+    from .._bridge import files
+    from ..errors import UserError
+
+    if not os.path.exists(path):
+        return f"{flag} {path!r} does not exist" + (" (a link to a missing file)" if os.path.islink(path) else "")
+    if os.path.isdir(path):
+        return None if kind in ("folder", "model") else f"{flag} {path!r} is a folder; give a file"
+    if kind == "folder":
+        return f"{flag} {path!r} is a file; give a folder"
+    if kind == "text":
+        return None
+    try:
+        files.check_safetensors_file(path, error=UserError, what=flag)
+    except UserError as e:
+        if not path.lower().endswith(".safetensors") and "pickle" not in str(e):
+            return (f"{flag} {path!r} is not a safetensors file; give a .safetensors file"
+                    + (" or a diffusers folder" if kind == "model" else ""))
+        return f"{flag}: {str(e).rstrip('.')}"
+    return None
+
+
+def check_inputs(args, needed: tuple[str, ...] = (), what: str = "This command", alternative: str = "") -> None:
+    """Refuse in one UserError, before anything expensive runs, every path option given that does not exist or is
+    not what it must be, and the `needed` options (flags, e.g. "--student") that were not given: only what is
+    actually wrong, each named by the flag the user types."""
+    import os
+
+    from ..errors import UserError
+
+    problems = [path_problem("--" + dest.replace("_", "-"), value, kind) for dest, kind in PATH_OPTIONS.items()
+                if (value := getattr(args, dest, None))]
+    out = getattr(args, "out", None)
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        problems.append(f"--out {out!r} is a file, not a folder: choose another path")
+    problems = [p for p in problems if p]
+    missing = [flag for flag in needed if not getattr(args, flag.lstrip("-").replace("-", "_"), None)]
+    if missing:
+        problems.append(f"{what} needs {', '.join(missing)}" + (f" ({alternative})" if alternative else ""))
+    if problems:
+        raise UserError("; ".join(problems) + ".")
+
+
+def validate_flags(cfg, args, renames: dict | None = None) -> None:
+    """`cfg.validate()` with its problems named as the user typed them: each problem's leading config field becomes
+    the command's flag (`--batch-size` for batch_size) where the command has that option; `renames`: field -> flag
+    where the names differ (e.g. out_dir -> --out)."""
+    import re
+
+    from ..errors import UserError
+
+    renames = renames or {}
+
+    def flag(m: re.Match) -> str:
+        field = m.group(3)
+        name = renames.get(field) or ("--" + field.replace("_", "-") if hasattr(args, field) else field)
+        return m.group(1) + (m.group(2) or "") + name
+
+    try:
+        cfg.validate()
+    except ValueError as e:
+        head, sep, body = str(e).partition(": ")
+        raise UserError(head + sep + re.sub(r"(^|; |each of )(a )?([a-z][a-z0-9_]*)\b", flag, body)) from None

@@ -10,7 +10,7 @@ import os
 from .. import dmd
 from ..distill import GRAD_NORMS, DistillConfig, Distiller, read_prompts
 from ..errors import UserError
-from .common import add_model_arguments, given, model_files
+from .common import add_model_arguments, check_inputs, given, model_files, validate_flags
 
 DEMO_PROMPTS = [
     "a red circle on a blue background", "a green square on a white background, top left",
@@ -206,20 +206,15 @@ def run(args) -> int:
     from ..models import assemble
     from ..models.export import export_diffusers, export_sd15, export_single_file
 
+    # Only what is actually missing or wrong: the given paths checked, the options not given named.
+    check_inputs(args, () if args.demo else ("--student", "--bridge", "--teacher-family", "--teacher", "--prompts",
+                                             "--out"), "Distillation", "or --demo to try it on tiny models")
     if args.demo:
         args.out = args.out or os.path.join("runs", "distill-demo")
-    else:
-        missing = [opt for opt, value in (("--student", args.student), ("--bridge", args.bridge),
-                                          ("--teacher-family", args.teacher_family), ("--teacher", args.teacher),
-                                          ("--prompts", args.prompts), ("--out", args.out)) if not value]
-        if missing:
-            raise UserError(f"Distillation needs {', '.join(missing)}: the SD1.5 --student, a trained --bridge, the "
-                            "teacher (--teacher-family, --teacher, text encoders), --prompts FILE and --out FOLDER "
-                            "(or --demo to try it on tiny models).")
     # Everything cheap first: prompts and options, then the output folder, before any model is loaded.
     prompts = read_prompts(args.prompts) if args.prompts else DEMO_PROMPTS
     cfg = config_from_args(args, prompts)
-    cfg.validate()
+    validate_flags(cfg, args, {"out_dir": "--out"})
     if args.demo and args.bridge:
         assemble.check_demo_bridge(args.bridge)
     if cfg.regression_pairs:  # a file made elsewhere: checked before any model loads

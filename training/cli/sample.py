@@ -12,8 +12,6 @@ import argparse
 import os
 import re
 
-import torch
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student", required=True,
@@ -32,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def sample_images(student, vae, text_encoder, tokenizer, prompt: str, seed: int = 0, batch: int = 1,
                   resolution: int = 512) -> list:
     """One-step images (PIL) for one prompt: noise from torch.Generator().manual_seed(seed) for the batch."""
+    import torch
     from PIL import Image
 
     from .._bridge import model as bridge_model
@@ -65,6 +64,8 @@ def check_sampling(batch: int = 1, resolution: int = 512, seed: int = 0, prompts
 
 def resolve_device(name: str) -> str:
     """--device as a torch device string: auto is CUDA when present; a device this machine lacks is refused."""
+    import torch
+
     from ..errors import UserError
 
     if name == "auto":
@@ -92,12 +93,15 @@ def _slug(text: str, n: int = 40) -> str:
 
 def run(args) -> int:
     from ..errors import output_dir
-    from ..models import assemble
+    from .common import check_inputs
 
-    # Everything cheap first: options, device and output folder, then the models.
+    # Everything cheap first: options and the files given (before torch loads), device and output folder, then the
+    # models.
     check_sampling(batch=args.batch, resolution=args.resolution, seed=args.seed, prompts=len(args.prompt))
+    check_inputs(args)
     device = resolve_device(args.device)
     output_dir(args.out)
+    from ..models import assemble
     student, vae, text_encoder, tokenizer = assemble.load_student_for_sampling(args.student, args.base, device)
     written = []
     for i, prompt in enumerate(args.prompt):

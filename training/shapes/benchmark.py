@@ -41,7 +41,7 @@ import sys
 import time
 
 from ..loop import write_json
-from .run import DEFAULTS, QUICK, add_setting_arguments, regression_text
+from .run import DEFAULTS, QUICK, add_setting_arguments, mean_attributes, regression_text
 
 # The benchmark's schedule: the method given the time it needs to show what it learns (docs/shapes_investigation.md
 # §4, §5.8: on seed 0 this schedule first reached prompt accuracy 0.33, where the default run's 10-minute schedule
@@ -281,7 +281,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _mean_attributes(r: dict) -> float:
-    return sum(r[a] for a in ATTRIBUTES) / len(ATTRIBUTES)
+    return mean_attributes(r)  # the default run's report uses the same
 
 
 def aggregate(results: list[dict], seeds: list[int]) -> dict:

@@ -25,14 +25,14 @@ import torch
 
 from .. import _bridge
 from .judge import Judge, load_judge
+from .settings import DEFAULT_WORLD
 from .text import build_tokenizer, encode_student, encode_teacher
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 
 STUDENT_RESOLUTION, TEACHER_RESOLUTION, K = 64, 128, 2
-DEFAULT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                           "assets", "shapes")
+DEFAULT_DIR = DEFAULT_WORLD  # the shipped world (settings.py: the command line knows it without torch)
 
 _VAE_COMMON = dict(
     in_channels=3,

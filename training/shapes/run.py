@@ -25,6 +25,7 @@ current stage; the same command resumes it (--fresh starts over). The benchmark
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -37,57 +38,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import loop
+# The settings and the command line live in settings.py (no torch there); the benchmark and tests import them here.
+from .settings import (  # noqa: F401
+    BUSY_LOAD, DEFAULT_OUT, DEFAULTS, EXPECTED_TIME, QUICK, THREADS_HELP, add_setting_arguments, parse_args,
+    path_problems, setting_problems,
+)
 
 if TYPE_CHECKING:
     from .models import ShapesWorld
-
-DEFAULTS = dict(
-    n_images=1200,  # rendered training images for the Bridge (10% held out for its validation)
-    bridge_steps=400, bridge_batch=16, bridge_lr=1e-3, attn_weight=0.1, attn_queries=64,
-    projector_width=64, projector_depth=2,
-    bridge_tap="image",  # where the Bridge reads the student decoder: image (full decode) or features (bridge/taps.py)
-    # 100 DMD steps after the regression warm-up below (300 without it): what fits the default run's 10 minutes.
-    distill_steps=100, distill_batch=16, student_lr=2e-5, student_cross_attention_lr=0.0, fake_lr=1e-3, fake_rank=16,
-    fake_updates=2, distill_s_min=0.02,
-    # The regression pairs (training/pairs.py, DistillConfig.regression_*): this many teacher-corrected pairs (0: off),
-    # made before the distillation and counted in its wall time (the teacher redraws the student base's own samples
-    # from noise level regression_s0), fitted by regression-only warm-up steps before the DMD steps (a regression
-    # term inside each DMD step, regression_weight > 0, measured worse per second: docs/shapes_investigation.md §5.8).
-    # Without them no distillation in this budget learns the background (§5.1-5.7).
-    regression_n=400, regression_weight=0.0, regression_s0=0.9, regression_batch=16,
-    regression_warmup_steps=1500, regression_warmup_lr=1e-4, regression_warmup_cross_attention_lr=1e-3,
-    # The distiller's options for the Bridge's Jacobian (DistillConfig; docs/shapes_investigation.md): DMD2's
-    # normaliser and then equal per-sample weight in student space, a clip that cuts only outliers (2x the running
-    # norm; the fixed 1.0 was active on every step), the teacher's own noise levels (it saw s < 0.2 in 0.7% of its
-    # training, DMD's uniform draw puts 19% there) and a straight-through clamp. Each is an ablation row of the
-    # benchmark.
-    distill_timesteps="teacher", distill_grad_norm="both", distill_grad_clip=1.0, distill_clip_relative=2.0,
-    straight_through_clamp=True,
-    # The one-step student's input timestep. SD1.5 practice is 999, but there x0 = (z - 0.998 eps) / 0.068 amplifies
-    # the tiny UNet's eps errors ~15x: in the same budget it fits even paired targets far worse than at 700
-    # (`python -m training.shapes.probe`), and DMD only improves it from 700 (docs/shapes_investigation.md).
-    student_timestep=700,
-    guidance=0.0,  # real-score CFG; 0: the teacher's own sampling CFG (world.json)
-    eval_samples=300, eval_batch=100, grid_prompts=6, grid_seeds=2,
-    # The pretrained rows of the report come from the world's build report (False) or are measured again (True).
-    measure_reference_rows=False,
-    # --same-space-row: also distil same-space from the student base (same steps, not equal time), for comparison;
-    # off by default because it takes the default run past its 10-minute budget on 2 cores (measured: ~11 min).
-    same_space_row=False,
-    # The synthetic-data baseline (benchmark): teacher samples -> student VAE -> fine-tune the student base on them
-    # (multi-step objective) -> same-space distillation, all in the cross-space row's wall time.
-    synthetic_images=800, synthetic_finetune_steps=200, synthetic_batch=64, synthetic_lr=2e-4,
-    # > 0: this many of the world's captions (render.held_out_captions) never appear in distillation-stage data
-    # (pairs, DMD prompts, synthetic samples, Bridge images); the benchmark measures on them (issue 25). The default
-    # run keeps every caption (0).
-    held_out_captions=0,
-)
-# The same pipeline with a handful of steps: checks everything end to end, not quality.
-QUICK = dict(DEFAULTS, n_images=24, bridge_steps=4, bridge_batch=4, distill_steps=3, distill_batch=2, fake_updates=1,
-             projector_width=16, projector_depth=1, eval_samples=8, eval_batch=8, grid_prompts=2, grid_seeds=2,
-             synthetic_images=8, synthetic_finetune_steps=2, synthetic_batch=4, regression_n=8, regression_batch=2,
-             regression_warmup_steps=2)
-DEFAULT_OUT = os.path.join("runs", "shapes")
 
 ROW_LABELS = {
     "teacher": "teacher ({steps} steps, CFG {cfg:g})",
@@ -474,8 +432,25 @@ def regression_text(settings: dict) -> str:
     return "Regression: " + "; ".join(parts) + "; the pairs' making counts in the training wall time."
 
 
+ATTRIBUTES = ("shape", "colour", "background", "position")
+
+
+def mean_attributes(r: dict) -> float:
+    """The mean of the per-attribute accuracies of an evaluation row (the README's "mean attribute")."""
+    return sum(r[a] for a in ATTRIBUTES) / len(ATTRIBUTES)
+
+
 def _fmt(x, digits=3):
     return "—" if x is None else f"{x:.{digits}f}"
+
+
+def threads_text(report: dict) -> str:
+    """'2 CPU threads' or, where invocations differed, the threads of each stage ('bridge_training 2 then 1, ...')."""
+    per_stage = report.get("stage_threads") or {}
+    counts = {n for ts in per_stage.values() for n in ts} or {report["threads"]}
+    if len(counts) == 1:
+        return f"{counts.pop()} CPU thread(s)"
+    return "CPU threads per stage: " + ", ".join(f"{k} {' then '.join(map(str, v))}" for k, v in per_stage.items())
 
 
 def report_markdown(report: dict) -> str:
@@ -483,7 +458,7 @@ def report_markdown(report: dict) -> str:
     lines = [
         "# Shapes world: default run" + (" (QUICK: numbers are meaningless)" if report["quick"] else ""),
         "",
-        f"World `{report['world']}`, seed {report['seed']}, {report['threads']} CPU threads, "
+        f"World `{report['world']}`, seed {report['seed']}, {threads_text(report)}, "
         f"{ev['prompts']} held-out prompts (evaluation seed {ev['seed']}). Every figure below was measured in this "
         "run, except the pretrained rows marked [the world's build report] (its saved weights, measured when the "
         "world was built; `--measure-reference-rows` measures them again).",
@@ -516,7 +491,8 @@ def report_markdown(report: dict) -> str:
     ]
     for name in report["rows"]:
         r = ev[name]
-        lines.append(f"- {name}: {r['shape']:.3f} / {r['colour']:.3f} / {r['background']:.3f} / {r['position']:.3f}")
+        lines.append(f"- {name}: {r['shape']:.3f} / {r['colour']:.3f} / {r['background']:.3f} / {r['position']:.3f} "
+                     f"(mean attribute {mean_attributes(r):.3f})")
     val = (report.get("bridge", {}).get("last_val") or {}).get("val", {})
     if val:
         lines += ["", "Bridge on held-out images (teacher model space; image PSNR after the teacher VAE):", "",
@@ -527,7 +503,9 @@ def report_markdown(report: dict) -> str:
                              f"{val[name]['image_psnr']:.2f} |")
     lines += [
         "",
-        "Stage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()),
+        "Stage timings (s" + (f", summed over the run's {report['invocations']} invocations" if
+                              report.get("invocations", 1) > 1 else "") + "): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in t.items()),
         "",
         f"Sample grid: `grid.png` (rows: {', '.join(report['grid']['rows'])}; columns: each prompt x seeds "
         f"{report['grid']['seeds']}):",
@@ -550,19 +528,85 @@ def _stopped(out: str, stage: str, result: dict) -> dict:
     return {"stopped_early": True, "stage": stage, "step": result["step"]}
 
 
+# ------------------------------------------------------------------------------------- threads and stage times
+
+def choose_threads(requested: int | None = None) -> tuple[int, str]:
+    """(threads for this run, why): `requested` (--threads), else OMP_NUM_THREADS when set, else by the load
+    average (THREADS_HELP)."""
+    if requested:
+        return requested, "--threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    cores = torch.get_num_threads()  # torch's default: one per physical core
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if cores > 1 and load >= BUSY_LOAD:
+        return 1, (f"other work is running (load average {load:.1f}), where {cores} threads would spin-wait "
+                   "against it")
+    return cores, f"torch's default, one per core: the machine is idle (load average {load:.1f})"
+
+
+class StageLedger:
+    """Wall time and threads of each stage, per invocation of the run, kept in <out>/stages.json so that a resumed
+    run's report sums its parts: a stage's time is the sum over the invocations that spent time in it."""
+
+    def __init__(self, out: str, threads: int):
+        self.path = os.path.join(out, "stages.json")
+        self.invocations = []
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                self.invocations = json.load(f)["invocations"]
+        self.current = {"threads": threads, "stages": {}, "total": 0.0}
+        self.invocations.append(self.current)
+        self.t_start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Times the block as stage `name` of this invocation, whether it ends, stops (Ctrl-C) or fails."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.current["stages"][name] = self.current["stages"].get(name, 0.0) + time.perf_counter() - t0
+            self.current["total"] = time.perf_counter() - self.t_start
+            loop.write_json(self.path, {"invocations": self.invocations})
+
+    def timings(self) -> dict:
+        """{stage: seconds summed over the invocations, ..., "total": the invocations' totals summed}."""
+        out: dict[str, float] = {}
+        for inv in self.invocations:
+            for name, seconds in inv["stages"].items():
+                out[name] = out.get(name, 0.0) + seconds
+        out["total"] = sum(inv["total"] for inv in self.invocations)
+        return out
+
+    def threads(self) -> dict:
+        """{stage: [threads of each invocation that ran it]}."""
+        out: dict[str, list[int]] = {}
+        for inv in self.invocations:
+            for name in inv["stages"]:
+                out.setdefault(name, []).append(inv["threads"])
+        return out
+
+
 def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, quick: bool = False,
-        fresh: bool = False, **overrides) -> dict:
+        fresh: bool = False, threads: int | None = None, **overrides) -> dict:
     """The default run (see the module docstring); returns the report dict (also written as report.json), or
-    {"stopped_early": True, ...} after Ctrl-C (the stage saved its state: the same call resumes it)."""
+    {"stopped_early": True, ...} after Ctrl-C (the stage saved its state: the same call resumes it).
+    threads: torch CPU threads for the run (None: `choose_threads`, by the machine's load)."""
     from . import models
     from .evaluate import base_generators, evaluate_generators
+
+    from ..errors import UserError
 
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"Unknown settings {sorted(unknown)}; known: {', '.join(DEFAULTS)}.")
     settings = dict(QUICK if quick else DEFAULTS, **overrides)
     world_dir = world_dir or models.DEFAULT_DIR
-    t_start = time.perf_counter()
+    # Everything cheap first, before a file is written: the settings, the world folder, the run folder.
+    problems = setting_problems(settings) + path_problems(out, world_dir)
+    if problems:
+        raise UserError("; ".join(problems) + ".")
     if fresh and os.path.isdir(out):
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
@@ -575,68 +619,77 @@ def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, qui
                 raise ValueError(f"{out} holds a run with another world, seed or settings; pass another --out, or "
                                  "--fresh to start over there.")
     loop.write_json(identity_path, identity)
-    timings: dict[str, float] = {}
+    n_threads, why = choose_threads(threads)
+    torch.set_num_threads(n_threads)
+    _log(f"{n_threads} CPU thread{'s' if n_threads > 1 else ''} ({why}); --threads N chooses. Expected time of the "
+         f"default run: {EXPECTED_TIME}")
+    ledger = StageLedger(out, n_threads)
 
     _log(f"loading the shapes world from {world_dir}")
-    world = models.load_shapes_world(world_dir, register=False)
+    with ledger.stage("loading"):
+        world = models.load_shapes_world(world_dir, register=False)
 
     _log("1/4 rendering the Bridge's training images")
-    t0 = time.perf_counter()
-    images = render_images(os.path.join(out, "data", "images"), settings["n_images"], seed)
-    timings["data"] = time.perf_counter() - t0
+    with ledger.stage("data"):
+        images = render_images(os.path.join(out, "data", "images"), settings["n_images"], seed)
 
     _log("2/4 training the Bridge (reconstruction + attention fidelity)")
-    bridge, bridge_result = train_bridge(world, os.path.join(out, "bridge"), images, settings, seed)
+    with ledger.stage("bridge_training"):
+        bridge, bridge_result = train_bridge(world, os.path.join(out, "bridge"), images, settings, seed)
     if bridge is None:
         return _stopped(out, "Bridge training", bridge_result)
     shutil.copyfile(bridge_result["bridge"], os.path.join(out, "bridge.safetensors"))
-    timings["bridge_training"] = bridge_result["wall_s"]
 
     _log("3/4 distilling the one-step student cross-space through the Bridge")
-    student_unet, distill_result = distill_student(world, os.path.join(out, "distill"), "cross", settings, seed,
-                                                   bridge=bridge)
+    with ledger.stage("distillation"):
+        student_unet, distill_result = distill_student(world, os.path.join(out, "distill"), "cross", settings, seed,
+                                                       bridge=bridge)
     if student_unet is None:
         return _stopped(out, "distillation", distill_result)
     shutil.copyfile(distill_result["student"], os.path.join(out, "student_unet.safetensors"))
-    timings["distillation"] = distill_result["wall_s"]
 
     same_unet, same_result = None, None
     if settings["same_space_row"]:
         _log("3b/4 distilling a same-space one-step student from the student base, for comparison")
-        same_unet, same_result = distill_student(world, os.path.join(out, "distill_same"), "same", settings, seed)
+        with ledger.stage("same_space_distillation"):
+            same_unet, same_result = distill_student(world, os.path.join(out, "distill_same"), "same", settings,
+                                                     seed)
         if same_unet is None:
             return _stopped(out, "same-space distillation", same_result)
-        timings["same_space_distillation"] = same_result["wall_s"]
 
     _log("4/4 evaluating with the judge")
-    t0 = time.perf_counter()
-    rows = dict(base_generators(world), **start_rows(world, settings),
-                cross_space=student_generator(world, student_unet, settings["student_timestep"]))
-    if same_unet is not None:
-        rows["same_space"] = student_generator(world, same_unet, settings["student_timestep"])
-    reference = {} if settings["measure_reference_rows"] else world_reference_rows(world_dir)
-    evaluation = evaluate_generators(world, {k: v for k, v in rows.items() if k not in reference},
-                                     n=settings["eval_samples"], seed=seed, batch_size=settings["eval_batch"],
-                                     progress=True)
-    evaluation.update(reference)
-    prompts = grid_prompts(settings["grid_prompts"])
-    seeds = list(range(settings["grid_seeds"]))
-    before = rows.get("student_base_start", rows["student_base_one_step"])  # the distillation's start
-    grid_rows = {"one-step before": before, "one-step after (cross-space)": rows["cross_space"],
-                 **({"one-step same-space": rows["same_space"]} if "same_space" in rows else {}),
-                 "teacher": rows["teacher"]}
-    sample_grid(world, os.path.join(out, "grid.png"), grid_rows, prompts, seeds)
-    timings["evaluation"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
+    with ledger.stage("evaluation"):
+        rows = dict(base_generators(world), **start_rows(world, settings),
+                    cross_space=student_generator(world, student_unet, settings["student_timestep"]))
+        if same_unet is not None:
+            rows["same_space"] = student_generator(world, same_unet, settings["student_timestep"])
+        reference = {} if settings["measure_reference_rows"] else world_reference_rows(world_dir)
+        evaluation = evaluate_generators(world, {k: v for k, v in rows.items() if k not in reference},
+                                         n=settings["eval_samples"], seed=seed, batch_size=settings["eval_batch"],
+                                         progress=True)
+        evaluation.update(reference)
+        prompts = grid_prompts(settings["grid_prompts"])
+        seeds = list(range(settings["grid_seeds"]))
+        before = rows.get("student_base_start", rows["student_base_one_step"])  # the distillation's start
+        grid_rows = {"one-step before": before, "one-step after (cross-space)": rows["cross_space"],
+                     **({"one-step same-space": rows["same_space"]} if "same_space" in rows else {}),
+                     "teacher": rows["teacher"]}
+        sample_grid(world, os.path.join(out, "grid.png"), grid_rows, prompts, seeds)
+    for name in rows:
+        evaluation[name]["mean_attributes"] = mean_attributes(evaluation[name])
+    # Summed over every invocation of this run (a resumed run's times are the sum of its parts).
+    timings = ledger.timings()
+    stage_threads = ledger.threads()
 
     report = {
         "format": "shapes-run", "quick": quick, "world": os.path.abspath(world_dir), "seed": seed,
-        "threads": torch.get_num_threads(), "settings": settings, "timings_s": timings,
+        "threads": n_threads, "stage_threads": stage_threads, "invocations": len(ledger.invocations),
+        "settings": settings, "timings_s": timings,
         "rows": list(rows), "row_labels": {name: row_label(name, world, settings) + (
             f" [the world's build report, {reference[name]['prompts']} prompts]" if name in reference else "")
             for name in rows},
-        "training_s": {"cross_space": bridge_result["wall_s"] + distill_result["wall_s"],
-                       **({"same_space": same_result["wall_s"]} if same_result else {})},
+        "training_s": {"cross_space": timings["bridge_training"] + timings["distillation"],
+                       **({"same_space": timings["same_space_distillation"]} if same_result else {})},
         "gap": (world.config.get("knowledge_gap") or {}).get("attribute"),
         "evaluation": evaluation,
         "bridge": {"path": "bridge.safetensors", "steps": bridge_result["step"],
@@ -651,47 +704,28 @@ def run(out: str = DEFAULT_OUT, world_dir: str | None = None, seed: int = 0, qui
     loop.write_json(os.path.join(out, "report.json"), report)
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
         f.write(report_markdown(report))
-    _log(f"done in {timings['total']:.0f}s: {os.path.join(out, 'report.md')}")
+    _log(f"done in {timings['total']:.0f}s" + (f" over {len(ledger.invocations)} invocations"
+                                                  if len(ledger.invocations) > 1 else "")
+         + f": {os.path.join(out, 'report.md')}")
     for name in rows:
         r = evaluation[name]
         _log(f"  {report['row_labels'][name]}: prompt accuracy {r['accuracy']:.3f}, FD {r.get('fd', float('nan')):.2f}")
     return report
 
 
-def add_setting_arguments(parser: argparse.ArgumentParser, defaults: dict, quick: dict) -> None:
-    """--<setting> overrides for every entry of `defaults` (shared with the benchmark); booleans as
-    --<setting> / --no-<setting>."""
-    g = parser.add_argument_group("settings")
-    for key, value in defaults.items():
-        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(value, bool) else dict(type=type(value))
-        g.add_argument(f"--{key.replace('_', '-')}", default=None, help=f"default {value} (quick {quick[key]})",
-                       **kind)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from . import models
-
-    parser = argparse.ArgumentParser(prog="python -m training.shapes.run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"run folder (default {DEFAULT_OUT})")
-    parser.add_argument("--world", default=models.DEFAULT_DIR,
-                        help="built shapes world (default: the shipped assets/shapes; rebuild it with "
-                             "`python -m training.shapes.pretrain --out assets/shapes`)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data, training and evaluation (default 0)")
-    parser.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke test, not a result")
-    parser.add_argument("--fresh", action="store_true",
-                        help="delete --out first (default: resume the run found there, e.g. after Ctrl-C)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    add_setting_arguments(parser, DEFAULTS, QUICK)
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+def run_args(args: argparse.Namespace) -> int:
+    """Run from parsed and checked arguments (settings.parse_args); the exit code."""
     overrides = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
-    report = run(args.out, args.world, seed=args.seed, quick=args.quick, fresh=args.fresh, **overrides)
+    report = run(args.out, args.world, seed=args.seed, quick=args.quick, fresh=args.fresh, threads=args.threads,
+                 **overrides)
     return 130 if report.get("stopped_early") else 0  # 130: the shell's code for an interrupted command
 
 
+def main(argv: list[str] | None = None, prog: str = "python -m training.shapes.run") -> int:
+    return run_args(parse_args(argv, prog))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from ..run import main as cli_main
+
+    sys.exit(cli_main(["shapes", *sys.argv[1:]]))  # the command line's boundary: bad input is one `error:` line
