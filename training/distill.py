@@ -348,11 +348,14 @@ class Distiller:
 
     # ---- models ----
     def setup(self) -> None:
+        from .teachers import is_offloaded
+
         c, m = self.cfg, self.m
         student, bridge, teacher = m.student, m.bridge, m.teacher
         bridge.requires_grad_(False).eval()
         bridge.to(self.device)
-        teacher.model.to(self.device)  # no-op when the caller loaded it there (keeps its dtype)
+        if not is_offloaded(teacher.model):  # an offloaded teacher moves itself, layer by layer
+            teacher.model.to(self.device)  # no-op when the caller loaded it there (keeps its dtype)
         student.to(self.device).train()
         if c.student_lora_rank:
             student.add_lora(rank=c.student_lora_rank)

@@ -153,7 +153,7 @@ class _DiffusersTeacher:
         return add_noise(x0, noise, s)
 
     def _model_inputs(self, x_s: Tensor, cond: TextCond):
-        p = next(self.model.parameters())
+        p = _execution(self.model)
         if cond.pooled is None:
             raise ValueError(f"The {self.family} teacher needs pooled text embeddings (TextCond.pooled); encode "
                              f"prompts with text.encode_for_family.")
@@ -186,6 +186,12 @@ class _DiffusersTeacher:
                              f"{type(self.model).__name__}.")
         self.model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets,
                                           init_lora_weights=True), adapter_name="fake")
+        # peft gives the LoRA its base layer's dtype and device: with fp8 storage that is float8 (untrainable), with
+        # offloading the CPU. The LoRA trains where and in what the model computes (fp8: the compute dtype).
+        where = _execution(self.model)
+        for n, p in self.model.named_parameters():
+            if "lora_" in n and ".fake" in n and (p.dtype != where.dtype or p.device != where.device):
+                p.data = p.data.to(device=where.device, dtype=where.dtype)
         self.model.disable_adapters()
 
     def fake_parameters(self) -> list[torch.nn.Parameter]:
@@ -233,6 +239,28 @@ class _DiffusersTeacher:
     def to(self, device=None, dtype=None) -> "_DiffusersTeacher":
         self.model.to(device=device, dtype=dtype)
         return self
+
+
+class _Where:
+    def __init__(self, device, dtype):
+        self.device, self.dtype = device, dtype
+
+
+def _execution(model) -> _Where:
+    """Where a model computes: diffusers' `device` / `dtype` know about its offload (the onload device) and fp8
+    storage (the compute dtype); any other module: its first parameter."""
+    from diffusers import ModelMixin
+
+    if isinstance(model, ModelMixin):
+        return _Where(model.device, model.dtype)
+    return next(model.parameters())
+
+
+def is_offloaded(model) -> bool:
+    """Whether diffusers' group offloading manages `model`'s devices (then `.to(device)` must not be called)."""
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    return _is_group_offload_enabled(model)
 
 
 def _middle(n: int, k: int) -> list[int]:

@@ -68,12 +68,16 @@ def demo_bridge_models(seed: int = 0, teacher_family: str | None = None):
 def load_bridge_models(student: str, teacher_family: str, teacher: str | None = None, teacher_vae: str | None = None,
                        clip_l: str | None = None, clip_g: str | None = None, t5: str | None = None,
                        tokenizers: str | None = None, student_vae: str | None = None, dtype: str = "auto",
-                       cpu: bool = False):
+                       cpu: bool = False, teacher_storage: str = "auto", teacher_offload: bool = False):
     """Student VAE and teacher (transformer, VAE, text encoders) from local files -> BridgeModels.
 
     `student` is an SD1.5 single file or diffusers folder (its VAE is used unless `student_vae` is given);
     `teacher` a diffusers folder or a transformer / all-in-one single file. Used by the CLI and the ComfyUI node.
-    cpu: load onto the CPU even where CUDA exists (pair it with the trainer config's cpu)."""
+    cpu: load onto the CPU even where CUDA exists (pair it with the trainer config's cpu).
+    teacher_storage: the frozen transformer's weights in "fp8" (float8_e4m3fn, computed in `dtype`: bf16 on CUDA,
+    fp32 on the CPU), "bf16" (in `dtype`; an fp8 file is upcast) or "auto" (fp8 exactly when the file is: an e4m3fn
+    file is kept as it is). teacher_offload: keep the transformer on the CPU, each layer brought to the GPU for its
+    forward (the last resort: slower; a no-op on a CPU-only run)."""
     import torch
 
     from .. import loop
@@ -88,8 +92,11 @@ def load_bridge_models(student: str, teacher_family: str, teacher: str | None = 
     weights_dtype = torch_dtype(dtype, cpu)
     device = loop.default_device(cpu)
     sd15 = loading.load_sd15(student_vae or student, components=("vae",), dtype=weights_dtype, device=device)
+    if teacher_offload and device.type == "cpu":
+        print("note: --teacher-offload does nothing on the CPU (the teacher is in host memory already).")
     tm = loading.load_teacher_models(teacher_family, transformer=teacher, vae=teacher_vae, clip_l=clip_l,
-                                     clip_g=clip_g, t5=t5, tokenizers=tokenizers, dtype=weights_dtype, device=device)
+                                     clip_g=clip_g, t5=t5, tokenizers=tokenizers, dtype=weights_dtype, device=device,
+                                     storage=teacher_storage, offload=teacher_offload)
     t = make_teacher(teacher_family, tm.transformer)
 
     def encode(prompts):
@@ -170,10 +177,12 @@ def demo_distill_models(seed: int = 0, bridge_path: str | None = None):
 def load_distill_models(student: str, bridge: str, teacher_family: str, teacher: str | None = None,
                         teacher_vae: str | None = None, clip_l: str | None = None, clip_g: str | None = None,
                         t5: str | None = None, tokenizers: str | None = None, dtype: str = "auto",
-                        student_vae: str | None = None, cpu: bool = False):
+                        student_vae: str | None = None, cpu: bool = False, teacher_storage: str = "auto",
+                        teacher_offload: bool = False):
     """Student UNet + CLIP-L from the SD1.5 file `student`, the Bridge file, and the teacher (transformer, VAE, text
     encoders) from local files, as the CLI and the ComfyUI node take them -> DistillModels. Unlike
-    `demo_distill_models` there are no in-memory base components: the export reads them from `student`."""
+    `demo_distill_models` there are no in-memory base components: the export reads them from `student`.
+    teacher_storage, teacher_offload: see `load_bridge_models`."""
     import torch
 
     from .. import loop
@@ -197,7 +206,7 @@ def load_distill_models(student: str, bridge: str, teacher_family: str, teacher:
     # Student VAE, teacher, teacher VAE, teacher text encoders: the same loader as Bridge training.
     world = load_bridge_models(student, teacher_family, teacher=teacher, teacher_vae=teacher_vae, clip_l=clip_l,
                                clip_g=clip_g, t5=t5, tokenizers=tokenizers, student_vae=student_vae, dtype=dtype,
-                               cpu=cpu)
+                               cpu=cpu, teacher_storage=teacher_storage, teacher_offload=teacher_offload)
     device = loop.default_device(cpu)
     sd15 = loading.load_sd15(student, components=("unet", "text_encoder", "tokenizer"), dtype=torch.float32,
                              device=device, tokenizer=tokenizers)

@@ -1,0 +1,228 @@
+"""Loading for memory (issue 23): the frozen teacher stored in fp8 (an e4m3fn file kept as it is), offloaded layer by
+layer, the fake-score LoRA training on top of both; text encoders loaded alone. Tiny models of the real classes."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from training.models import loading, tiny
+from training.models.text import TextCond
+from training.teachers import is_offloaded, make_teacher
+
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.fixture(autouse=True)
+def _no_comfyui(monkeypatch):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+
+
+def _model(family):
+    torch.manual_seed(0)
+    m = tiny.tiny_sd3_transformer("sd35") if family.startswith("sd3") else tiny.tiny_flux_transformer()
+    with torch.no_grad():  # weights of a trained scale, so fp8 rounding is a small relative error
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return m.eval().requires_grad_(False)
+
+
+def _inputs(family, b=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    pooled = 64 if family.startswith("sd3") else 32
+    cond = TextCond(torch.randn(b, 7, 64, generator=g), torch.randn(b, pooled, generator=g))
+    return torch.randn(b, 16, 8, 8, generator=g), torch.tensor([0.3, 0.7][:b]), cond
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _fp8_file(model, path):
+    """What ComfyUI's fp8 files hold: matrices in e4m3fn, vectors (biases, norm scales) in bf16."""
+    sd = {k: (v.to(FP8) if v.ndim >= 2 else v.to(torch.bfloat16)).contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def flux_files(tmp_path_factory):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    tmp = tmp_path_factory.mktemp("flux8")
+    model = _model("flux_dev")
+    torch.manual_seed(3)
+    vae, clip, t5 = tiny.tiny_vae(16), tiny.tiny_clip_text("L"), tiny.tiny_t5_text()
+    FluxPipeline(transformer=model, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
+                 tokenizer=tiny.tiny_clip_tokenizer(), text_encoder_2=t5,
+                 tokenizer_2=tiny.tiny_t5_tokenizer()).save_pretrained(tmp / "flux")
+    files = {"fp8": _fp8_file(model, tmp / "flux1-dev-fp8.safetensors"),
+             "bf16": str(tmp / "flux1-dev.safetensors"), "vae": str(tmp / "ae.safetensors"),
+             "clip_l": str(tmp / "clip_l.safetensors"), "t5": str(tmp / "t5.safetensors")}
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}, files["bf16"])
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, files["vae"])
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, files["clip_l"])
+    save_file({k: v.contiguous() for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"},
+              files["t5"])
+    return {"model": model, "files": files, "config": str(tmp / "flux"),
+            "toks": {"clip_l": tiny.tiny_clip_tokenizer(), "t5": tiny.tiny_t5_tokenizer()}}
+
+
+# ------------------------------------------------------------------------------------------------ fp8 storage
+
+def test_fp8_file_is_loaded_as_it_is_never_upcast(flux_files):
+    f = flux_files["files"]
+    assert loading.teacher_file_is_fp8(f["fp8"]) and not loading.teacher_file_is_fp8(f["bf16"])
+    assert loading.resolve_teacher_storage("auto", f["fp8"]) == "fp8"
+    assert loading.resolve_teacher_storage("auto", f["bf16"]) == "bf16"
+    with pytest.raises(loading.ModelLoadError, match="--teacher-storage"):
+        loading.resolve_teacher_storage("int4", f["fp8"])
+    tm = loading.load_teacher_models("flux_dev", transformer=f["fp8"], vae=f["vae"], config=flux_files["config"],
+                                     text_encoders=False, dtype="fp32", storage="auto")
+    model = tm.transformer
+    from safetensors import safe_open
+
+    with safe_open(f["fp8"], framework="pt") as fh:
+        stored = {k: fh.get_tensor(k) for k in fh.keys()}
+    params = dict(model.named_parameters())
+    # Every matrix of the file is an fp8 parameter with the file's exact bytes: no bf16/fp32 copy of them exists,
+    # and what is not fp8 (biases and norm scales of the file, in bf16) is small.
+    fp8_bytes = 0
+    for k, v in stored.items():
+        if v.dtype == FP8:
+            assert params[k].dtype == FP8, k
+            assert torch.equal(params[k].view(torch.uint8), v.view(torch.uint8)), k
+            fp8_bytes += v.numel()
+    upcast = sum(p.numel() * p.element_size() for p in model.parameters() if p.dtype != FP8)
+    assert fp8_bytes > 0.9 * sum(p.numel() for p in model.parameters())
+    assert upcast < 0.1 * fp8_bytes * 4  # only the vectors are in fp32 (computed in the compute dtype)
+    assert model.dtype == torch.float32  # diffusers reports the compute dtype
+
+
+@pytest.mark.parametrize("family", ["sd35_medium", "flux_dev"])
+def test_fp8_teacher_predicts_within_fp8_error_and_its_fake_lora_trains(family):
+    reference = make_teacher(family, _model(family))
+    teacher = make_teacher(family, loading.store_fp8(_model(family), torch.float32))
+    assert {p.dtype for n, p in teacher.model.named_parameters() if n.endswith("to_q.weight")} == {FP8}
+    x, s, cond = _inputs(family)
+    with torch.no_grad():
+        v_ref, v8 = reference.velocity(x, s, cond), teacher.velocity(x, s, cond)
+    assert v8.dtype == torch.float32
+    assert 0 < _rel(v8, v_ref) < 0.1  # fp8 rounding (3 mantissa bits), not garbage, not unchanged
+    for t in (reference, teacher):
+        t.add_fake_adapter(rank=4)
+    lora = teacher.fake_parameters()
+    assert all(p.dtype == torch.float32 for p in lora)  # trainable, not the base's fp8
+    with torch.no_grad():  # zero-init: the fake is the real teacher
+        with teacher.fake():
+            assert torch.equal(teacher.velocity(x, s, cond), v8)
+    before = [p.detach().clone() for p in lora]
+    opt = torch.optim.AdamW(lora, lr=1e-3)
+    target = torch.randn_like(x)
+    losses = []
+    for _ in range(3):  # flow-matching-like fake updates
+        with teacher.fake():
+            loss = (teacher.velocity(x, s, cond) - target).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        losses.append(loss.item())
+    assert any(not torch.equal(a, b) for a, b in zip(before, lora))
+    assert losses[-1] < losses[0]
+    # The same LoRA values on the full-precision teacher give the same fake prediction, within fp8 error.
+    with torch.no_grad():
+        for p_ref, p in zip(reference.fake_parameters(), lora):
+            p_ref.copy_(p)
+        with reference.fake(), teacher.fake():
+            assert _rel(teacher.velocity(x, s, cond), reference.velocity(x, s, cond)) < 0.1
+        assert torch.equal(teacher.velocity(x, s, cond), v8)  # adapter off: the frozen fp8 teacher
+
+
+def test_bf16_file_stored_fp8_and_fp8_file_upcast_on_request(flux_files):
+    f, cfg = flux_files["files"], flux_files["config"]
+    tm = loading.load_teacher_models("flux_dev", transformer=f["bf16"], vae=f["vae"], config=cfg,
+                                     text_encoders=False, dtype="fp32", storage="fp8")
+    assert tm.transformer.transformer_blocks[0].attn.to_q.weight.dtype == FP8
+    tm = loading.load_teacher_models("flux_dev", transformer=f["fp8"], vae=f["vae"], config=cfg,
+                                     text_encoders=False, dtype="fp32", storage="bf16")
+    assert {p.dtype for p in tm.transformer.parameters()} == {torch.float32}
+
+
+# ------------------------------------------------------------------------------------------------ offload
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_offloaded_teacher_predicts_the_same_and_its_fake_lora_trains(fp8):
+    family = "flux_dev"
+    plain = make_teacher(family, _model(family))
+    model = _model(family)
+    if fp8:
+        loading.store_fp8(model, torch.float32)
+        plain = make_teacher(family, loading.store_fp8(_model(family), torch.float32))
+    assert not loading.offload_blocks(model, "cpu")  # nothing to gain on a CPU: a no-op
+    assert not is_offloaded(model)
+    assert loading.offload_blocks(model, "cpu", cpu_too=True)  # the hooks, with onload = offload = the CPU
+    assert is_offloaded(model)
+    teacher = make_teacher(family, model)
+    x, s, cond = _inputs(family)
+    with torch.no_grad():
+        assert torch.equal(teacher.velocity(x, s, cond), plain.velocity(x, s, cond))
+    model.to("cpu")  # what Distiller.setup would do: diffusers refuses to move an offloaded model (a warning)
+    for t in (plain, teacher):
+        torch.manual_seed(5)  # the same LoRA A init for both
+        t.add_fake_adapter(rank=4)
+    target = torch.randn_like(x)
+    for t in (plain, teacher):
+        opt = torch.optim.AdamW(t.fake_parameters(), lr=1e-3)
+        for _ in range(2):
+            with t.fake():
+                (t.velocity(x, s, cond) - target).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+    # The offloaded teacher's LoRA trained exactly like the plain one's; the frozen teacher is unchanged.
+    for a, b in zip(plain.fake_parameters(), teacher.fake_parameters()):
+        assert torch.equal(a, b)
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        assert torch.equal(teacher.velocity(x, s, cond), plain.velocity(x, s, cond))
+        with teacher.fake(), plain.fake():
+            assert torch.equal(teacher.velocity(x, s, cond), plain.velocity(x, s, cond))
+
+
+def test_load_teacher_models_offload_is_a_no_op_on_the_cpu(flux_files):
+    f = flux_files["files"]
+    tm = loading.load_teacher_models("flux_dev", transformer=f["fp8"], vae=f["vae"], config=flux_files["config"],
+                                     text_encoders=False, dtype="fp32", storage="auto", offload=True, device="cpu")
+    assert not is_offloaded(tm.transformer) and tm.transformer.device.type == "cpu"
+
+
+# ------------------------------------------------------------------------------------------------ text encoders
+
+def test_text_encoders_load_alone_and_match_the_full_loader(flux_files):
+    f, cfg, toks = flux_files["files"], flux_files["config"], flux_files["toks"]
+    encoders, tokenizers = loading.load_teacher_text_encoders("flux_dev", transformer=f["fp8"], clip_l=f["clip_l"],
+                                                               t5=f["t5"], tokenizers=toks, config=cfg)
+    assert set(encoders) == set(tokenizers) == {"clip_l", "t5"}
+    full = loading.load_teacher_models("flux_dev", transformer=f["bf16"], vae=f["vae"], clip_l=f["clip_l"],
+                                       t5=f["t5"], tokenizers=toks, config=cfg)
+    for kind, enc in encoders.items():
+        a, b = enc.state_dict(), full.text_encoders[kind].state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The diffusers folder works the same way (its transformer is never read).
+    encoders, _ = loading.load_teacher_text_encoders("flux_dev", folder=cfg)
+    assert set(encoders) == {"clip_l", "t5"}
+
+
+def test_text_encoder_in_its_own_dtype_is_not_copied(tmp_path):
+    """A text encoder file already in the requested dtype becomes the model's weights without a copy (the tensors
+    read from the file are assigned), so it is never held twice in host RAM; another dtype: one tensor at a time."""
+    enc = tiny.tiny_t5_text()
+    (tmp_path / "text_encoder_2").mkdir()
+    enc.config.save_pretrained(tmp_path / "text_encoder_2")
+    tensors = {k: v.clone() for k, v in enc.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    ptrs = {k: v.data_ptr() for k, v in tensors.items()}
+    model = loading._text_encoder_from_tensors(dict(tensors), "t5.safetensors", str(tmp_path), "text_encoder_2",
+                                               torch.float32, None)
+    same = {k: p.data_ptr() for k, p in model.named_parameters() if k in ptrs}
+    assert same and same == {k: ptrs[k] for k in same}
+    bf16 = loading._text_encoder_from_tensors(dict(tensors), "t5.safetensors", str(tmp_path), "text_encoder_2",
+                                              torch.bfloat16, None)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
