@@ -226,3 +226,120 @@ def test_text_encoder_in_its_own_dtype_is_not_copied(tmp_path):
     bf16 = loading._text_encoder_from_tensors(dict(tensors), "t5.safetensors", str(tmp_path), "text_encoder_2",
                                               torch.bfloat16, None)
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------ prompts first
+
+def test_text_store_streams_chunks_and_reads_rows_lazily(tmp_path):
+    from training.models.text import TextStore, write_text_store
+
+    g = torch.Generator().manual_seed(0)
+    data = TextCond(torch.randn(7, 5, 6, generator=g), torch.randn(7, 3, generator=g))
+    calls = []
+
+    def encode(prompts):
+        calls.append(list(prompts))
+        return data.index([int(p) for p in prompts])
+
+    path = tmp_path / "teacher.safetensors"
+    assert write_text_store(path, encode, [str(i) for i in range(7)], chunk=3) == 7
+    assert [len(c) for c in calls] == [3, 3, 1]
+    whole = TextCond.load(path)  # a standard safetensors TextCond file
+    assert torch.equal(whole.prompt_embeds, data.prompt_embeds) and torch.equal(whole.pooled, data.pooled)
+    store = TextStore(path)
+    rows = store.index(torch.tensor([6, 0, 6]))
+    assert len(store) == 7 and torch.equal(rows.prompt_embeds, data.prompt_embeds[[6, 0, 6]])
+    assert torch.equal(rows.pooled, data.pooled[[6, 0, 6]])
+    write_text_store(path, encode, [str(i) for i in range(7)], chunk=4, dtype=torch.bfloat16)
+    assert TextCond.load(path).prompt_embeds.dtype == torch.bfloat16
+    assert TextStore(path).index([1]).prompt_embeds.dtype == torch.float32  # what the models take
+    assert [p.name for p in tmp_path.iterdir()] == ["teacher.safetensors"]  # no temporaries left
+
+
+@pytest.fixture(scope="module")
+def distill_files(tmp_path_factory):
+    """A tiny SD1.5 and a tiny SD3.5 as diffusers folders, and a Bridge file between them."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    from bridge.checkpoint import save_bridge
+    from bridge.model import Bridge
+
+    tmp = tmp_path_factory.mktemp("distill_files")
+    torch.manual_seed(0)
+    vae = tiny.tiny_vae(4)
+    StableDiffusionPipeline(unet=tiny.tiny_unet(), vae=vae, text_encoder=tiny.tiny_clip_text("L"),
+                            tokenizer=tiny.tiny_clip_tokenizer(),
+                            scheduler=loading._scheduler(loading.config_dir("sd15")), safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(tmp / "sd15")
+    StableDiffusion3Pipeline(
+        transformer=tiny.tiny_sd3_transformer("sd35"), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny.tiny_vae(16), text_encoder=tiny.tiny_clip_text("L", with_projection=True),
+        tokenizer=tiny.tiny_clip_tokenizer(), text_encoder_2=tiny.tiny_clip_text("G"),
+        tokenizer_2=tiny.tiny_clip_tokenizer(), text_encoder_3=tiny.tiny_t5_text(),
+        tokenizer_3=tiny.tiny_t5_tokenizer()).save_pretrained(tmp / "sd35")
+    bridge = Bridge.create("sd15", "sd3", k=2, student_vae=vae, width=32, depth=1, stem_channels=8, norm_groups=8)
+    save_bridge(str(tmp / "bridge.safetensors"), bridge)
+    return {"student": str(tmp / "sd15"), "teacher": str(tmp / "sd35"), "bridge": str(tmp / "bridge.safetensors")}
+
+
+def test_prompts_are_encoded_with_the_encoders_alone_before_the_models_load(tmp_path, distill_files, monkeypatch):
+    """encode_distill_prompts loads only the text encoders, encodes in chunks into the cache and frees them; the
+    models then load without any text encoder, and the Distiller finds the cache fresh (no encoding, no encoder)."""
+    import gc
+    import os
+    import weakref
+
+    from training.distill import DistillConfig, Distiller
+    from training.models import assemble, text
+    from training.models.text import TextStore, encode_for_family
+
+    events, encoders = [], []
+    real = {n: getattr(loading, n) for n in ("load_teacher_text_encoders", "load_teacher_models", "load_sd15")}
+
+    def spy(name):
+        def f(*a, **kw):
+            out = real[name](*a, **kw)
+            events.append((name, kw.get("components"), kw.get("text_encoders", True)))
+            if name == "load_teacher_text_encoders":
+                encoders.extend(weakref.ref(m) for m in out[0].values())
+            elif name == "load_sd15" and out.text_encoder is not None:
+                encoders.append(weakref.ref(out.text_encoder))
+            return out
+        return f
+
+    for n in real:
+        monkeypatch.setattr(loading, n, spy(n))
+    monkeypatch.setattr(text, "ENCODE_CHUNK", 2)
+    prompts = ["a red cube", "a blue ball", "two cats", "a tree", "the sea"]
+    cfg = DistillConfig(out_dir=str(tmp_path / "run"), prompts=prompts, steps=1, batch_size=2, resolution=16,
+                        fake_updates=1, fake_rank=4, sample_every=1000, ckpt_every=1000, cpu=True,
+                        negative_prompt="blurry")
+    files = dict(student=distill_files["student"], bridge=distill_files["bridge"], teacher_family="sd35_medium",
+                 teacher=distill_files["teacher"], dtype="fp32", cpu=True)
+    enc_teacher, enc_student = assemble.encode_distill_prompts(cfg, **files)
+    gc.collect()
+    assert [e[0] for e in events] == ["load_teacher_text_encoders", "load_sd15"]
+    assert events[1][1] == ("text_encoder", "tokenizer")
+    assert len(encoders) == 4 and all(r() is None for r in encoders)  # CLIP-L, CLIP-G, T5, student CLIP-L: freed
+    cache = tmp_path / "run" / "cache"
+    stamp = (cache / "cache.json").read_text()
+    # The chunked cache holds what one batch through the encoders gives.
+    enc, toks = real["load_teacher_text_encoders"]("sd35_medium", folder=distill_files["teacher"], dtype="fp32")
+    once = encode_for_family("sd35_medium", prompts, enc, toks)
+    assert torch.allclose(TextStore(cache / "teacher.safetensors").load().prompt_embeds, once.prompt_embeds, atol=1e-5)
+    assert torch.allclose(enc_teacher(["two cats", "blurry"]).pooled, TextCond.cat(
+        [once.index([2]), encode_for_family("sd35_medium", ["blurry"], enc, toks)]).pooled, atol=1e-5)
+    with pytest.raises(ValueError, match="not in the embedding cache"):
+        enc_student(["never seen"])
+    events.clear()
+    models = assemble.load_distill_models(encoders=(enc_teacher, enc_student), **files)
+    assert ("load_teacher_models", None, False) in events and ("load_sd15", ("unet",), True) in events
+    assert "load_teacher_text_encoders" not in [e[0] for e in events]
+    mtime = os.path.getmtime(cache / "teacher.safetensors")
+    result = Distiller(cfg, models).run()
+    assert result["step"] == 1 and (cache / "cache.json").read_text() == stamp
+    assert os.path.getmtime(cache / "teacher.safetensors") == mtime  # fresh: not encoded again
+    # A second call finds the cache fresh and loads no encoder at all.
+    events.clear()
+    assemble.encode_distill_prompts(cfg, **files)
+    assert events == []

@@ -13,7 +13,8 @@ import os
 from .families import TEACHER_FAMILIES
 
 __all__ = ["TEACHER_FAMILIES", "torch_dtype", "demo_bridge_models", "load_bridge_models", "check_demo_bridge",
-           "demo_distill_models", "load_distill_models", "load_student_for_sampling"]
+           "demo_distill_models", "load_distill_models", "distill_description", "encode_distill_prompts",
+           "load_student_for_sampling"]
 
 # Where `python -m training.run bridge --demo` writes its Bridge, which the distillation demo then uses.
 DEMO_BRIDGE = os.path.join("runs", "bridge-demo", "bridge.safetensors")
@@ -68,7 +69,8 @@ def demo_bridge_models(seed: int = 0, teacher_family: str | None = None):
 def load_bridge_models(student: str, teacher_family: str, teacher: str | None = None, teacher_vae: str | None = None,
                        clip_l: str | None = None, clip_g: str | None = None, t5: str | None = None,
                        tokenizers: str | None = None, student_vae: str | None = None, dtype: str = "auto",
-                       cpu: bool = False, teacher_storage: str = "auto", teacher_offload: bool = False):
+                       cpu: bool = False, teacher_storage: str = "auto", teacher_offload: bool = False,
+                       text_encoders: bool = True):
     """Student VAE and teacher (transformer, VAE, text encoders) from local files -> BridgeModels.
 
     `student` is an SD1.5 single file or diffusers folder (its VAE is used unless `student_vae` is given);
@@ -77,7 +79,8 @@ def load_bridge_models(student: str, teacher_family: str, teacher: str | None = 
     teacher_storage: the frozen transformer's weights in "fp8" (float8_e4m3fn, computed in `dtype`: bf16 on CUDA,
     fp32 on the CPU), "bf16" (in `dtype`; an fp8 file is upcast) or "auto" (fp8 exactly when the file is: an e4m3fn
     file is kept as it is). teacher_offload: keep the transformer on the CPU, each layer brought to the GPU for its
-    forward (the last resort: slower; a no-op on a CPU-only run)."""
+    forward (the last resort: slower; a no-op on a CPU-only run). text_encoders=False: the teacher's text encoders
+    are not loaded (prompts already encoded; encode_text then raises)."""
     import torch
 
     from .. import loop
@@ -92,11 +95,11 @@ def load_bridge_models(student: str, teacher_family: str, teacher: str | None = 
     weights_dtype = torch_dtype(dtype, cpu)
     device = loop.default_device(cpu)
     sd15 = loading.load_sd15(student_vae or student, components=("vae",), dtype=weights_dtype, device=device)
-    if teacher_offload and device.type == "cpu":
+    if teacher_offload and device == "cpu":
         print("note: --teacher-offload does nothing on the CPU (the teacher is in host memory already).")
     tm = loading.load_teacher_models(teacher_family, transformer=teacher, vae=teacher_vae, clip_l=clip_l,
                                      clip_g=clip_g, t5=t5, tokenizers=tokenizers, dtype=weights_dtype, device=device,
-                                     storage=teacher_storage, offload=teacher_offload)
+                                     storage=teacher_storage, offload=teacher_offload, text_encoders=text_encoders)
     t = make_teacher(teacher_family, tm.transformer)
 
     def encode(prompts):
@@ -178,11 +181,13 @@ def load_distill_models(student: str, bridge: str, teacher_family: str, teacher:
                         teacher_vae: str | None = None, clip_l: str | None = None, clip_g: str | None = None,
                         t5: str | None = None, tokenizers: str | None = None, dtype: str = "auto",
                         student_vae: str | None = None, cpu: bool = False, teacher_storage: str = "auto",
-                        teacher_offload: bool = False):
+                        teacher_offload: bool = False, encoders=None):
     """Student UNet + CLIP-L from the SD1.5 file `student`, the Bridge file, and the teacher (transformer, VAE, text
     encoders) from local files, as the CLI and the ComfyUI node take them -> DistillModels. Unlike
     `demo_distill_models` there are no in-memory base components: the export reads them from `student`.
-    teacher_storage, teacher_offload: see `load_bridge_models`."""
+    teacher_storage, teacher_offload: see `load_bridge_models`. encoders: (encode_teacher, encode_student) to use
+    instead of loading any text encoder, e.g. distill.cached_encoders after `encode_distill_prompts` encoded the
+    prompts with the encoders alone and freed them."""
     import torch
 
     from .. import loop
@@ -206,11 +211,18 @@ def load_distill_models(student: str, bridge: str, teacher_family: str, teacher:
     # Student VAE, teacher, teacher VAE, teacher text encoders: the same loader as Bridge training.
     world = load_bridge_models(student, teacher_family, teacher=teacher, teacher_vae=teacher_vae, clip_l=clip_l,
                                clip_g=clip_g, t5=t5, tokenizers=tokenizers, student_vae=student_vae, dtype=dtype,
-                               cpu=cpu, teacher_storage=teacher_storage, teacher_offload=teacher_offload)
+                               cpu=cpu, teacher_storage=teacher_storage, teacher_offload=teacher_offload,
+                               text_encoders=encoders is None)
     device = loop.default_device(cpu)
-    sd15 = loading.load_sd15(student, components=("unet", "text_encoder", "tokenizer"), dtype=torch.float32,
-                             device=device, tokenizer=tokenizers)
+    sd15 = loading.load_sd15(student, components=("unet", "text_encoder", "tokenizer") if encoders is None else
+                             ("unet",), dtype=torch.float32, device=device, tokenizer=tokenizers)
     bridge_module = bridge_checkpoint.load_bridge(bridge, student_vae=world.student_vae, device=device)
+    description = distill_description(student, bridge, teacher_family, teacher, teacher_vae, student_vae)
+    if encoders is not None:
+        return DistillModels(
+            student=OneStepStudent(sd15.unet), bridge=bridge_module, teacher=world.teacher,
+            teacher_vae=world.teacher_vae, encode_teacher=encoders[0], encode_student=encoders[1],
+            description=description)
     text = {"clip": sd15.text_encoder.to(world.student_vae.dtype).eval()}
 
     def free():
@@ -223,8 +235,72 @@ def load_distill_models(student: str, bridge: str, teacher_family: str, teacher:
         student=OneStepStudent(sd15.unet), bridge=bridge_module, teacher=world.teacher, teacher_vae=world.teacher_vae,
         encode_teacher=world.encode_text,
         encode_student=lambda prompts: encode_sd15(prompts, text["clip"], sd15.tokenizer),
-        free_text_encoders=free, description={**world.description, "bridge": os.path.basename(bridge)},
+        free_text_encoders=free, description=description,
     )
+
+
+def distill_description(student: str, bridge: str, teacher_family: str, teacher: str | None = None,
+                        teacher_vae: str | None = None, student_vae: str | None = None) -> dict:
+    """What a distillation loads, by file name (the summary's "models", and part of the embedding cache's key), known
+    before anything is loaded."""
+    return {"student": os.path.basename(student_vae or student), "teacher_family": teacher_family,
+            "teacher": os.path.basename(teacher or ""), "teacher_vae": os.path.basename(teacher_vae or ""),
+            "bridge": os.path.basename(bridge)}
+
+
+def encode_distill_prompts(config, student: str, bridge: str, teacher_family: str, teacher: str | None = None,
+                           teacher_vae: str | None = None, clip_l: str | None = None, clip_g: str | None = None,
+                           t5: str | None = None, tokenizers: str | None = None, dtype: str = "auto",
+                           student_vae: str | None = None, cpu: bool = False, **_memory):
+    """Before the teacher, the student and the Bridge are loaded: load the text encoders alone (the teacher's CLIP /
+    T5 and the student's CLIP-L), encode the run's prompts in chunks into its embedding cache (unless it is fresh),
+    and free the encoders, so they never share the GPU (or host RAM) with the big models. The main process encodes,
+    the others wait. Returns (encode_teacher, encode_student) reading the cache, for `load_distill_models(...,
+    encoders=...)`. Keywords as `load_distill_models` (its memory options are accepted and unused here)."""
+    import gc
+
+    import torch
+    from accelerate import PartialState
+
+    from .. import loop
+    from ..distill import cached_encoders, text_cache_is_fresh, text_cache_key, text_store_dtype, write_text_cache
+    from . import loading
+    from .text import encode_for_family, encode_sd15
+
+    config.validate()
+    pair_prompts = []
+    if config.regression_pairs and os.path.exists(config.regression_pairs):
+        from ..pairs import load_pairs
+
+        pair_prompts = sorted(set(load_pairs(config.regression_pairs, 4, config.resolution // 8)[2]))  # as the Distiller
+    description = distill_description(student, bridge, teacher_family, teacher, teacher_vae, student_vae)
+    key = text_cache_key(config, description, pair_prompts)
+    cache_dir = config.cache_dir or os.path.join(config.out_dir, "cache")
+    state = PartialState(cpu=cpu)
+    if state.is_main_process and not text_cache_is_fresh(cache_dir, key, bool(pair_prompts)):
+        weights_dtype, device = torch_dtype(dtype, cpu), loop.default_device(cpu)
+        enc, toks = loading.load_teacher_text_encoders(teacher_family, transformer=teacher, clip_l=clip_l,
+                                                       clip_g=clip_g, t5=t5, tokenizers=tokenizers,
+                                                       dtype=weights_dtype, device=device)
+        sd15 = loading.load_sd15(student, components=("text_encoder", "tokenizer"), dtype=weights_dtype,
+                                 device=device, tokenizer=tokenizers)
+
+        def encode_teacher(prompts):
+            with torch.no_grad():
+                return encode_for_family(teacher_family, prompts, enc, toks)
+
+        def encode_student(prompts):
+            return encode_sd15(prompts, sd15.text_encoder, sd15.tokenizer)
+
+        write_text_cache(config, cache_dir, key, encode_teacher, encode_student, pair_prompts,
+                         dtype=text_store_dtype(config))
+        enc.clear()
+        del sd15, encode_teacher, encode_student
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    state.wait_for_everyone()
+    return cached_encoders(config, cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------- sampling
