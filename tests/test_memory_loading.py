@@ -343,3 +343,47 @@ def test_prompts_are_encoded_with_the_encoders_alone_before_the_models_load(tmp_
     events.clear()
     assemble.encode_distill_prompts(cfg, **files)
     assert events == []
+
+
+def test_bridge_command_encodes_its_data_before_the_teacher_transformer_loads(tmp_path, distill_files, monkeypatch):
+    """`bridge`: VAEs and text encoders first, images and captions encoded, the encoders freed, and only then the
+    teacher transformer; the run then trains from the cache it finds fresh."""
+    import gc
+    import weakref
+
+    from training import data
+    from training.run import main
+
+    events, encoders = [], []
+    real_models, real_text = loading.load_teacher_models, loading.load_teacher_text_encoders
+    real_cache = data.build_latent_cache
+
+    def load_models(*a, **kw):
+        if "transformer" in kw.get("parts", ()):
+            gc.collect()
+            events.append(("transformer", all(r() is None for r in encoders)))
+        return real_models(*a, **kw)
+
+    def load_text(*a, **kw):
+        out = real_text(*a, **kw)
+        encoders.extend(weakref.ref(m) for m in out[0].values())
+        events.append(("text encoders", len(out[0])))
+        return out
+
+    def cache(*a, **kw):
+        built = real_cache(*a, **kw)
+        events.append(("cache", built))
+        return built
+
+    monkeypatch.setattr(loading, "load_teacher_models", load_models)
+    monkeypatch.setattr(loading, "load_teacher_text_encoders", load_text)
+    monkeypatch.setattr(data, "build_latent_cache", cache)
+    data.make_synthetic_images_once(str(tmp_path / "images"), n=6, size=64, seed=0)
+    assert main(["bridge", "--student", distill_files["student"], "--teacher-family", "sd35_medium",
+                 "--teacher", distill_files["teacher"], "--images", str(tmp_path / "images"),
+                 "--out", str(tmp_path / "run"), "--steps", "2", "--student-res", "32", "--width", "16", "--depth",
+                 "1", "--batch-size", "2", "--val-fraction", "0.34", "--val-every", "1000", "--dtype", "fp32",
+                 "--attn-queries", "4"]) == 0
+    assert events == [("text encoders", 3), ("cache", True), ("cache", True), ("transformer", True),
+                      ("cache", False), ("cache", False)]
+    assert (tmp_path / "run" / "bridge.safetensors").is_file()

@@ -14,6 +14,7 @@ from .families import TEACHER_FAMILIES
 
 __all__ = ["TEACHER_FAMILIES", "torch_dtype", "demo_bridge_models", "load_bridge_models", "check_demo_bridge",
            "demo_distill_models", "load_distill_models", "distill_description", "encode_distill_prompts",
+           "load_bridge_teacher",
            "load_student_for_sampling"]
 
 # Where `python -m training.run bridge --demo` writes its Bridge, which the distillation demo then uses.
@@ -70,7 +71,7 @@ def load_bridge_models(student: str, teacher_family: str, teacher: str | None = 
                        clip_l: str | None = None, clip_g: str | None = None, t5: str | None = None,
                        tokenizers: str | None = None, student_vae: str | None = None, dtype: str = "auto",
                        cpu: bool = False, teacher_storage: str = "auto", teacher_offload: bool = False,
-                       text_encoders: bool = True):
+                       text_encoders: bool = True, teacher_model: bool = True):
     """Student VAE and teacher (transformer, VAE, text encoders) from local files -> BridgeModels.
 
     `student` is an SD1.5 single file or diffusers folder (its VAE is used unless `student_vae` is given);
@@ -80,7 +81,9 @@ def load_bridge_models(student: str, teacher_family: str, teacher: str | None = 
     fp32 on the CPU), "bf16" (in `dtype`; an fp8 file is upcast) or "auto" (fp8 exactly when the file is: an e4m3fn
     file is kept as it is). teacher_offload: keep the transformer on the CPU, each layer brought to the GPU for its
     forward (the last resort: slower; a no-op on a CPU-only run). text_encoders=False: the teacher's text encoders
-    are not loaded (prompts already encoded; encode_text then raises)."""
+    are not loaded (prompts already encoded; encode_text then raises). teacher_model=False: the teacher transformer
+    is not loaded (BridgeModels.teacher None) so the data set is encoded with the VAEs and text encoders alone; set
+    it from `load_bridge_teacher` once the text encoders are freed (the bridge command does)."""
     import torch
 
     from .. import loop
@@ -99,8 +102,9 @@ def load_bridge_models(student: str, teacher_family: str, teacher: str | None = 
         print("note: --teacher-offload does nothing on the CPU (the teacher is in host memory already).")
     tm = loading.load_teacher_models(teacher_family, transformer=teacher, vae=teacher_vae, clip_l=clip_l,
                                      clip_g=clip_g, t5=t5, tokenizers=tokenizers, dtype=weights_dtype, device=device,
-                                     storage=teacher_storage, offload=teacher_offload, text_encoders=text_encoders)
-    t = make_teacher(teacher_family, tm.transformer)
+                                     storage=teacher_storage, offload=teacher_offload, text_encoders=text_encoders,
+                                     parts=("transformer", "vae", "text") if teacher_model else ("vae", "text"))
+    t = make_teacher(teacher_family, tm.transformer) if teacher_model else None
 
     def encode(prompts):
         with torch.no_grad():
@@ -113,10 +117,29 @@ def load_bridge_models(student: str, teacher_family: str, teacher: str | None = 
 
     return BridgeModels(
         student_vae=sd15.vae.requires_grad_(False), teacher_vae=tm.vae.requires_grad_(False), teacher=t,
-        student_space=spaces.get_space("sd15"), teacher_space=t.space, encode_text=encode, free_text_encoders=free,
+        student_space=spaces.get_space("sd15"),
+        teacher_space=t.space if t is not None else spaces.get_space("flux" if teacher_family.startswith("flux")
+                                                                     else "sd3"),
+        encode_text=encode, free_text_encoders=free,
         description={"student": os.path.basename(student_vae or student), "teacher_family": teacher_family,
                      "teacher": os.path.basename(teacher or ""), "teacher_vae": os.path.basename(teacher_vae or "")},
     )
+
+
+def load_bridge_teacher(teacher_family: str, teacher: str, dtype: str = "auto", cpu: bool = False,
+                        teacher_storage: str = "auto", teacher_offload: bool = False, **_files):
+    """The teacher transformer alone, as a Teacher (for `load_bridge_models(..., teacher_model=False)`): loaded after
+    the images and captions are encoded and the text encoders freed. Other model-file keywords are accepted and
+    unused (the command passes the same ones to both)."""
+    from .. import loop
+    from ..teachers import make_teacher
+    from . import loading
+
+    device = loop.default_device(cpu)
+    tm = loading.load_teacher_models(teacher_family, transformer=teacher, dtype=torch_dtype(dtype, cpu),
+                                     device=device, storage=teacher_storage, offload=teacher_offload,
+                                     parts=("transformer",))
+    return make_teacher(teacher_family, tm.transformer)
 
 
 # ---------------------------------------------------------------------------------------------- distillation

@@ -755,7 +755,8 @@ def _scheduler(folder: str):
 
 def load_teacher_models(family: str, transformer=None, vae=None, clip_l=None, clip_g=None, t5=None, folder=None,
                         tokenizers=None, dtype=None, device=None, config: str | None = None,
-                        text_encoders: bool = True, storage: str = "bf16", offload: bool = False) -> TeacherModels:
+                        text_encoders: bool = True, storage: str = "bf16", offload: bool = False,
+                        parts=("transformer", "vae", "text")) -> TeacherModels:
     """Teacher transformer, VAE, text encoders and tokenizers for `family` (sd35_medium, sd35_large, flux_dev,
     flux_schnell; "sd3" means sd35_medium).
 
@@ -764,7 +765,8 @@ def load_teacher_models(family: str, transformer=None, vae=None, clip_l=None, cl
     that override the folder / all-in-one contents. `tokenizers`: see `load_tokenizer`. `config`: a folder of
     component configs for single files (default: the shipped configs of the family). `text_encoders=False`
     skips text encoders and tokenizers (prompt embeddings already cached; `load_teacher_text_encoders` loads them
-    alone).
+    alone). `parts`: which of "transformer", "vae", "text" to load (the others stay None / empty), e.g. the VAE and
+    text encoders first to encode a data set, the transformer after they are freed.
 
     Memory (the frozen transformer only): `storage` "fp8" keeps its weights in float8_e4m3fn, computed in `dtype`
     (an e4m3fn file is loaded as it is, never upcast), "bf16" in `dtype` (an fp8 file is upcast), "auto" fp8
@@ -787,23 +789,27 @@ def load_teacher_models(family: str, transformer=None, vae=None, clip_l=None, cl
         found = _folder_group(folder)
         if found != group:
             raise ModelLoadError(f"{folder!r} is a {PIPELINES[found][0]} folder, but teacher family {family} was given.")
-    storage = resolve_teacher_storage(storage, transformer if transformer is not None else folder)
-    # fp8 or offload: built on the CPU first (cast, then hooked), moved to `device` afterwards or never.
-    t_device = device if storage != "fp8" and not offload else None
-    if transformer is not None:
-        out.transformer = _transformer_from_file(_check_path(transformer, "Teacher transformer"), family, config,
-                                                 dtype, t_device, fp8=storage == "fp8")
-        if _kind_of(_Header(os.fspath(transformer))).endswith("_checkpoint"):
-            aio = os.fspath(transformer)
-    else:
-        out.transformer = _transformer_from_folder(folder, family, dtype, t_device)
-    if storage == "fp8" and not any(_has_cast_hook(m) for m in out.transformer.modules()):
-        store_fp8(out.transformer, dtype)  # a bf16/fp16/fp32 file or folder: cast layer by layer
-    if t_device is None and device is not None and not (offload and offload_blocks(out.transformer, device)):
-        out.transformer.to(device)
+    if transformer is not None and _kind_of(_Header(_check_path(transformer, "Teacher transformer"))).endswith(
+            "_checkpoint"):
+        aio = os.fspath(transformer)
+    if "transformer" in parts:
+        storage = resolve_teacher_storage(storage, transformer if transformer is not None else folder)
+        # fp8 or offload: built on the CPU first (cast, then hooked), moved to `device` afterwards or never.
+        t_device = device if storage != "fp8" and not offload else None
+        if transformer is not None:
+            out.transformer = _transformer_from_file(_check_path(transformer, "Teacher transformer"), family, config,
+                                                     dtype, t_device, fp8=storage == "fp8")
+        else:
+            out.transformer = _transformer_from_folder(folder, family, dtype, t_device)
+        if storage == "fp8" and not any(_has_cast_hook(m) for m in out.transformer.modules()):
+            store_fp8(out.transformer, dtype)  # a bf16/fp16/fp32 file or folder: cast layer by layer
+        if t_device is None and device is not None and not (offload and offload_blocks(out.transformer, device)):
+            out.transformer.to(device)
 
     # VAE: explicit file > folder > the all-in-one checkpoint.
-    if vae is not None:
+    if "vae" not in parts:
+        pass
+    elif vae is not None:
         out.vae = load_vae(vae, family, dtype, device, config=config)
     elif folder is not None:
         out.vae = load_vae(folder, family, dtype, device)
@@ -814,7 +820,7 @@ def load_teacher_models(family: str, transformer=None, vae=None, clip_l=None, cl
                              f"(models/vae/{'ae' if group == 'flux' else 'sd3.5 vae'}.safetensors) or a diffusers "
                              f"folder.")
 
-    if text_encoders:
+    if text_encoders and "text" in parts:
         out.text_encoders, out.tokenizers = load_teacher_text_encoders(
             family, transformer=transformer, clip_l=clip_l, clip_g=clip_g, t5=t5, folder=folder,
             tokenizers=tokenizers, dtype=dtype, device=device, config=config)
