@@ -448,3 +448,19 @@ def test_an_fp8_file_adds_at_most_its_size_to_host_memory(tmp_path):
     assert upcast["rise"] > 2 * upcast["file"], upcast
     print(f"fp8 file {kept['file'] / 2**20:.0f} MiB: peak RSS +{kept['rise'] / 2**20:.0f} MiB kept as fp8, "
           f"+{upcast['rise'] / 2**20:.0f} MiB upcast to bf16")
+
+
+def test_sd35_fp8_file_in_bf16_compute(tmp_path):
+    """SD3.5 from an fp8 file with bf16 compute (as on CUDA): the buffers built at init (pos_embed) follow the
+    compute dtype, and the prediction is the fp32 teacher's within fp8 + bf16 rounding."""
+    model = _model("sd35_medium")
+    model.save_config(tmp_path / "transformer")
+    path = _fp8_file(model, tmp_path / "sd3.5_medium_fp8.safetensors")
+    fp8 = loading._transformer_from_file(path, "sd35_medium", str(tmp_path), torch.bfloat16, None, fp8=True)
+    assert fp8.dtype == torch.bfloat16 and {b.dtype for b in fp8.buffers() if b.is_floating_point()} == {
+        torch.bfloat16}
+    x, s, cond = _inputs("sd35_medium")
+    with torch.no_grad():
+        v8 = make_teacher("sd35_medium", fp8).velocity(x, s, cond)
+        v = make_teacher("sd35_medium", model).velocity(x, s, cond)
+    assert v8.dtype == torch.float32 and 0 < _rel(v8, v) < 0.1

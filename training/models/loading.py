@@ -358,6 +358,9 @@ def _fp8_single_file(cls, tensors: dict, path: str, config: str, subfolder: str,
         raise ModelLoadError(f"{os.path.basename(path)!r} does not fit the {what} config{_config_name(config)}: "
                              f"{_reason(e)} Is it the right model, and the full-size file?") from e
     _no_meta(model, what, path)
+    for b in model.buffers():  # buffers built at init (SD3's pos_embed) follow the compute dtype, as torch_dtype would
+        if b.is_floating_point() and b.dtype != compute_dtype:
+            b.data = b.data.to(compute_dtype)
     return store_fp8(model.eval(), compute_dtype)
 
 
