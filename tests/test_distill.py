@@ -620,3 +620,22 @@ def test_fake_guidance_is_checked(tmp_path):
     with pytest.raises(ValueError, match="fake_guidance"):
         _config(tmp_path, fake_guidance=-1.0).validate()
     _config(tmp_path, fake_guidance=1.0).validate()
+
+
+def test_an_offloaded_teacher_is_not_moved_and_its_fake_lora_trains(tmp_path, trainer_deps):
+    """Distiller.setup leaves an offloaded teacher where its hooks keep it (diffusers refuses `.to` on it), and the
+    fake LoRA peft adds afterwards trains (here the offload hooks run with the CPU as both devices)."""
+    from training.distill import Distiller
+    from training.models.loading import offload_blocks
+
+    student, bridge, teacher = _flux_world()
+    assert offload_blocks(teacher.model, "cpu", cpu_too=True)
+    moves = []
+    teacher.model.to = lambda *a, **kw: moves.append((a, kw))  # noqa: the instance's own `to`, to see calls
+    d = Distiller(_config(tmp_path, steps=1, batch_size=2, fake_updates=2, fake_lr=1e-2),
+                  _flux_models(student, bridge, teacher))
+    d.prepare()
+    assert moves == []
+    lora = [p.detach().clone() for p in teacher.fake_parameters()]
+    assert d.train_step(0) is not None
+    assert any(not torch.equal(a, b) for a, b in zip(lora, teacher.fake_parameters()))
