@@ -338,9 +338,15 @@ def test_prompts_are_encoded_with_the_encoders_alone_before_the_models_load(tmp_
     result = Distiller(cfg, models).run()
     assert result["step"] == 1 and (cache / "cache.json").read_text() == stamp
     assert os.path.getmtime(cache / "teacher.safetensors") == mtime  # fresh: not encoded again
-    # A second call finds the cache fresh and loads no encoder at all.
+    # A second call finds the cache fresh and loads no encoder at all; load_distill is both steps in one call.
     events.clear()
-    assemble.encode_distill_prompts(cfg, **files)
+    models = assemble.load_distill(cfg, **files)
+    assert [e[:2] for e in events] == [("load_sd15", ("vae",)), ("load_teacher_models", None), ("load_sd15", ("unet",))]
+    assert torch.equal(models.encode_student(["a tree"]).prompt_embeds, enc_student(["a tree"]).prompt_embeds)
+    # A Bridge for another teacher is refused before anything is loaded or encoded.
+    events.clear()
+    with pytest.raises(ValueError, match="maps into the sd3 latent space"):
+        assemble.load_distill(cfg, **dict(files, teacher_family="flux_dev"))
     assert events == []
 
 
@@ -413,9 +419,10 @@ print(json.dumps({"rise": rise, "file": os.path.getsize(path),
 
 
 def test_an_fp8_file_adds_at_most_its_size_to_host_memory(tmp_path):
-    """Peak host memory (the process's peak resident set, VmHWM, in a fresh process) while loading a mid-size fp8 Flux file: with
-    storage auto the file's weights are used as they are (at most the file's size, the mapped pages); upcasting
-    it to bf16 (storage bf16, what the loader did before) adds a bf16 copy on top (over twice the file's size)."""
+    """Peak host memory (the process's peak resident set, VmHWM, in a fresh process) while loading a mid-size fp8 Flux
+    file: with storage auto the file's weights are used as they are (at most the file's size, the mapped pages);
+    upcasting it to bf16 (storage bf16, what the loader did before) adds a bf16 copy on top (over twice the file's
+    size)."""
     import json
     import os
     import subprocess
@@ -464,3 +471,27 @@ def test_sd35_fp8_file_in_bf16_compute(tmp_path):
         v8 = make_teacher("sd35_medium", fp8).velocity(x, s, cond)
         v = make_teacher("sd35_medium", model).velocity(x, s, cond)
     assert v8.dtype == torch.float32 and 0 < _rel(v8, v) < 0.1
+
+
+def test_distill_command_with_regression_pairs_runs_on_cached_embeddings(tmp_path, distill_files, monkeypatch):
+    """The distill command on real files: prompts encoded first, the text encoders never loaded again; making the
+    regression pairs (student CFG with the negative prompt, teacher guidance) reads the cache, and the Distiller's
+    cache, stale once the pairs' prompts are known, is rewritten from the cache too."""
+    from training.run import main
+
+    loads = []
+    real = loading.load_teacher_text_encoders
+    monkeypatch.setattr(loading, "load_teacher_text_encoders",
+                        lambda *a, **kw: loads.append(1) or real(*a, **kw))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na blue ball\ntwo cats\n")
+    out = tmp_path / "run"
+    assert main(["distill", "--student", distill_files["student"], "--bridge", distill_files["bridge"],
+                 "--teacher-family", "sd35_medium", "--teacher", distill_files["teacher"], "--prompts", str(prompts),
+                 "--out", str(out), "--steps", "1", "--batch-size", "2", "--resolution", "16", "--fake-updates", "1",
+                 "--fake-rank", "4", "--regression-n", "2", "--regression-student-steps", "2",
+                 "--regression-teacher-steps", "2", "--negative-prompt", "blurry", "--dtype", "fp32",
+                 "--no-export"]) == 0
+    assert loads == [1]
+    assert (out / "pairs.safetensors").is_file() and (out / "cache" / "pairs_student.safetensors").is_file()
+    assert (out / "student_unet.safetensors").is_file()

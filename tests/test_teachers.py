@@ -352,7 +352,8 @@ def test_family_defaults_and_adversarial_teacher_warnings():
     assert families.default_guidance("flux_dev") == 3.5 and families.default_guidance("sd35_large") == 4.5
     assert families.default_guidance(None) == 4.5 and families.default_guidance("flux_schnell") is None
     assert all(DEFAULT_GUIDANCE[f] == families.default_guidance(f) for f in families.TEACHER_FAMILIES)
-    assert "adversarially distilled" in families.adversarial_teacher_warning("flux_schnell", "flux1-schnell.safetensors")
+    warning = families.adversarial_teacher_warning("flux_schnell", "flux1-schnell.safetensors")
+    assert "adversarially distilled" in warning
     assert "SD3.5 Large Turbo" in families.adversarial_teacher_warning("sd35_large", "/m/sd3.5_large_turbo.safetensors")
     assert families.adversarial_teacher_warning("sd35_large", "sd3.5_large.safetensors") is None
     assert families.adversarial_teacher_warning("flux_dev", "flux1-dev-turbo-lora-merged.safetensors") is None

@@ -253,8 +253,9 @@ def _total_norm(grads: list, device) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- text cache
 
+# negative_student: the student's negative prompt, which the regression pairs' student CFG needs (training/pairs.py).
 TEXT_FILES = {"teacher": "teacher.safetensors", "student": "student.safetensors", "negative": "negative.safetensors",
-              "val_student": "val_student.safetensors"}
+              "val_student": "val_student.safetensors", "negative_student": "negative_student.safetensors"}
 
 
 def text_cache_key(cfg: DistillConfig, description: dict, pair_prompts: list[str]) -> str:
@@ -305,6 +306,7 @@ def write_text_cache(cfg: DistillConfig, cache_dir: str, key: str, encode_teache
         write_text_store(paths["negative"], encode_teacher, [cfg.negative_prompt], chunk, dtype)
         write_text_store(paths["student"], encode_student, cfg.prompts, chunk, dtype, desc="student prompts")
         write_text_store(paths["val_student"], encode_student, list(cfg.val_prompts or cfg.prompts[:4]), chunk, dtype)
+        write_text_store(paths["negative_student"], encode_student, [cfg.negative_prompt], chunk, dtype)
         if pair_prompts:
             write_text_store(paths["pairs_student"], encode_student, pair_prompts, chunk, dtype)
     loop.write_json(key_path, {"key": key, "prompts": len(cfg.prompts)})  # atomic: written last
@@ -319,7 +321,8 @@ def cached_encoders(cfg: DistillConfig, cache_dir: str):
     paths = text_cache_paths(cache_dir)
     val = list(cfg.val_prompts or cfg.prompts[:4])
     tables = {"teacher": [(cfg.prompts, paths["teacher"]), ([cfg.negative_prompt], paths["negative"])],
-              "student": [(cfg.prompts, paths["student"]), (val, paths["val_student"])]}
+              "student": [(cfg.prompts, paths["student"]), (val, paths["val_student"]),
+                          ([cfg.negative_prompt], paths["negative_student"])]}
 
     where = {side: {} for side in tables}  # prompt -> (file, row), first occurrence
     for side, parts in tables.items():

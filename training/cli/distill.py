@@ -214,10 +214,7 @@ def run(args) -> int:
         models, base = assemble.demo_distill_models(args.seed, args.bridge)
     else:
         # The text encoders alone first: prompts encoded into the cache, encoders freed, then the big models.
-        encoders = assemble.encode_distill_prompts(cfg, args.student, args.bridge, args.teacher_family,
-                                                   **model_files(args))
-        models = assemble.load_distill_models(args.student, args.bridge, args.teacher_family, encoders=encoders,
-                                              **model_files(args))
+        models = assemble.load_distill(cfg, args.student, args.bridge, args.teacher_family, **model_files(args))
         base = None
     make_run_pairs(args, cfg, models)
     result = Distiller(cfg, models).run()

@@ -13,8 +13,8 @@ import os
 from .families import TEACHER_FAMILIES
 
 __all__ = ["TEACHER_FAMILIES", "torch_dtype", "demo_bridge_models", "load_bridge_models", "check_demo_bridge",
-           "demo_distill_models", "load_distill_models", "distill_description", "encode_distill_prompts",
-           "load_bridge_teacher",
+           "demo_distill_models", "load_distill_models", "load_distill", "distill_description",
+           "encode_distill_prompts", "load_bridge_teacher",
            "load_student_for_sampling"]
 
 # Where `python -m training.run bridge --demo` writes its Bridge, which the distillation demo then uses.
@@ -220,17 +220,7 @@ def load_distill_models(student: str, bridge: str, teacher_family: str, teacher:
     from . import loading
     from .text import encode_sd15
 
-    if not bridge:
-        raise ValueError("Distillation needs a trained Bridge (.safetensors from the student's VAE into the teacher's "
-                         "space); train one first (`python -m training.run bridge ...` or the Train Bridge node).")
-    if not teacher:
-        raise ValueError("Distillation needs the teacher model file or diffusers folder (teacher=...).")
-    # Both teacher spaces have 16 channels, so a Bridge for the other teacher would run and train nonsense.
-    bridge_space = bridge_checkpoint.read_bridge_metadata(bridge)["teacher_space"]["name"]
-    family_space = "flux" if teacher_family.startswith("flux") else "sd3"
-    if bridge_space != family_space:
-        raise ValueError(f"The Bridge {os.path.basename(bridge)!r} maps into the {bridge_space} latent space but the "
-                         f"{teacher_family} teacher works in {family_space}; use a Bridge trained for this teacher.")
+    _check_distill_files(bridge, teacher_family, teacher)
     # Student VAE, teacher, teacher VAE, teacher text encoders: the same loader as Bridge training.
     world = load_bridge_models(student, teacher_family, teacher=teacher, teacher_vae=teacher_vae, clip_l=clip_l,
                                clip_g=clip_g, t5=t5, tokenizers=tokenizers, student_vae=student_vae, dtype=dtype,
@@ -262,6 +252,32 @@ def load_distill_models(student: str, bridge: str, teacher_family: str, teacher:
     )
 
 
+def _check_distill_files(bridge: str, teacher_family: str, teacher: str | None) -> None:
+    """The Bridge and the teacher a distillation needs, checked before anything is loaded or encoded."""
+    from .._bridge import checkpoint as bridge_checkpoint
+
+    if not bridge:
+        raise ValueError("Distillation needs a trained Bridge (.safetensors from the student's VAE into the teacher's "
+                         "space); train one first (`python -m training.run bridge ...` or the Train Bridge node).")
+    if not teacher:
+        raise ValueError("Distillation needs the teacher model file or diffusers folder (teacher=...).")
+    # Both teacher spaces have 16 channels, so a Bridge for the other teacher would run and train nonsense.
+    bridge_space = bridge_checkpoint.read_bridge_metadata(bridge)["teacher_space"]["name"]
+    family_space = "flux" if teacher_family.startswith("flux") else "sd3"
+    if bridge_space != family_space:
+        raise ValueError(f"The Bridge {os.path.basename(bridge)!r} maps into the {bridge_space} latent space but the "
+                         f"{teacher_family} teacher works in {family_space}; use a Bridge trained for this teacher.")
+
+
+def load_distill(config, student: str, bridge: str, teacher_family: str, **files):
+    """What the distill command (and the Distill Student node) call: `encode_distill_prompts` (the text encoders
+    alone, prompts encoded into the run's cache, encoders freed), then `load_distill_models` with no text encoder.
+    `files`: the keywords of `load_distill_models` (teacher, teacher_vae, clip_l, ..., dtype, cpu, teacher_storage,
+    teacher_offload). -> DistillModels."""
+    encoders = encode_distill_prompts(config, student, bridge, teacher_family, **files)
+    return load_distill_models(student, bridge, teacher_family, encoders=encoders, **files)
+
+
 def distill_description(student: str, bridge: str, teacher_family: str, teacher: str | None = None,
                         teacher_vae: str | None = None, student_vae: str | None = None) -> dict:
     """What a distillation loads, by file name (the summary's "models", and part of the embedding cache's key), known
@@ -291,11 +307,13 @@ def encode_distill_prompts(config, student: str, bridge: str, teacher_family: st
     from .text import encode_for_family, encode_sd15
 
     config.validate()
+    _check_distill_files(bridge, teacher_family, teacher)
     pair_prompts = []
     if config.regression_pairs and os.path.exists(config.regression_pairs):
         from ..pairs import load_pairs
 
-        pair_prompts = sorted(set(load_pairs(config.regression_pairs, 4, config.resolution // 8)[2]))  # as the Distiller
+        # the pairs' prompts, as the Distiller reads them
+        pair_prompts = sorted(set(load_pairs(config.regression_pairs, 4, config.resolution // 8)[2]))
     description = distill_description(student, bridge, teacher_family, teacher, teacher_vae, student_vae)
     key = text_cache_key(config, description, pair_prompts)
     cache_dir = config.cache_dir or os.path.join(config.out_dir, "cache")
