@@ -299,17 +299,17 @@ def store_fp8(model, compute_dtype: torch.dtype):
     from diffusers.hooks import apply_layerwise_casting_hook
 
     model.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=compute_dtype)
-    for module in model.modules():
+    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, module in model.named_modules():
         if _has_cast_hook(module):
             continue
-        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-        if not any(t.dtype == FP8 for _, t in own):
-            continue
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+        own = [t for _, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+               if t.is_floating_point()]
+        if any(t.dtype == FP8 for t in own) and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             apply_layerwise_casting_hook(module, FP8, compute_dtype, non_blocking=False)
-        else:
-            for _, t in own:
-                if t.dtype == FP8:
+        elif not any(k in name for k in keep_fp32):
+            for t in own:
+                if t.dtype != compute_dtype:
                     t.data = t.data.to(compute_dtype)
     return model
 
