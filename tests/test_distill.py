@@ -550,3 +550,100 @@ def test_a_failure_mid_training_saves_the_last_finished_step(tmp_path, trainer_d
     resumed = Distiller(_config(tmp_path, steps=5, batch_size=2, fake_updates=1, sample_every=100),
                         _models(*closed_form_world())).run()
     assert resumed["resumed_from"] == 3 and resumed["step"] == 5
+
+
+def _flux_world(family="flux_dev"):
+    """A tiny SD1.5 student, a Bridge into the Flux space and a tiny Flux transformer teacher (real classes)."""
+    from bridge.model import Bridge
+    from training.models.tiny import tiny_flux_transformer, tiny_unet, tiny_vae
+    from training.student import OneStepStudent
+    from training.teachers import make_teacher
+
+    torch.manual_seed(0)
+    bridge = Bridge.create("sd15", "flux", k=2, student_vae=tiny_vae(4), width=32, depth=1, stem_channels=8,
+                           norm_groups=8)
+    model = tiny_flux_transformer(guidance_embeds=family == "flux_dev").requires_grad_(False)
+    return OneStepStudent(tiny_unet(block_out_channels=(32, 32))), bridge, make_teacher(family, model)
+
+
+def _flux_models(student, bridge, teacher, description=None):
+    from training.distill import DistillModels
+    from training.models.text import TextCond
+
+    return DistillModels(
+        student=student, bridge=bridge, teacher=teacher,
+        encode_teacher=lambda p: TextCond(torch.zeros(len(p), 4, 64), torch.zeros(len(p), 32)),
+        encode_student=lambda p: TextCond(torch.zeros(len(p), 4, 32)), description=description or {"test": "flux"})
+
+
+@pytest.mark.parametrize("fake_guidance", [None, 1.0])
+def test_flux_fake_score_is_trained_and_queried_at_its_guidance(tmp_path, trainer_deps, fake_guidance):
+    """Flux dev (guidance embedding): by default the fake score takes the real score's guidance, per sample, both
+    where it is queried and in every fake update; a set fake_guidance is used in both places instead."""
+    from training.distill import Distiller
+
+    student, bridge, teacher = _flux_world()
+    calls = {"predict": [], "velocity": []}
+    predict, velocity = teacher.predict_x0, teacher.velocity
+
+    def rec_predict(x_s, s, cond, neg_cond=None, guidance=None):
+        calls["predict"].append((teacher._fake_on, guidance))
+        return predict(x_s, s, cond, neg_cond=neg_cond, guidance=guidance)
+
+    def rec_velocity(x_s, s, cond, guidance=None):
+        calls["velocity"].append(guidance)
+        return velocity(x_s, s, cond, guidance=guidance)
+
+    teacher.predict_x0, teacher.velocity = rec_predict, rec_velocity
+    cfg = _config(tmp_path, steps=1, batch_size=3, fake_updates=3, guidance=[2.0, 6.0], fake_guidance=fake_guidance)
+    Distiller(cfg, _flux_models(student, bridge, teacher)).run()
+    (real_on, real_g), (fake_on, fake_g) = calls["predict"]
+    assert not real_on and fake_on
+    assert isinstance(real_g, torch.Tensor) and real_g.shape == (3,) and ((2 <= real_g) & (real_g <= 6)).all()
+    if fake_guidance is None:
+        assert fake_g is real_g
+        assert calls["velocity"][0] is real_g  # the first update reuses the step's samples and their guidance
+        assert all(isinstance(g, torch.Tensor) and ((2 <= g) & (g <= 6)).all() for g in calls["velocity"])
+        assert not torch.equal(calls["velocity"][1], real_g)  # fresh samples, fresh guidance
+    else:
+        assert fake_g == 1.0 and calls["velocity"] == [1.0] * 3
+
+
+def test_adversarial_teacher_is_warned_about_at_start_and_in_the_summary(tmp_path, trainer_deps, capsys):
+    from training.distill import Distiller
+
+    student, bridge, teacher = _flux_world("flux_schnell")
+    d = Distiller(_config(tmp_path, steps=1, batch_size=2, fake_updates=1),
+                  _flux_models(student, bridge, teacher, {"teacher": "flux1-schnell.safetensors"}))
+    d.run()
+    out = capsys.readouterr().out
+    assert out.count("warning: the teacher is Flux schnell, an adversarially distilled") == 1
+    from training.models.export import read_student_metadata
+
+    summary = read_student_metadata(str(tmp_path / "student_unet.safetensors"))["training_summary"]
+    assert "adversarially distilled" in summary["warnings"][0]
+
+
+def test_fake_guidance_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="fake_guidance"):
+        _config(tmp_path, fake_guidance=-1.0).validate()
+    _config(tmp_path, fake_guidance=1.0).validate()
+
+
+def test_an_offloaded_teacher_is_not_moved_and_its_fake_lora_trains(tmp_path, trainer_deps):
+    """Distiller.setup leaves an offloaded teacher where its hooks keep it (diffusers refuses `.to` on it), and the
+    fake LoRA peft adds afterwards trains (here the offload hooks run with the CPU as both devices)."""
+    from training.distill import Distiller
+    from training.models.loading import offload_blocks
+
+    student, bridge, teacher = _flux_world()
+    assert offload_blocks(teacher.model, "cpu", cpu_too=True)
+    moves = []
+    teacher.model.to = lambda *a, **kw: moves.append((a, kw))  # noqa: the instance's own `to`, to see calls
+    d = Distiller(_config(tmp_path, steps=1, batch_size=2, fake_updates=2, fake_lr=1e-2),
+                  _flux_models(student, bridge, teacher))
+    d.prepare()
+    assert moves == []
+    lora = [p.detach().clone() for p in teacher.fake_parameters()]
+    assert d.train_step(0) is not None
+    assert any(not torch.equal(a, b) for a, b in zip(lora, teacher.fake_parameters()))

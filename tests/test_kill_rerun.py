@@ -144,7 +144,7 @@ def test_bridge_demo_killed_in_data_generation_and_between_final_saves_reruns_to
 @pytest.mark.filterwarnings("ignore:No demo Bridge")  # no Bridge demo run here: the untrained Bridge
 def test_distill_demo_killed_in_data_generation_and_between_final_saves_reruns_to_the_same_result(
         tmp_path, monkeypatch, capsys):
-    from training.models.text import TextCond
+    from training.models import text
     from training.run import main
 
     monkeypatch.chdir(tmp_path)
@@ -153,17 +153,17 @@ def test_distill_demo_killed_in_data_generation_and_between_final_saves_reruns_t
     os.rename("runs", "reference")
     out = os.path.join("runs", "distill-demo")
 
-    real_save = TextCond.save
+    real_write = text.write_text_store
     calls = {"n": 0}
 
-    def save(self, path):
+    def write(path, *a, **kw):
         calls["n"] += 1
         if calls["n"] == 3:  # killed while writing the third embedding file of the prompt cache
             raise _Killed()
-        real_save(self, path)
+        return real_write(path, *a, **kw)
 
     with monkeypatch.context() as m:
-        m.setattr(TextCond, "save", save)
+        m.setattr(text, "write_text_store", write)
         with pytest.raises(_Killed):
             main(args)
     with monkeypatch.context() as m:

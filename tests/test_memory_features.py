@@ -76,7 +76,7 @@ def test_gradient_accumulation_step_equals_the_full_batch_step(tmp_path, options
     if options.pop("regression", False):
         options["regression_pairs"] = _pairs_file(tmp_path / "pairs.safetensors", closed_form_world()[0])
     kw = dict(steps=2, batch_size=4, fake_updates=2, student_lr=1e-6, fake_lr=1e-6, regression_warmup_lr=1e-6,
-              **options)
+              regression_warmup_cross_attention_lr=1e-6, **options)
     ref_world, ref_rows, ref_student, ref_fake = _run_one(tmp_path, "acc1", **kw)
     assert len(ref_fake) == 2 * kw["steps"] and len(ref_student) == kw["steps"]
     for acc in (2, 4):
@@ -409,6 +409,6 @@ def test_the_student_clip_is_freed_after_prompt_encoding(tmp_path, monkeypatch):
     assert len(clips) == 1 and clips[0]() is not None
     d = Distiller(_config(tmp_path / "run", steps=1, batch_size=2, fake_updates=1, resolution=32, cpu=True), models)
     d.prepare_text()
-    assert d.text["student"].prompt_embeds.shape[0] == 2  # encoded with it
+    assert len(d.text["student"]) == 2  # encoded with it
     gc.collect()
     assert clips[0]() is None, gc.get_referrers(clips[0]())

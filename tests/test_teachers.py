@@ -307,3 +307,53 @@ def test_gradient_checkpointing_passes_through_with_equal_gradients():
         teacher.velocity(xi, s, cond).square().mean().backward()
         grads.append(xi.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_fake_guidance_default_makes_the_zero_init_fake_the_real_score():
+    """The property the fake guidance default rests on (teachers.fake_guidance_for): at initialisation (LoRA zero) the
+    fake equals the real score, so where the student equals the teacher the DMD gradient is zero.
+    Flux dev: guidance is an embedding; the fake queried at the real score's embedding (the default) is the real
+    score exactly, per sample; queried unguided (embedding 1, DMD2's choice for CFG teachers) it is not, and the
+    gradient on the teacher's own samples would be the embedding difference, not the student's error.
+    SD3.5: the default fake is the conditional prediction, and trained that way (velocity is conditional)."""
+    from training import dmd
+    from training.teachers import fake_guidance_for
+
+    g = torch.Generator().manual_seed(0)
+    flux = make_teacher("flux_dev", _flux())
+    flux.add_fake_adapter(rank=4)
+    x = torch.randn(2, 16, 8, 8, generator=g)
+    s, cond = torch.tensor([0.4, 0.8]), _cond(2, 32)
+    real_g = torch.tensor([2.0, 6.0])  # a per-sample guidance range draw
+    fake_g = fake_guidance_for("flux_dev", None, real_g)
+    assert fake_g is real_g
+    with torch.no_grad():
+        x0_real = flux.predict_x0(x, s, cond, guidance=real_g)
+        with flux.fake():
+            x0_fake = flux.predict_x0(x, s, cond, guidance=fake_g)
+            x0_unguided = flux.predict_x0(x, s, cond, guidance=1.0)
+    assert torch.equal(x0_fake, x0_real)
+    _, grad = dmd.distribution_matching_loss("dmd", x, x0_real, x0_fake, s)
+    assert grad.abs().max() == 0
+    _, grad = dmd.distribution_matching_loss("dmd", x, x0_real, x0_unguided, s)
+    assert grad.abs().max() > 1e-3
+    # Trained as queried: the fake update's velocity takes the same embedding.
+    with torch.no_grad(), flux.fake():
+        assert torch.allclose(x0_fake, x - s.view(-1, 1, 1, 1) * flux.velocity(x, s, cond, guidance=fake_g))
+    # SD3.5 (true CFG): unguided fake = the conditional prediction, unless fake_guidance says otherwise.
+    assert fake_guidance_for("sd35_medium", None, 4.5) == 1.0 and fake_guidance_for("sd35_medium", 2.0, 4.5) == 2.0
+    assert fake_guidance_for("flux_dev", 1.0, real_g) == 1.0
+
+
+def test_family_defaults_and_adversarial_teacher_warnings():
+    from training.models import families
+    from training.teachers import DEFAULT_GUIDANCE
+
+    assert families.default_guidance("flux_dev") == 3.5 and families.default_guidance("sd35_large") == 4.5
+    assert families.default_guidance(None) == 4.5 and families.default_guidance("flux_schnell") is None
+    assert all(DEFAULT_GUIDANCE[f] == families.default_guidance(f) for f in families.TEACHER_FAMILIES)
+    warning = families.adversarial_teacher_warning("flux_schnell", "flux1-schnell.safetensors")
+    assert "adversarially distilled" in warning
+    assert "SD3.5 Large Turbo" in families.adversarial_teacher_warning("sd35_large", "/m/sd3.5_large_turbo.safetensors")
+    assert families.adversarial_teacher_warning("sd35_large", "sd3.5_large.safetensors") is None
+    assert families.adversarial_teacher_warning("flux_dev", "flux1-dev-turbo-lora-merged.safetensors") is None

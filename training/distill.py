@@ -6,7 +6,9 @@ One student step (DMD2 recipe, in the teacher's MODEL space):
     x   = Bridge.forward_model(z)                     teacher model space; gradient flows back to G
     x_s = (1 - s) x.detach() + s n                    s from the configured distribution, in [0.02, 0.98]
     x0_real = teacher(x_s, s, text, neg, guidance)    frozen teacher (adapter off), no grad
-    x0_fake = teacher.fake()(x_s, s, text)            LoRA "fake" score on the same weights, no grad
+    x0_fake = teacher.fake()(x_s, s, text)            LoRA "fake" score on the same weights, no grad, at the fake
+                                                      guidance (teachers.fake_guidance_for: SD3.5 unguided, Flux
+                                                      dev the real score's embedding)
     loss = 0.5 mse(x, x - grad(x, x0_real, x0_fake))  DMD (default) or VSD, see dmd.py
 
 then `fake_updates` fake-score steps: flow matching mse(v_fake(x_s), n - x) on detached student samples (the
@@ -33,8 +35,10 @@ from torch import nn
 
 from . import dmd, loop
 from .errors import UserError
+from .models.families import GUIDANCE_EMBEDDING, adversarial_teacher_warning
 from .state import load_training_state, save_training_state
 from .student import OneStepStudent
+from .teachers import fake_guidance_for
 
 if TYPE_CHECKING:
     from .models.text import TextCond
@@ -58,6 +62,9 @@ class DistillConfig:
     resolution: int = 512  # student pixels per side; the teacher sees k x that through the Bridge
     loss: str = "dmd"  # "dmd" | "vsd"
     guidance: float | list[float] = 4.5  # real-score guidance: fixed, or [low, high] drawn per sample
+    # The fake score's guidance, trained and queried with it; None: the family's choice (teachers.fake_guidance_for:
+    # 1 = unguided for true-CFG teachers as in DMD2, the real score's own value for Flux dev's guidance embedding).
+    fake_guidance: float | None = None
     timesteps: str = "uniform"  # "uniform" | "logit_normal" | "teacher", mapped into [s_min, s_max]
     s_min: float = dmd.S_MIN
     s_max: float = dmd.S_MAX
@@ -168,6 +175,8 @@ class DistillConfig:
                 p.append(f"a guidance range is [low, high], finite numbers with 0 <= low <= high, got {list(g)}")
         else:
             p.append(number_problem("guidance", g, low=0))
+        if self.fake_guidance is not None:
+            p.append(number_problem("fake_guidance", self.fake_guidance, low=0))
         p += [number_problem(name, getattr(self, name), low=0, low_open=True)
               for name in ("student_lr", "fake_lr", "grad_clip")]
         p.append(number_problem("grad_clip_relative", self.grad_clip_relative, low=0))
@@ -302,6 +311,105 @@ def _total_norm(grads: list, device) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=device)
 
 
+# ---------------------------------------------------------------------------------------------- text cache
+
+# negative_student: the student's negative prompt, which the regression pairs' student CFG needs (training/pairs.py).
+TEXT_FILES = {"teacher": "teacher.safetensors", "student": "student.safetensors", "negative": "negative.safetensors",
+              "val_student": "val_student.safetensors", "negative_student": "negative_student.safetensors"}
+
+
+def text_cache_key(cfg: DistillConfig, description: dict, pair_prompts: list[str]) -> str:
+    """What the embeddings depend on: the prompts, the negative and preview prompts, the models (their description)
+    and the regression pairs' prompts."""
+    blob = json.dumps({"prompts": cfg.prompts, "negative": cfg.negative_prompt,
+                       "val": list(cfg.val_prompts or cfg.prompts[:4]), "models": description,
+                       "pair_prompts": pair_prompts}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def text_cache_paths(cache_dir: str, pairs: bool = False) -> dict[str, str]:
+    files = dict(TEXT_FILES, **({"pairs_student": "pairs_student.safetensors"} if pairs else {}))
+    return {k: os.path.join(cache_dir, v) for k, v in files.items()}
+
+
+def text_cache_is_fresh(cache_dir: str, key: str, pairs: bool = False) -> bool:
+    """The cache was written for `key` and all its files open (a missing, damaged or stale one: encode again)."""
+    paths = text_cache_paths(cache_dir, pairs)
+    return _cache_key_of(os.path.join(cache_dir, "cache.json")) == key and all(
+        _readable_safetensors(p) for p in paths.values())
+
+
+def text_store_dtype(cfg: DistillConfig) -> torch.dtype:
+    """Embeddings on disk in bf16 where training runs in bf16 (the models see them in bf16 there; half the disk and
+    reads, e.g. 4 MiB instead of 8 per Flux prompt), else float32 (CPU runs: unchanged numerics)."""
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and not cfg.cpu else "no"
+    return torch.bfloat16 if mp == "bf16" else torch.float32
+
+
+def write_text_cache(cfg: DistillConfig, cache_dir: str, key: str, encode_teacher, encode_student,
+                     pair_prompts: list[str], dtype=torch.float32, chunk: int | None = None) -> None:
+    """Encode the prompts (teacher and student), the negative, the preview and the pairs' prompts into `cache_dir`,
+    `chunk` prompts per encoder call (models/text.py's ENCODE_CHUNK), with a progress bar; cache.json, which makes
+    the cache valid, is written last."""
+    from .models.text import ENCODE_CHUNK, write_text_store
+
+    chunk = chunk or ENCODE_CHUNK
+    paths = text_cache_paths(cache_dir, bool(pair_prompts))
+    key_path = os.path.join(cache_dir, "cache.json")
+    os.makedirs(cache_dir, exist_ok=True)
+    if os.path.exists(key_path):
+        os.remove(key_path)  # a half-finished rebuild must never look valid
+    with torch.no_grad():
+        write_text_store(paths["teacher"], encode_teacher, cfg.prompts, chunk, dtype, desc="teacher prompts")
+        write_text_store(paths["negative"], encode_teacher, [cfg.negative_prompt], chunk, dtype)
+        write_text_store(paths["student"], encode_student, cfg.prompts, chunk, dtype, desc="student prompts")
+        write_text_store(paths["val_student"], encode_student, list(cfg.val_prompts or cfg.prompts[:4]), chunk, dtype)
+        write_text_store(paths["negative_student"], encode_student, [cfg.negative_prompt], chunk, dtype)
+        if pair_prompts:
+            write_text_store(paths["pairs_student"], encode_student, pair_prompts, chunk, dtype)
+    loop.write_json(key_path, {"key": key, "prompts": len(cfg.prompts)})  # atomic: written last
+
+
+def cached_encoders(cfg: DistillConfig, cache_dir: str):
+    """(encode_teacher, encode_student) that look prompts up in a written cache instead of running encoders: for
+    the models loaded after `encode_distill_prompts` freed the real ones (the regression pairs and the Distiller
+    encode only prompts that are cached). A prompt that is not cached is a clear error."""
+    from .models.text import TextCond, TextStore
+
+    paths = text_cache_paths(cache_dir)
+    val = list(cfg.val_prompts or cfg.prompts[:4])
+    tables = {"teacher": [(cfg.prompts, paths["teacher"]), ([cfg.negative_prompt], paths["negative"])],
+              "student": [(cfg.prompts, paths["student"]), (val, paths["val_student"]),
+                          ([cfg.negative_prompt], paths["negative_student"])]}
+
+    where = {side: {} for side in tables}  # prompt -> (file, row), first occurrence
+    for side, parts in tables.items():
+        for names, path in parts:
+            for i, p in enumerate(names):
+                where[side].setdefault(p, (path, i))
+    stores = {}
+
+    def lookup(side):
+        def encode(prompts):
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            missing = [p for p in prompts if p not in where[side]]
+            if missing:
+                raise ValueError(f"The prompt {missing[0][:60]!r} is not in the embedding cache {cache_dir!r} (the "
+                                 "text encoders were freed after encoding the run's prompts).")
+            rows = []
+            for p in prompts:
+                path, i = where[side][p]
+                if path not in stores:
+                    stores[path] = TextStore(path)
+                rows.append(stores[path].index([i]))
+            return TextCond.cat(rows)
+        return encode
+
+    return lookup("teacher"), lookup("student")
+
+
 class _Params(nn.Module):
     """Existing parameters (the fake LoRA inside the teacher) as a module, so training-state checkpoints save
     and restore them without the frozen weights around them. Holds the same tensors, not copies."""
@@ -350,6 +458,9 @@ class Distiller:
             self._use_pairs(config.regression_pairs)
         self.timer = None  # set by the benchmark to time the parts of a step
         self.clock = loop.TrainClock()
+        # Said once at the start and kept in the run summary (the student checkpoint's metadata).
+        warning = adversarial_teacher_warning(models.teacher.family, models.description.get("teacher"))
+        self.warnings = [warning] if warning else []
 
     # ---- regression pairs ----
     def _use_pairs(self, path: str) -> None:
@@ -431,62 +542,47 @@ class Distiller:
 
     # ---- text ----
     def _cache_key(self) -> str:
-        c = self.cfg
-        blob = json.dumps({"prompts": c.prompts, "negative": c.negative_prompt, "val": self.val_prompts,
-                           "models": self.m.description, "pair_prompts": self.pair_prompts}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return text_cache_key(self.cfg, self.m.description, self.pair_prompts)
 
     def prepare_text(self) -> None:
-        """Encode every prompt once (teacher: all its encoders; student: CLIP-L), cache on disk, free encoders."""
+        """Encode every prompt once (teacher: all its encoders; student: CLIP-L) in chunks into the on-disk cache
+        (unless `encode_distill_prompts` did before the models were loaded), free the encoders, open the cache: the
+        prompts' embeddings are read lazily, row by row, as steps draw them."""
         from safetensors import SafetensorError
 
-        from .models.text import TextCond
+        from .models.text import TextCond, TextStore
 
         c = self.cfg
         self.val_prompts = list(c.val_prompts or c.prompts[:4])
-        files = {"teacher": "teacher.safetensors", "student": "student.safetensors",
-                 "negative": "negative.safetensors", "val_student": "val_student.safetensors"}
-        if self.pairs is not None:
-            files["pairs_student"] = "pairs_student.safetensors"
-        paths = {k: os.path.join(self.cache_dir, v) for k, v in files.items()}
-        key_path = os.path.join(self.cache_dir, "cache.json")
+        paths = text_cache_paths(self.cache_dir, self.pairs is not None)
         key = self._cache_key()
-        if self.accel.is_main_process:
-            # The cache is derived data: a missing, damaged (a crash mid-write) or stale file means encode again.
-            fresh = _cache_key_of(key_path) == key and all(_readable_safetensors(p) for p in paths.values())
-            if not fresh:
-                os.makedirs(self.cache_dir, exist_ok=True)
-                if os.path.exists(key_path):
-                    os.remove(key_path)  # a half-finished rebuild must never look valid
-                with torch.no_grad():
-                    self.m.encode_teacher(c.prompts).save(paths["teacher"])
-                    self.m.encode_teacher([c.negative_prompt]).save(paths["negative"])
-                    self.m.encode_student(c.prompts).save(paths["student"])
-                    self.m.encode_student(self.val_prompts).save(paths["val_student"])
-                    if self.pairs is not None:
-                        self.m.encode_student(self.pair_prompts).save(paths["pairs_student"])
-                loop.write_json(key_path, {"key": key, "prompts": len(c.prompts)})  # atomic: written last
+        if self.accel.is_main_process and not text_cache_is_fresh(self.cache_dir, key, self.pairs is not None):
+            write_text_cache(c, self.cache_dir, key, self.m.encode_teacher, self.m.encode_student, self.pair_prompts,
+                             dtype=text_store_dtype(c))
         self.accel.wait_for_everyone()
         self.m.free_text_encoders()  # embeddings are all training needs from here on
         self.text = {}
         for k, p in paths.items():
-            try:
-                self.text[k] = TextCond.load(p)
+            try:  # the prompts' rows lazily (large); the few others in memory, float32 as the models take them
+                self.text[k] = TextStore(p) if k in ("teacher", "student") else TextCond.load(p).to(dtype=torch.float32)
             except (SafetensorError, OSError) as e:
                 raise UserError(f"The embedding cache file {p!r} is unreadable ({e}); delete {self.cache_dir!r} and "
                                 "run again to encode the prompts anew.") from None
-        n_t, n_s = self.text["teacher"].prompt_embeds.shape[0], self.text["student"].prompt_embeds.shape[0]
+        n_t, n_s = len(self.text["teacher"]), len(self.text["student"])
         if n_t != len(c.prompts) or n_s != len(c.prompts):
             raise ValueError(f"Cached embeddings hold {n_t}/{n_s} prompts, the config has {len(c.prompts)}; delete "
                              f"{self.cache_dir} and run again.")
 
     # ---- models ----
     def setup(self) -> None:
+        from .teachers import is_offloaded
+
         c, m = self.cfg, self.m
         student, bridge, teacher = m.student, m.bridge, m.teacher
         bridge.requires_grad_(False).eval()
         bridge.to(self.device)
-        teacher.model.to(self.device)  # no-op when the caller loaded it there (keeps its dtype)
+        if not is_offloaded(teacher.model):  # an offloaded teacher moves itself, layer by layer
+            teacher.model.to(self.device)  # no-op when the caller loaded it there (keeps its dtype)
         student.to(self.device).train()
         if c.student_lora_rank:
             student.add_lora(rank=c.student_lora_rank)
@@ -664,6 +760,34 @@ class Distiller:
         """A named part of the step, for the benchmark's breakdown (`timer` is None in training)."""
         return self.timer.phase(name) if self.timer is not None else contextlib.nullcontext()
 
+    # ---- the fake score's guidance (teachers.fake_guidance_for) ----
+    def _embeds_guidance(self) -> bool:
+        return self.m.teacher.family in GUIDANCE_EMBEDDING
+
+    def _fake_query(self, guidance, neg) -> dict:
+        """predict_x0 keywords of the fake query: none for the unguided fake of a CFG teacher (the call as before),
+        the embedding for Flux dev, CFG through the LoRA for a fake_guidance other than 1."""
+        fg = fake_guidance_for(self.m.teacher.family, self.cfg.fake_guidance, guidance)
+        if self._embeds_guidance():
+            return {"guidance": fg}
+        if not isinstance(fg, torch.Tensor) and float(fg) == 1.0:
+            return {}
+        return {"neg_cond": neg, "guidance": fg}
+
+    def _fake_embedding(self, guidance) -> dict:
+        """velocity keywords of a fake update: the guidance embedding it is queried with (Flux dev), else none."""
+        if not self._embeds_guidance():
+            return {}
+        return {"guidance": fake_guidance_for(self.m.teacher.family, self.cfg.fake_guidance, guidance)}
+
+    def _fresh_guidance(self, g: torch.Generator):
+        """The real guidance of a fresh fake-update batch: drawn like the student step's only where the fake follows
+        it (Flux dev with a guidance range), so other runs draw exactly the random numbers they drew before."""
+        c = self.cfg
+        if not (self._embeds_guidance() and c.fake_guidance is None and isinstance(c.guidance_arg, tuple)):
+            return c.guidance_arg
+        return dmd.sample_guidance(c.batch_size, c.guidance_arg, generator=g, device=g.device).to(self.device)
+
     def train_step(self, step: int) -> dict[str, float] | None:
         c, teacher = self.cfg, self.m.teacher
         g = loop.step_generator(c.seed, step, self.accel.process_index, device=self.device)
@@ -707,7 +831,7 @@ class Distiller:
                     with self._phase("real_teacher"):
                         x0_real = teacher.predict_x0(x_s, s, cond, neg_cond=neg, guidance=guidance).float()
                     with self._phase("fake_teacher"), teacher.fake():
-                        x0_fake = teacher.predict_x0(x_s, s, cond).float()
+                        x0_fake = teacher.predict_x0(x_s, s, cond, **self._fake_query(guidance, neg)).float()
                 loss_i, grad = dmd.distribution_matching_loss(c.loss, x, x0_real, x0_fake, s,
                                                               normalise=c.grad_norm in ("teacher", "both"))
                 # The gradient's nan_to_num would hide a diverged teacher (e.g. a bf16 overflow) as a zero gradient:
@@ -762,9 +886,10 @@ class Distiller:
         fake_losses = []
         for k in range(c.fake_updates):
             if k == 0:
-                x_f, cond_f = x, t_cond
+                x_f, cond_f, guidance_f = x, t_cond, guidance_all
             else:
                 noise_k, s_emb_k, cond_f = self._batch(g)
+                guidance_f = self._fresh_guidance(g)
                 with self._phase("fake_samples"), torch.no_grad(), self.accel.autocast():
                     x_f = torch.cat([self._generate(noise_k[part], s_emb_k[part]) for part in parts])
             s_f, n_f, x_s_f = self._noise(x_f, g)
@@ -774,7 +899,9 @@ class Distiller:
                 loss_f = 0.0
                 for part in parts:
                     with self.accel.autocast():
-                        v = teacher.velocity(x_s_f[part], s_f[part], cond_f.index(torch.arange(part.start, part.stop)))
+                        g_part = guidance_f[part] if isinstance(guidance_f, torch.Tensor) else guidance_f
+                        cond_i = cond_f.index(torch.arange(part.start, part.stop))
+                        v = teacher.velocity(x_s_f[part], s_f[part], cond_i, **self._fake_embedding(g_part))
                     loss_i = dmd.flow_matching_loss(v, x_f[part], n_f[part]) / len(parts)
                     loss_i.backward()
                     loss_f = loss_f + loss_i.detach()
@@ -821,7 +948,8 @@ class Distiller:
     # ---- checkpoints ----
     def summary(self, step: int) -> dict:
         return {"steps": step, "config": asdict(self.cfg), "models": self.m.description,
-                "nan_skipped": self.nan_guard.skipped_total, "gradient_checkpointing": self.gradient_checkpointing}
+                "nan_skipped": self.nan_guard.skipped_total, "gradient_checkpointing": self.gradient_checkpointing,
+                **({"warnings": self.warnings} if self.warnings else {})}
 
     def save(self, step: int, state: bool = True) -> None:
         from .models.export import save_student_lora, save_student_unet
@@ -874,6 +1002,9 @@ class Distiller:
         """Pairs (when the run makes its own), text cache, models, optimizers, resume; returns the step to start from."""
         if not self.make_pairs():
             raise UserError("Stopped while making the regression pairs; run again to continue making them.")
+        if self.accel.is_main_process:
+            for w in self.warnings:
+                print(f"warning: {w}", flush=True)
         self.prepare_text()
         self.setup()
         self.generator = self.m.student

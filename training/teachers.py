@@ -27,13 +27,14 @@ from typing import TYPE_CHECKING, ContextManager, Iterator, Protocol
 import torch
 
 from ._bridge import spaces
+from .models import families
 from .models.text import TextCond
 
 if TYPE_CHECKING:
     from torch import Tensor
 
 FAMILIES = ("sd3", "sd35_medium", "sd35_large", "flux_dev", "flux_schnell")
-DEFAULT_GUIDANCE = {"sd3": 7.0, "sd35_medium": 4.5, "sd35_large": 4.5, "flux_dev": 3.5, "flux_schnell": None}
+DEFAULT_GUIDANCE = {"sd3": 7.0, **families.DEFAULT_GUIDANCE}
 SD3_SHIFT = 3.0
 # Flux dynamic shift: mu linear in the image token count (FluxPipeline's calculate_shift defaults).
 FLUX_SHIFT = dict(base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15)
@@ -153,7 +154,7 @@ class _DiffusersTeacher:
         return add_noise(x0, noise, s)
 
     def _model_inputs(self, x_s: Tensor, cond: TextCond):
-        p = next(self.model.parameters())
+        p = _execution(self.model)
         if cond.pooled is None:
             raise ValueError(f"The {self.family} teacher needs pooled text embeddings (TextCond.pooled); encode "
                              f"prompts with text.encode_for_family.")
@@ -163,9 +164,10 @@ class _DiffusersTeacher:
             cond = cond.repeat(x_s.shape[0])
         return x_s.to(device=p.device, dtype=p.dtype), cond.to(device=p.device, dtype=p.dtype)
 
-    def velocity(self, x_s: Tensor, s, cond: TextCond) -> Tensor:
-        """v = n - x0 predicted by the model (adapter state as set by `fake()`), x_s's dtype."""
-        return self._v(x_s, s, cond, self.guidance).to(x_s.dtype)
+    def velocity(self, x_s: Tensor, s, cond: TextCond, guidance=None) -> Tensor:
+        """v = n - x0 predicted by the model (adapter state as set by `fake()`), x_s's dtype. guidance: Flux dev's
+        embedding (None: the teacher's default); SD3 ignores it (one conditional forward)."""
+        return self._v(x_s, s, cond, self.guidance if guidance is None else guidance).to(x_s.dtype)
 
     # ---- fake score (peft LoRA on the same weights) ----
     def add_fake_adapter(self, rank: int = 64, alpha: float | None = None, target_modules=None) -> None:
@@ -186,6 +188,12 @@ class _DiffusersTeacher:
                              f"{type(self.model).__name__}.")
         self.model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets,
                                           init_lora_weights=True), adapter_name="fake")
+        # peft gives the LoRA its base layer's dtype and device: with fp8 storage that is float8 (untrainable), with
+        # offloading the CPU. The LoRA trains where and in what the model computes (fp8: the compute dtype).
+        where = _execution(self.model)
+        for n, p in self.model.named_parameters():
+            if "lora_" in n and ".fake" in n and (p.dtype != where.dtype or p.device != where.device):
+                p.data = p.data.to(device=where.device, dtype=where.dtype)
         self.model.disable_adapters()
 
     def fake_parameters(self) -> list[torch.nn.Parameter]:
@@ -233,6 +241,28 @@ class _DiffusersTeacher:
     def to(self, device=None, dtype=None) -> "_DiffusersTeacher":
         self.model.to(device=device, dtype=dtype)
         return self
+
+
+class _Where:
+    def __init__(self, device, dtype):
+        self.device, self.dtype = device, dtype
+
+
+def _execution(model) -> _Where:
+    """Where a model computes: diffusers' `device` / `dtype` know about its offload (the onload device) and fp8
+    storage (the compute dtype); any other module: its first parameter."""
+    from diffusers import ModelMixin
+
+    if isinstance(model, ModelMixin):
+        return _Where(model.device, model.dtype)
+    return next(model.parameters())
+
+
+def is_offloaded(model) -> bool:
+    """Whether diffusers' group offloading manages `model`'s devices (then `.to(device)` must not be called)."""
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    return _is_group_offload_enabled(model)
 
 
 def _middle(n: int, k: int) -> list[int]:
@@ -339,6 +369,26 @@ class FluxTeacher(_DiffusersTeacher):
         double = [f"transformer_blocks.{i}.attn" for i in _middle(len(self.model.transformer_blocks), 2)]
         single = [f"single_transformer_blocks.{i}.attn" for i in _middle(len(self.model.single_transformer_blocks), 1)]
         return double + single
+
+
+def fake_guidance_for(family: str, fake_guidance, real_guidance):
+    """The guidance the fake score is trained and queried with.
+
+    DMD2 trains its fake score unguided against a guided real score. The fake is a LoRA on the teacher, trained by
+    flow matching on the student's samples; what matters is that it is queried exactly as it is trained, and that at
+    initialisation (LoRA zero) it is the real score wherever the student equals the teacher, so the only gradient
+    is the student's distance from the teacher:
+    - true CFG (SD3.5): the fake is the conditional prediction (guidance 1), as DMD2's; the real score's CFG is the
+      direction the student is pushed in (a fake "with CFG" would need an unconditional branch it never trains).
+    - a guidance embedding (Flux dev): the embedding is a model input like the prompt, and Flux dev has no
+      unguided mode (it was distilled at guidance >= 1). Queried at another embedding than the real score's, the
+      zero-init fake would differ from the real score even for a student equal to the teacher, a gradient that
+      only goes once the LoRA has learnt to undo the embedding. So the fake takes the real score's embedding, the
+      same value per sample (tests/test_teachers.py shows the difference).
+    `fake_guidance` (DistillConfig.fake_guidance) overrides both; None: the family's choice above."""
+    if fake_guidance is not None:
+        return fake_guidance
+    return real_guidance if family in families.GUIDANCE_EMBEDDING else 1.0
 
 
 def make_teacher(family: str, transformer, **kw) -> _DiffusersTeacher:

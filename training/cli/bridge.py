@@ -100,9 +100,15 @@ def run(args) -> int:
         if demo_images and not os.path.isdir(args.images):
             data.make_synthetic_images_once(args.images, n=48, size=256, seed=args.seed)
         models = assemble.demo_bridge_models(args.seed, args.teacher_family)
+        trainer = BridgeTrainer(cfg, models)
     else:
-        models = assemble.load_bridge_models(args.student, args.teacher_family, **model_files(args))
-    result = BridgeTrainer(cfg, models).run()
+        # VAEs and text encoders first: images and captions encoded, encoders freed, then the teacher transformer.
+        models = assemble.load_bridge_models(args.student, args.teacher_family, teacher_model=False,
+                                             **model_files(args))
+        trainer = BridgeTrainer(cfg, models)
+        trainer.prepare_data()
+        models.teacher = assemble.load_bridge_teacher(args.teacher_family, **model_files(args))
+    result = trainer.run()  # (its prepare_data finds the cache fresh)
     print(json.dumps({k: v for k, v in result.items() if k != "last_val"}, indent=2))
     if "last_val" in result:
         print(format_val_table(result["last_val"]))

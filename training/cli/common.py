@@ -28,13 +28,21 @@ def add_model_arguments(p: argparse.ArgumentParser, demo_help: str, student_help
     g.add_argument("--tokenizers", help="folder with tokenizer subfolders (tokenizer, tokenizer_2, tokenizer_3) "
                                         "when the teacher is given as single files")
     g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help=dtype_help)
+    g.add_argument("--teacher-storage", default="auto", choices=("auto", "bf16", "fp8"),
+                   help="the frozen teacher transformer's weights: fp8 (float8_e4m3fn, computed in --dtype: about half "
+                        "the memory of bf16), bf16 (in --dtype), auto (default: fp8 exactly when the file is fp8, "
+                        "e.g. ComfyUI's flux1-dev-fp8, which is then never upcast)")
+    g.add_argument("--teacher-offload", action="store_true",
+                   help="last resort for small GPUs: keep the teacher transformer in host memory and bring each layer "
+                        "to the GPU for its forward (much slower; use with --gradient-checkpointing)")
     return g
 
 
 def model_files(args) -> dict:
     """The options of `add_model_arguments` as keyword arguments of models/assemble.py's loaders."""
     return dict(student_vae=args.student_vae, teacher=args.teacher, teacher_vae=args.teacher_vae, clip_l=args.clip_l,
-                clip_g=args.clip_g, t5=args.t5, tokenizers=args.tokenizers, dtype=args.dtype)
+                clip_g=args.clip_g, t5=args.t5, tokenizers=args.tokenizers, dtype=args.dtype,
+                teacher_storage=args.teacher_storage, teacher_offload=args.teacher_offload)
 
 
 def given(value, default):

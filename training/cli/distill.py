@@ -10,6 +10,7 @@ import os
 from .. import dmd
 from ..distill import GRAD_NORMS, DistillConfig, Distiller, read_prompts
 from ..errors import UserError
+from ..models.families import default_guidance
 from .common import add_model_arguments, check_inputs, given, model_files, validate_flags
 
 DEMO_PROMPTS = [
@@ -49,7 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--loss", default="dmd", choices=dmd.LOSSES, help="DMD2-normalised gradient (default) or VSD")
     t.add_argument("--guidance",
                    help="real-score guidance: a number, or LOW,HIGH for a per-sample uniform draw (e.g. 2,8); "
-                        "default 4.5 for SD3.5 (true CFG), 3.5 for Flux (guidance embedding)")
+                        "default: the family's (4.5 for SD3.5, true CFG; 3.5 for Flux dev, its guidance embedding)")
+    t.add_argument("--fake-guidance", type=float,
+                   help="the fake score's guidance, trained and queried with it (default: the family's: 1 = unguided "
+                        "for SD3.5 as in DMD2; for Flux dev the real score's own embedding value, so the fake starts "
+                        "equal to the real score)")
     t.add_argument("--timesteps", default="uniform", choices=dmd.TIMESTEP_DISTS,
                    help="noise-level distribution, mapped into [--s-min, --s-max]")
     t.add_argument("--s-min", type=float, default=dmd.S_MIN)
@@ -182,7 +187,8 @@ def config_from_args(args, prompts: list[str]) -> DistillConfig:
         val_seeds=_parse_seeds(args.val_seeds),
         steps=given(args.steps, 60 if demo else 2000), batch_size=given(args.batch_size, 2 if demo else 4),
         resolution=given(args.resolution, 64 if demo else 512), loss=args.loss,
-        guidance=_parse_guidance(args.guidance or ("3.5" if (args.teacher_family or "").startswith("flux") else "4.5")),
+        guidance=_parse_guidance(args.guidance or str(default_guidance(args.teacher_family) or 1.0)),
+        fake_guidance=args.fake_guidance,
         timesteps=args.timesteps, s_min=args.s_min, s_max=args.s_max, student_lr=args.student_lr,
         student_cross_attention_lr=args.student_cross_attention_lr, student_lora_rank=args.student_lora_rank, ema_decay=args.ema_decay, fake_lr=args.fake_lr,
         fake_rank=args.fake_rank, fake_alpha=args.fake_alpha, fake_updates=args.fake_updates,
@@ -225,7 +231,8 @@ def run(args) -> int:
     if args.demo:
         models, base = assemble.demo_distill_models(args.seed, args.bridge)
     else:
-        models = assemble.load_distill_models(args.student, args.bridge, args.teacher_family, **model_files(args))
+        # The text encoders alone first: prompts encoded into the cache, encoders freed, then the big models.
+        models = assemble.load_distill(cfg, args.student, args.bridge, args.teacher_family, **model_files(args))
         base = None
     if cfg.pairs_file:
         pairs = cfg.pairs_file if cfg.regression_pairs else f"{cfg.regression_n} pairs made in {cfg.pairs_file}"

@@ -135,6 +135,7 @@ class _Header:
             with safe_open(path, framework="pt") as f:
                 self.keys = list(f.keys())
                 self._shapes = {k: tuple(f.get_slice(k).get_shape()) for k in self.keys}
+                self.dtypes = {k: f.get_slice(k).get_dtype() for k in self.keys}
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise ModelLoadError(f"{os.path.basename(path)!r} is not a readable safetensors file (truncated or "
                                  f"corrupt? re-download it): {e}") from e
@@ -250,6 +251,117 @@ def _check_variant(found: str | None, family: str, where: str):
     if found is not None and found != family:
         hint = f"--teacher-family {found}" if found in TEACHER_FAMILIES else "an SD3.5 Medium or Large model"
         raise ModelLoadError(f"{where} is {names[found]}, but teacher family {family} was given; use {hint}.")
+
+
+# ------------------------------------------------------------------------ teacher memory: fp8 storage, offload
+
+FP8 = torch.float8_e4m3fn
+TEACHER_STORAGE = ("auto", "bf16", "fp8")
+_FP8_NAMES = ("F8_E4M3",)  # safetensors' name of float8_e4m3fn
+
+
+def _is_fp8_header(h: _Header, prefix: str = "") -> bool:
+    """Whether the diffusion model under `prefix` is stored in e4m3fn (ComfyUI's flux1-dev-fp8, sd3.5 fp8 files)."""
+    return any(k.startswith(prefix) and d in _FP8_NAMES for k, d in h.dtypes.items())
+
+
+def teacher_file_is_fp8(path) -> bool:
+    """An fp8 (e4m3fn) teacher: a transformer / all-in-one file, or a diffusers folder whose transformer/ is one."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        sub = os.path.join(path, "transformer")
+        names = sorted(n for n in os.listdir(sub) if n.endswith(".safetensors")) if os.path.isdir(sub) else []
+        return any(_is_fp8_header(_Header(os.path.join(sub, n))) for n in names)
+    h = _Header(path)
+    return _is_fp8_header(h, UNET_PREFIX if h.has("", UNET_PREFIX) else "")
+
+
+def resolve_teacher_storage(storage: str, path) -> str:
+    """"fp8" or "bf16" (= the weights dtype, --dtype) for `--teacher-storage` (auto: fp8 exactly when the file is)."""
+    if storage not in TEACHER_STORAGE:
+        raise ModelLoadError(f"Unknown teacher storage {storage!r} (--teacher-storage); choose one of "
+                             f"{', '.join(TEACHER_STORAGE)}.")
+    if storage == "auto":
+        return "fp8" if path is not None and teacher_file_is_fp8(path) else "bf16"
+    return storage
+
+
+def _has_cast_hook(module) -> bool:
+    registry = getattr(module, "_diffusers_hook", None)
+    return registry is not None and registry.get_hook("layerwise_casting") is not None
+
+
+def store_fp8(model, compute_dtype: torch.dtype):
+    """Keep a frozen diffusers model's weights in float8_e4m3fn and compute each layer in `compute_dtype` (diffusers'
+    layerwise casting hooks). Layers diffusers leaves uncast by default (norms, embedders, its skip patterns) are
+    computed in `compute_dtype`, except linear layers that are fp8 already (an fp8 file): those stay fp8 too, as
+    upcasting them would add memory and no precision. Returns the model."""
+    from diffusers.hooks import apply_layerwise_casting_hook
+
+    model.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=compute_dtype)
+    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, module in model.named_modules():
+        if _has_cast_hook(module):
+            continue
+        own = [t for _, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+               if t.is_floating_point()]
+        if any(t.dtype == FP8 for t in own) and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            apply_layerwise_casting_hook(module, FP8, compute_dtype, non_blocking=False)
+        elif not any(k in name for k in keep_fp32):
+            for t in own:
+                if t.dtype != compute_dtype:
+                    t.data = t.data.to(compute_dtype)
+    return model
+
+
+def offload_blocks(model, device, cpu_too: bool = False) -> bool:
+    """Keep a frozen diffusers model on the CPU and bring each layer to `device` only for its forward (diffusers'
+    group offloading, CUDA streams prefetching the next layer). False, and nothing done, where `device` is the CPU.
+
+    Leaf level, not block level, because the fake-score LoRA is added later inside the blocks and trains: a block
+    group would move the LoRA weights to the CPU after each forward (with streams: back to a stale pinned copy),
+    away from their gradients and optimizer state. At leaf level only the layers present now are hooked; the LoRA
+    layers peft adds later stay on `device` (Teacher.add_fake_adapter puts them there). Apply it after
+    `store_fp8`: the offload hook must wrap the casting hook (it onloads the fp8 weights before they are cast).
+    cpu_too: install the hooks even for the CPU (tests: the same code path, with nothing to move)."""
+    device = torch.device(device)
+    if device.type == "cpu" and not cpu_too:
+        return False
+    model.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"), offload_type="leaf_level",
+                               use_stream=device.type == "cuda")
+    return True
+
+
+def _fp8_single_file(cls, tensors: dict, path: str, config: str, subfolder: str, compute_dtype, what: str):
+    """A diffusers model from a single file whose weights are (partly) e4m3fn, fp8 tensors kept as they are: built on
+    the meta device, filled by assignment (diffusers' own key conversion), never upcast; then `store_fp8`."""
+    from accelerate import init_empty_weights
+    from diffusers.loaders.single_file_model import (
+        SINGLE_FILE_LOADABLE_CLASSES,
+        _should_convert_state_dict_to_diffusers,
+    )
+
+    if not os.path.isfile(os.path.join(config, subfolder, "config.json")):
+        raise ModelLoadError(f"No {subfolder}/config.json in the config folder {config!r}.")
+    cfg = cls.load_config(config, subfolder=subfolder, local_files_only=True)
+    with init_empty_weights():  # parameters on meta, buffers (e.g. SD3's pos_embed) real
+        model = cls.from_config(cfg)
+    expected = model.state_dict()
+    try:
+        if _should_convert_state_dict_to_diffusers(expected, tensors):
+            convert = SINGLE_FILE_LOADABLE_CLASSES[cls.__name__]["checkpoint_mapping_fn"]
+            tensors = convert(checkpoint=tensors, config=cfg)
+        sd = {k: v if v.dtype == FP8 or not v.is_floating_point() else v.to(compute_dtype)
+              for k, v in tensors.items() if k in expected}
+        model.load_state_dict(sd, strict=False, assign=True)
+    except (KeyError, IndexError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"{os.path.basename(path)!r} does not fit the {what} config{_config_name(config)}: "
+                             f"{_reason(e)} Is it the right model, and the full-size file?") from e
+    _no_meta(model, what, path)
+    for b in model.buffers():  # buffers built at init (SD3's pos_embed) follow the compute dtype, as torch_dtype would
+        if b.is_floating_point() and b.dtype != compute_dtype:
+            b.data = b.data.to(compute_dtype)
+    return store_fp8(model.eval(), compute_dtype)
 
 
 def _wrong_kind(path: str, kind: str, wanted: str) -> ModelLoadError:
@@ -417,12 +529,15 @@ def _text_encoder_from_tensors(tensors: dict, path: str, config: str, subfolder:
 
     index = {canon(k): k for k in expected}
     sd, unexpected = {}, []
-    for k, v in tensors.items():
+    # One tensor at a time, straight to its device and dtype, the source dropped at once: a T5 file is never held
+    # twice in host RAM (a file already in `dtype` on the CPU is not copied at all: the weights stay the mapped file).
+    for k in list(tensors):
+        v = tensors.pop(k)
         if not k.startswith(prefix):
             continue
         name = canon(k[len(prefix):])
         if name in index:
-            sd[index[name]] = v.to(dtype) if v.is_floating_point() else v
+            sd[index[name]] = v.to(device=device, dtype=dtype) if v.is_floating_point() else v
         elif name.endswith(_IGNORED_TEXT_KEYS) or name == "text_projection.weight":
             continue  # constant buffers; a projection that CLIPTextModel (SD1.5, Flux) does not use
         else:
@@ -643,7 +758,8 @@ def _scheduler(folder: str):
 
 def load_teacher_models(family: str, transformer=None, vae=None, clip_l=None, clip_g=None, t5=None, folder=None,
                         tokenizers=None, dtype=None, device=None, config: str | None = None,
-                        text_encoders: bool = True) -> TeacherModels:
+                        text_encoders: bool = True, storage: str = "bf16", offload: bool = False,
+                        parts=("transformer", "vae", "text")) -> TeacherModels:
     """Teacher transformer, VAE, text encoders and tokenizers for `family` (sd35_medium, sd35_large, flux_dev,
     flux_schnell; "sd3" means sd35_medium).
 
@@ -651,7 +767,14 @@ def load_teacher_models(family: str, transformer=None, vae=None, clip_l=None, cl
     all-in-one single file (or a diffusers folder, same as folder=). `vae`, `clip_l`, `clip_g`, `t5`: single files
     that override the folder / all-in-one contents. `tokenizers`: see `load_tokenizer`. `config`: a folder of
     component configs for single files (default: the shipped configs of the family). `text_encoders=False`
-    skips text encoders and tokenizers (prompt embeddings already cached)."""
+    skips text encoders and tokenizers (prompt embeddings already cached; `load_teacher_text_encoders` loads them
+    alone). `parts`: which of "transformer", "vae", "text" to load (the others stay None / empty), e.g. the VAE and
+    text encoders first to encode a data set, the transformer after they are freed.
+
+    Memory (the frozen transformer only): `storage` "fp8" keeps its weights in float8_e4m3fn, computed in `dtype`
+    (an e4m3fn file is loaded as it is, never upcast), "bf16" in `dtype` (an fp8 file is upcast), "auto" fp8
+    exactly when the file is; `offload` keeps it on the CPU, each layer brought to `device` for its forward (a no-op
+    where `device` is the CPU; see `offload_blocks`)."""
     family = canonical_family(family)
     group = _group(family)
     dtype = _torch_dtype(dtype)
@@ -669,16 +792,27 @@ def load_teacher_models(family: str, transformer=None, vae=None, clip_l=None, cl
         found = _folder_group(folder)
         if found != group:
             raise ModelLoadError(f"{folder!r} is a {PIPELINES[found][0]} folder, but teacher family {family} was given.")
-    if transformer is not None:
-        out.transformer = _transformer_from_file(_check_path(transformer, "Teacher transformer"), family, config,
-                                                 dtype, device)
-        if _kind_of(_Header(os.fspath(transformer))).endswith("_checkpoint"):
-            aio = os.fspath(transformer)
-    else:
-        out.transformer = _transformer_from_folder(folder, family, dtype, device)
+    if transformer is not None and _kind_of(_Header(_check_path(transformer, "Teacher transformer"))).endswith(
+            "_checkpoint"):
+        aio = os.fspath(transformer)
+    if "transformer" in parts:
+        storage = resolve_teacher_storage(storage, transformer if transformer is not None else folder)
+        # fp8 or offload: built on the CPU first (cast, then hooked), moved to `device` afterwards or never.
+        t_device = device if storage != "fp8" and not offload else None
+        if transformer is not None:
+            out.transformer = _transformer_from_file(_check_path(transformer, "Teacher transformer"), family, config,
+                                                     dtype, t_device, fp8=storage == "fp8")
+        else:
+            out.transformer = _transformer_from_folder(folder, family, dtype, t_device)
+        if storage == "fp8" and not any(_has_cast_hook(m) for m in out.transformer.modules()):
+            store_fp8(out.transformer, dtype)  # a bf16/fp16/fp32 file or folder: cast layer by layer
+        if t_device is None and device is not None and not (offload and offload_blocks(out.transformer, device)):
+            out.transformer.to(device)
 
     # VAE: explicit file > folder > the all-in-one checkpoint.
-    if vae is not None:
+    if "vae" not in parts:
+        pass
+    elif vae is not None:
         out.vae = load_vae(vae, family, dtype, device, config=config)
     elif folder is not None:
         out.vae = load_vae(folder, family, dtype, device)
@@ -689,23 +823,46 @@ def load_teacher_models(family: str, transformer=None, vae=None, clip_l=None, cl
                              f"(models/vae/{'ae' if group == 'flux' else 'sd3.5 vae'}.safetensors) or a diffusers "
                              f"folder.")
 
-    if not text_encoders:
-        return out
+    if text_encoders and "text" in parts:
+        out.text_encoders, out.tokenizers = load_teacher_text_encoders(
+            family, transformer=transformer, clip_l=clip_l, clip_g=clip_g, t5=t5, folder=folder,
+            tokenizers=tokenizers, dtype=dtype, device=device, config=config)
+    return out
+
+
+def load_teacher_text_encoders(family: str, transformer=None, clip_l=None, clip_g=None, t5=None, folder=None,
+                               tokenizers=None, dtype=None, device=None, config: str | None = None):
+    """The teacher's text encoders and tokenizers alone ({kind: model}, {kind: tokenizer}), from the same sources as
+    `load_teacher_models` (explicit files > the diffusers folder > the all-in-one transformer file), without loading
+    the transformer or the VAE: prompts are encoded before the big models are loaded (and the encoders freed)."""
+    family = canonical_family(family)
+    group = _group(family)
+    dtype = _torch_dtype(dtype)
+    config = config or config_dir(family)
+    if transformer is not None and os.path.isdir(os.fspath(transformer)):
+        folder, transformer = (folder or os.fspath(transformer)), None
+    if folder is not None:
+        folder = _check_path(folder, "Teacher folder")
+    aio = None
+    if transformer is not None:
+        path = _check_path(transformer, "Teacher transformer")
+        aio = path if _kind_of(_Header(path)).endswith("_checkpoint") else None
+    encoders, toks = {}, {}
     files = {"clip_l": clip_l, "clip_g": clip_g, "t5": t5}
     for kind, (sub, tok_sub) in FAMILY_TEXT[group].items():
         if files[kind] is not None:
-            out.text_encoders[kind] = _text_encoder_from_file(files[kind], kind, config, sub, dtype, device)
+            encoders[kind] = _text_encoder_from_file(files[kind], kind, config, sub, dtype, device)
         elif folder is not None:
-            out.text_encoders[kind] = _text_from_folder(folder, sub, dtype, device)
+            encoders[kind] = _text_from_folder(folder, sub, dtype, device)
         elif aio is not None and _Header(aio).has("", TEXT_PREFIXES[kind][-1]):
             tensors = _read(aio, keep=lambda k, p=TEXT_PREFIXES[kind][-1]: k.startswith(p))
-            out.text_encoders[kind] = _text_encoder_from_tensors(tensors, aio, config, sub, dtype, device)
+            encoders[kind] = _text_encoder_from_tensors(tensors, aio, config, sub, dtype, device)
         else:
             raise ModelLoadError(f"The {family} teacher needs the {kind} text encoder: give {kind}=... (ComfyUI "
                                  f"models/text_encoders/{'t5xxl_fp16' if kind == 't5' else kind}.safetensors) or a "
                                  f"diffusers folder.")
-        out.tokenizers[kind] = load_tokenizer(kind, tokenizers, folder=folder, subfolder=tok_sub)
-    return out
+        toks[kind] = load_tokenizer(kind, tokenizers, folder=folder, subfolder=tok_sub)
+    return encoders, toks
 
 
 def _transformer_cls(family: str):
@@ -722,7 +879,7 @@ def _transformer_from_folder(folder: str, family: str, dtype, device):
     return _from_folder(_transformer_cls(family), folder, "transformer", dtype, device)
 
 
-def _transformer_from_file(path: str, family: str, config: str, dtype, device):
+def _transformer_from_file(path: str, family: str, config: str, dtype, device, fp8: bool = False):
     if os.path.isdir(path):
         return _transformer_from_folder(path, family, dtype, device)
     h = _Header(path)
@@ -736,6 +893,9 @@ def _transformer_from_file(path: str, family: str, config: str, dtype, device):
     _check_variant(_variant(h, prefix), family, repr(os.path.basename(path)))
     # The converters accept the original keys with or without the prefix; diffusers-layout keys must lose it.
     tensors = _read(path, keep=lambda k: k.startswith(prefix), rename=lambda k: k[len(prefix):])
+    if fp8 and _is_fp8_header(h, prefix):  # kept in e4m3fn as stored: never upcast in host RAM
+        return _fp8_single_file(_transformer_cls(family), tensors, path, config, "transformer", dtype,
+                                f"{family} transformer")
     return _single_file(_transformer_cls(family), tensors, path, config, "transformer", dtype, device,
                         f"{family} transformer")
 

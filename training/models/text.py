@@ -202,3 +202,107 @@ def encode_for_family(family: str, prompts, text_encoders: dict, tokenizers: dic
                           max_t5_len or SD3_T5_LEN)
     return encode_flux(prompts, e["clip_l"], e["t5"], t["clip_l"], t["t5"],
                        max_t5_len or FLUX_T5_LEN.get(family, FLUX_T5_LEN["flux_dev"]))
+
+
+# ---------------------------------------------------------------------------------------------- embedding store
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+ENCODE_CHUNK = 32  # prompts per encoder call: bounds the encoders' activations whatever the number of prompts
+
+
+def write_text_store(path, encode, prompts: list[str], chunk: int = ENCODE_CHUNK, dtype=torch.float32,
+                     desc: str | None = None) -> int:
+    """Encode `prompts` `chunk` at a time with `encode` (prompts -> TextCond) into the safetensors file `path`
+    (a TextCond file: "prompt_embeds" [N, L, D], "pooled" [N, P] if any; `dtype` on disk), streamed: only one chunk
+    of prompt embeddings is ever in memory (safetensors has no streaming writer, so the format's header + raw rows are
+    written here). Atomic: a temporary beside `path`, renamed when complete. Returns the number of prompts."""
+    import json
+    import os
+
+    from tqdm.auto import tqdm
+
+    from .._bridge import checkpoint
+
+    prompts = _check_prompts(prompts)
+    if dtype not in _ST_DTYPES:
+        raise ValueError(f"Embedding stores are float32, bfloat16 or float16, not {dtype}.")
+    n = len(prompts)
+    bar = tqdm(total=n, desc=desc or "encoding prompts", disable=desc is None or n <= chunk, dynamic_ncols=True)
+    first = encode(prompts[:chunk])
+    emb_shape, pooled = list(first.prompt_embeds.shape[1:]), first.pooled
+    row = emb_shape[0] * emb_shape[1] * first.prompt_embeds.new_empty((), dtype=dtype).element_size()
+    header = {"__metadata__": {"format": "text_cond"},
+              "prompt_embeds": {"dtype": _ST_DTYPES[dtype], "shape": [n] + emb_shape, "data_offsets": [0, n * row]}}
+    pooled_rows = []
+    if pooled is not None:
+        p_bytes = n * pooled.shape[1] * first.prompt_embeds.new_empty((), dtype=dtype).element_size()
+        header["pooled"] = {"dtype": _ST_DTYPES[dtype], "shape": [n, pooled.shape[1]],
+                            "data_offsets": [n * row, n * row + p_bytes]}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
+    path = os.fspath(path)
+    tmp = checkpoint.atomic_temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            cond, start = first, 0
+            while True:
+                if cond.prompt_embeds.shape[1:] != first.prompt_embeds.shape[1:] or (cond.pooled is None) != (
+                        pooled is None):
+                    raise ValueError("The text encoder returned embeddings of another shape for a later chunk of "
+                                     "prompts; encoders must pad to a fixed length.")
+                f.write(cond.prompt_embeds.to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
+                if pooled is not None:
+                    pooled_rows.append(cond.pooled.to(dtype))
+                start += len(cond)
+                bar.update(len(cond))
+                if start >= n:
+                    break
+                cond = encode(prompts[start:start + chunk])
+            if pooled is not None:
+                f.write(torch.cat(pooled_rows).contiguous().view(torch.uint8).numpy().tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        bar.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return n
+
+
+class TextStore:
+    """A TextCond file read lazily: `index(rows)` reads only those rows from disk (as float32), so a large prompt
+    set's embeddings (Flux: 4 MiB per prompt in bf16) never sit in memory, and each process reads only the rows it
+    draws (its share). `len()` is the number of prompts; `load()` reads everything."""
+
+    def __init__(self, path):
+        from safetensors import safe_open
+
+        from .._bridge import files
+
+        self.path = files.check_safetensors_file(path, what="Text embedding file",
+                                                 corrupt_hint="Delete the cache folder it is in to encode the "
+                                                              "prompts again.")
+        self._file = safe_open(self.path, framework="pt")  # memory-mapped: nothing is read until sliced
+        keys = set(self._file.keys())
+        if "prompt_embeds" not in keys:
+            raise ValueError(f"{self.path!r} is not a TextCond file (no 'prompt_embeds').")
+        self._pooled = "pooled" in keys
+        self._n = self._file.get_slice("prompt_embeds").get_shape()[0]
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _rows(self, name: str, idx: list[int]) -> Tensor:
+        sl = self._file.get_slice(name)
+        return torch.stack([sl[i:i + 1][0] for i in idx]).float()
+
+    def index(self, idx) -> TextCond:
+        idx = [int(i) for i in torch.as_tensor(idx).reshape(-1).tolist()]
+        if any(not 0 <= i < self._n for i in idx):
+            raise IndexError(f"Row index out of range for {self._n} cached prompts.")
+        return TextCond(self._rows("prompt_embeds", idx), self._rows("pooled", idx) if self._pooled else None)
+
+    def load(self) -> TextCond:
+        return self.index(range(self._n))
