@@ -210,6 +210,34 @@ def _teacher_inputs() -> tuple[In, ...]:
     )
 
 
+GRADIENT_CHECKPOINTING = ("auto", "on", "off")
+TEACHER_STORAGE = ("auto", "bf16", "fp8")  # = training/models/loading.py's storage choices (tested)
+OPTIMIZERS = ("adamw", "adamw8bit")  # = training.loop.OPTIMIZERS (tested)
+
+
+def _memory_inputs() -> tuple[In, ...]:
+    """How a training node fits the GPU: the preflight's budget and the memory features it may choose from."""
+    return (
+        In("memory", "STRING", default="auto",
+           tooltip="Memory preflight, before any model loads: auto (estimate the peak for these settings and, if it "
+                   "does not fit the GPU's free memory, choose settings that do: gradient checkpointing, fp8 "
+                   "teacher, smaller micro-batches, ...; the plan is printed in the console), a number of GiB (plan "
+                   "for that budget), or off (no check)."),
+        In("gradient_checkpointing", "COMBO", default="auto", options=GRADIENT_CHECKPOINTING,
+           tooltip="Recompute activations in backward: much less GPU memory for about a third more compute. auto: on "
+                   "with a GPU, off on the CPU."),
+        In("gradient_accumulation", "INT", default=1, min=1, max=64, step=1,
+           tooltip="Run each step's batch as this many smaller micro-batches (the loss still sees the whole batch): "
+                   "less memory, a little slower. Must divide batch_size."),
+        In("teacher_storage", "COMBO", default="auto", options=TEACHER_STORAGE,
+           tooltip="How the frozen teacher is kept: fp8 (float8, computed in bf16: half the memory of bf16), bf16, "
+                   "or auto (fp8 exactly when the file is fp8, e.g. flux1-dev-fp8, which is then never upcast)."),
+        In("teacher_offload", "BOOLEAN", default=False,
+           tooltip="Last resort for small GPUs: the teacher stays in system RAM and each layer goes to the GPU for its "
+                   "forward. Much slower; use with gradient checkpointing."),
+    )
+
+
 TRAIN_BRIDGE = NodeSpec(
     node_id="CSD_TrainBridge",
     display_name="Train Bridge",
@@ -253,6 +281,7 @@ TRAIN_BRIDGE = NodeSpec(
         In("resume", "BOOLEAN", default=True,
            tooltip="Continue the run in output/csd_runs/bridge_<output_name> if it has a saved state (e.g. after a "
                    "cancel or with more steps); off starts over."),
+        *_memory_inputs(),
     ),
     outputs=(
         Out("bridge_name", "STRING", display_name="bridge_name",
@@ -271,7 +300,11 @@ DISTILL_STUDENT = NodeSpec(
                 "training.run distill`. Writes models/checkpoints/<output_name>.safetensors, a standard SD1.5 "
                 "checkpoint for Load Checkpoint + One-Step Student Sampler; with student_lora_rank > 0 also "
                 "models/loras/<output_name>.safetensors, the student as a LoRA for Load LoRA on SD1.5 checkpoints. "
-                "The run folder is output/csd_runs/distill_<output_name>: cancelling saves a resumable state there.",
+                "The recipe by default: teacher-corrected regression pairs from your prompts, a regression warm-up, "
+                "then DMD (regression_pairs 0: plain DMD). Before any model loads, a memory preflight checks the "
+                "estimated peak against the GPU's free memory and, with memory auto, picks settings that fit. "
+                "The run folder is output/csd_runs/distill_<output_name> (pairs, state): cancelling saves a "
+                "resumable state there.",
     inputs=(
         In("student_checkpoint", "COMBO", folder=("checkpoints", DIFFUSERS),
            tooltip="The SD1.5 checkpoint the student starts from (a .safetensors file in models/checkpoints, or a "
@@ -286,7 +319,9 @@ DISTILL_STUDENT = NodeSpec(
         In("prompts_file", "STRING", default="",
            tooltip="Optional text file of prompts (one per line); a relative path is inside ComfyUI's input folder. "
                    "Empty: use the prompts above."),
-        In("steps", "INT", default=2000, min=1, max=1_000_000, step=1, tooltip="Student steps in total."),
+        In("steps", "INT", default=2000, min=0, max=1_000_000, step=1,
+           tooltip="DMD steps after the regression warm-up; 0: the warm-up alone (regression only; needs "
+                   "regression_pairs and regression_warmup_steps above 0)."),
         In("batch_size", "INT", default=4, min=1, max=256, step=1, tooltip="Student samples per step."),
         In("resolution", "INT", default=512, min=64, max=4096, step=8,
            tooltip="Student image size in pixels (512 for SD1.5); the teacher sees the bridged latents at twice this."),
@@ -299,9 +334,9 @@ DISTILL_STUDENT = NodeSpec(
                    "one-step student to the base model (or a fine-tune of it) with Load LoRA."),
         In("fake_lr", "FLOAT", default=1e-4, min=1e-9, max=1.0, step=1e-6,
            tooltip="Learning rate of the fake-score LoRA on the teacher (it tracks the student's distribution)."),
-        In("guidance", "FLOAT", default=4.5, min=0.0, max=30.0, step=0.1,
-           tooltip="Guidance of the real score: CFG scale for SD3.5 (4.5 is usual), guidance embedding for Flux dev "
-                   "(3.5 is usual)."),
+        In("guidance", "FLOAT", default=0.0, min=0.0, max=30.0, step=0.1,
+           tooltip="Guidance of the real score: CFG scale for SD3.5, guidance embedding for Flux dev. 0: the "
+                   "family's default (4.5 for SD3.5, 3.5 for Flux dev, 1 for Flux schnell)."),
         In("train_seed", "INT", default=0, min=0, max=0xFFFFFFFF, step=1,
            tooltip="Seed of the training noise and prompt order; keep it when resuming (not a per-run seed)."),
         In("output_name", "STRING", default="sd15_one_step",
@@ -310,6 +345,22 @@ DISTILL_STUDENT = NodeSpec(
         In("resume", "BOOLEAN", default=True,
            tooltip="Continue the run in output/csd_runs/distill_<output_name> if it has a saved state; off starts "
                    "over."),
+        In("regression_pairs", "INT", default=800, min=0, max=100_000, step=1,
+           tooltip="Teacher-corrected regression pairs made first from your prompts: the student base's own 25-step "
+                   "sample of a prompt, redrawn by the teacher from noise level 0.9 through the Bridge. 0: plain DMD2, "
+                   "no pairs and no warm-up. On the shapes world they are what teaches the student what only the "
+                   "teacher knows (background 0.79 with them, chance without). About 1.3 DMD steps of compute per pair "
+                   "at SD3.5 Medium size. Kept in the run folder: cancelling keeps the ones made."),
+        In("regression_warmup_steps", "INT", default=2000, min=0, max=1_000_000, step=1,
+           tooltip="Regression-only steps fitting the student to the pairs before the DMD steps: cheap (about 1% of a "
+                   "DMD step each, no teacher query). 0: no warm-up. Unused when regression_pairs is 0."),
+        In("fake_guidance", "FLOAT", default=0.0, min=0.0, max=30.0, step=0.1,
+           tooltip="Guidance of the fake score, trained and queried with it. 0: the family's choice: unguided for "
+                   "SD3.5 (as DMD2), the real guidance's embedding for Flux dev."),
+        In("optimizer", "COMBO", default="adamw", options=OPTIMIZERS,
+           tooltip="The student's optimizer: adamw (fused on a GPU), or adamw8bit (needs bitsandbytes and a CUDA "
+                   "GPU) storing its state in 8 bits: about 4.8 GiB less for a full SD1.5 UNet."),
+        *_memory_inputs(),
     ),
     outputs=(
         Out("ckpt_name", "STRING", display_name="ckpt_name",

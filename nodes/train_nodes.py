@@ -173,6 +173,27 @@ def _warmup(steps: int) -> int:
     return min(100, max(1, steps // 10))  # as the CLI: short runs warm up for a tenth of their steps
 
 
+CHECKPOINTING = {"auto": None, "on": True, "off": False}  # the gradient_checkpointing choices -> config values
+
+
+def memory_preflight(kind: str, config, memory: str, teacher_family: str, bridge: str | None, teacher_storage: str,
+                     teacher_offload: bool) -> dict:
+    """The library's preflight (training/memory.py), before any model loads: the estimated peak against the device's
+    free memory, the plan that fits applied to `config` (memory "auto" or a GiB figure) or a clear error. Returns the
+    loaders' memory options (the plan may change them)."""
+    from types import SimpleNamespace
+
+    from ..training import memory as mem
+
+    args = SimpleNamespace(memory=memory, teacher_family=teacher_family, bridge=bridge, demo=False,
+                           teacher_storage=teacher_storage, teacher_offload=teacher_offload,
+                           regression_n=getattr(config, "regression_n", 0))
+    plan = mem.preflight_command(args, config, kind)
+    if plan is not None:
+        log.info("Memory plan for %s: %s", kind, plan.describe())
+    return dict(teacher_storage=args.teacher_storage, teacher_offload=args.teacher_offload)
+
+
 # ---------------------------------------------------------------------------------------------- nodes
 
 class TrainBridge(io.ComfyNode):
@@ -184,11 +205,12 @@ class TrainBridge(io.ComfyNode):
     @clean_errors
     def execute(cls, student_checkpoint, student_vae, teacher_family, teacher_model, teacher_vae, clip_l, clip_g, t5,
                 images, output_name, steps, batch_size, lr, attn_weight, student_res, tap, train_seed,
-                resume) -> io.NodeOutput:
+                resume, memory="auto", gradient_checkpointing="auto", gradient_accumulation=1,
+                teacher_storage="auto", teacher_offload=False) -> io.NodeOutput:
         require("Train Bridge")
         from ..training import loop
-        from ..training.bridge_train import BridgeTrainConfig, BridgeTrainer
-        from ..training.models.assemble import load_bridge_models
+        from ..training.bridge_train import BridgeTrainConfig
+        from ..training.models.assemble import bridge_trainer
 
         name = checked_name(output_name)
         spec = specs.TRAIN_BRIDGE
@@ -202,15 +224,20 @@ class TrainBridge(io.ComfyNode):
         config = BridgeTrainConfig(out_dir=out_dir, images=input_path(images, "images", folder=True), steps=steps,
                                    batch_size=batch_size, lr=lr, warmup_steps=_warmup(steps), attn_weight=attn_weight,
                                    k=2, student_res=student_res, teacher_res=2 * student_res, tap=tap,
-                                   seed=train_seed, resume=resume, cpu=comfy_on_cpu())
+                                   seed=train_seed, resume=resume, cpu=comfy_on_cpu(),
+                                   gradient_checkpointing=CHECKPOINTING[gradient_checkpointing],
+                                   gradient_accumulation=gradient_accumulation)
         config.validate()  # before minutes of model loading
+        files.update(memory_preflight("bridge", config, memory, teacher_family, None, teacher_storage,
+                                      teacher_offload))
         stop = loop.StopFlag()
         progress = ComfyProgress(steps, stop)
         with training_mode():
-            models = load_bridge_models(student or vae, teacher_family, student_vae=vae, cpu=config.cpu, **files)
             reporter = loop.ProgressReporter(total=steps, desc=f"Train Bridge {name}", callback=progress)
-            result = BridgeTrainer(config, models, progress=reporter, stop=stop).run()
-            del models
+            trainer = bridge_trainer(config, student or vae, teacher_family, progress=reporter, stop=stop,
+                                     student_vae=vae, cpu=config.cpu, **files)
+            result = trainer.run()
+            del trainer
         progress.raise_if_cancelled("Train Bridge", result["step"], out_dir)
         dest = publish(result["bridge"], BRIDGES_FOLDER, name)
         log.info("Train Bridge: %d steps (%s); wrote %s", result["step"], _how(result), dest)
@@ -227,12 +254,15 @@ class DistillStudent(io.ComfyNode):
     @clean_errors
     def execute(cls, student_checkpoint, bridge_name, teacher_family, teacher_model, teacher_vae, clip_l, clip_g, t5,
                 prompts, prompts_file, steps, batch_size, resolution, student_lr, student_lora_rank, fake_lr, guidance,
-                train_seed, output_name, resume) -> io.NodeOutput:
+                train_seed, output_name, resume, regression_pairs=800, regression_warmup_steps=2000,
+                fake_guidance=0.0, optimizer="adamw", memory="auto", gradient_checkpointing="auto",
+                gradient_accumulation=1, teacher_storage="auto", teacher_offload=False) -> io.NodeOutput:
         require("Distill Student")
         from ..training import loop
         from ..training.distill import DistillConfig, Distiller, parse_prompts, read_prompts
-        from ..training.models.assemble import load_distill_models
+        from ..training.models.assemble import load_distill
         from ..training.models.export import export_sd15
+        from ..training.models.families import default_guidance
 
         name = checked_name(output_name)
         spec = specs.DISTILL_STUDENT
@@ -248,16 +278,25 @@ class DistillStudent(io.ComfyNode):
             prompt_list = parse_prompts(prompts, "The prompts text")
         files = teacher_files(spec, teacher_model, teacher_vae, clip_l, clip_g, t5)
         out_dir = run_dir("distill", name)
+        # The recipe (pairs, a regression warm-up, then DMD) with the library's defaults; 0 pairs is plain DMD2.
+        warmup = regression_warmup_steps if regression_pairs else 0
         config = DistillConfig(out_dir=out_dir, prompts=prompt_list, steps=steps, batch_size=batch_size,
-                               resolution=resolution, guidance=guidance, student_lr=student_lr,
+                               resolution=resolution, guidance=guidance or default_guidance(teacher_family) or 1.0,
+                               fake_guidance=fake_guidance or None, student_lr=student_lr,
                                student_lora_rank=student_lora_rank, fake_lr=fake_lr, seed=train_seed, resume=resume,
-                               cpu=comfy_on_cpu())
+                               regression_n=regression_pairs, regression_warmup_steps=warmup, optimizer=optimizer,
+                               gradient_checkpointing=CHECKPOINTING[gradient_checkpointing],
+                               gradient_accumulation=gradient_accumulation, cpu=comfy_on_cpu())
         config.validate()
+        files.update(memory_preflight("distill", config, memory, teacher_family, bridge, teacher_storage,
+                                      teacher_offload))
         stop = loop.StopFlag()
-        progress = ComfyProgress(steps, stop)
+        total = warmup + config.steps
+        progress = ComfyProgress(total, stop)
         with training_mode():
-            models = load_distill_models(student, bridge, teacher_family, cpu=config.cpu, **files)
-            reporter = loop.ProgressReporter(total=steps, desc=f"Distill Student {name}", callback=progress)
+            # The text encoders alone first (prompts into the run's cache, encoders freed), then the big models.
+            models = load_distill(config, student, bridge, teacher_family, cpu=config.cpu, **files)
+            reporter = loop.ProgressReporter(total=total, desc=f"Distill Student {name}", callback=progress)
             result = Distiller(config, models, progress=reporter, stop=stop).run()
             del models
         progress.raise_if_cancelled("Distill Student", result["step"], out_dir)

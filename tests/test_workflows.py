@@ -272,6 +272,15 @@ def test_bridge_taps_are_the_libraries():
     assert specs.BRIDGE_TAPS == TAPS
 
 
+def test_memory_choices_are_the_libraries():
+    """The training nodes' memory inputs offer exactly what the library takes."""
+    from training.loop import OPTIMIZERS
+    from training.models.loading import TEACHER_STORAGE
+
+    assert specs.TEACHER_STORAGE == TEACHER_STORAGE and specs.OPTIMIZERS == OPTIMIZERS
+    assert specs.GRADIENT_CHECKPOINTING == ("auto", "on", "off")
+
+
 def _execute_params() -> dict[str, list[str]]:
     """node id -> the parameters of its class's `execute`, read from the node modules' source (importing them needs
     ComfyUI): the class whose define_schema builds `specs.X` is the node of spec X."""

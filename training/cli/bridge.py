@@ -103,12 +103,8 @@ def run(args) -> int:
         trainer = BridgeTrainer(cfg, models)
     else:
         # VAEs and text encoders first: images and captions encoded, encoders freed, then the teacher transformer.
-        models = assemble.load_bridge_models(args.student, args.teacher_family, teacher_model=False,
-                                             **model_files(args))
-        trainer = BridgeTrainer(cfg, models)
-        trainer.prepare_data()
-        models.teacher = assemble.load_bridge_teacher(args.teacher_family, **model_files(args))
-    result = trainer.run()  # (its prepare_data finds the cache fresh)
+        trainer = assemble.bridge_trainer(cfg, args.student, args.teacher_family, **model_files(args))
+    result = trainer.run()
     print(json.dumps({k: v for k, v in result.items() if k != "last_val"}, indent=2))
     if "last_val" in result:
         print(format_val_table(result["last_val"]))

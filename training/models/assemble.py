@@ -142,6 +142,19 @@ def load_bridge_teacher(teacher_family: str, teacher: str, dtype: str = "auto", 
     return make_teacher(teacher_family, tm.transformer)
 
 
+def bridge_trainer(config, student: str, teacher_family: str, progress=None, stop=None, **files):
+    """A BridgeTrainer on local files, loaded in the order that keeps the peak low (the bridge command and the Train
+    Bridge node): the VAEs and text encoders first, the images and captions encoded into the latent cache and the
+    encoders freed, then the teacher transformer alone. `files`: the keywords of `load_bridge_models`."""
+    from ..bridge_train import BridgeTrainer
+
+    models = load_bridge_models(student, teacher_family, teacher_model=False, **files)
+    trainer = BridgeTrainer(config, models, progress=progress, stop=stop)
+    trainer.prepare_data()
+    models.teacher = load_bridge_teacher(teacher_family, **files)
+    return trainer  # its run() finds the cache fresh
+
+
 # ---------------------------------------------------------------------------------------------- distillation
 
 def check_demo_bridge(path: str) -> None:
