@@ -19,6 +19,41 @@ def test_help_lists_every_command_without_importing_torch():
         assert name in out
 
 
+@pytest.mark.parametrize("command", ["bridge", "distill", "sample"])
+def test_command_help_does_not_import_torch(command):
+    code = ("import sys; from training.run import main\n"
+            f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "--student" in out and out.strip().endswith("False"), out[-500:]
+
+
+def test_distill_options_offer_and_default_to_the_librarys():
+    """cli/distill.py spells its choices and defaults out to stay free of torch; they must be the library's."""
+    import dataclasses
+
+    from training import dmd, loop
+    from training.cli import distill as cli
+    from training.distill import GRAD_NORMS, DistillConfig
+    from training.run import build_parser
+
+    assert (cli.LOSSES, cli.TIMESTEP_DISTS, cli.S_MIN, cli.S_MAX) == (dmd.LOSSES, dmd.TIMESTEP_DISTS, dmd.S_MIN,
+                                                                      dmd.S_MAX)
+    assert cli.GRAD_NORMS == GRAD_NORMS and cli.OPTIMIZERS == loop.OPTIMIZERS
+    fields = {f.name: f.default for f in dataclasses.fields(DistillConfig)
+              if f.default is not dataclasses.MISSING}  # val_seeds: a list, given as text
+    assert {k: fields[k] for k in vars(cli.DEFAULTS)} == vars(cli.DEFAULTS)
+    # Every option named after a config field defaults to the field's default (or to None: decided by run()).
+    parser = build_parser(load_commands="distill")
+    args = parser.parse_args(["distill"])
+    shown = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    assert len(shown) > 20 and shown == {k: fields[k] for k in shown}
+    choices = {a.dest: tuple(a.choices) for sub in parser._subparsers._group_actions
+               for a in sub.choices["distill"]._actions if a.choices}
+    assert (choices["loss"], choices["timesteps"], choices["grad_norm"], choices["optimizer"]) == (
+        dmd.LOSSES, dmd.TIMESTEP_DISTS, GRAD_NORMS, loop.OPTIMIZERS)
+
+
 @pytest.mark.parametrize("argv", [["shapes", "--help"], ["bridge", "--help"], ["distill", "--help"],
                                   ["sample", "--help"]])
 def test_every_command_has_its_help(argv, capsys):

@@ -227,3 +227,17 @@ def test_bad_input_is_refused_before_torch_loads(argv, line):
             "assert 'torch' not in sys.modules, 'torch loaded'; sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip() == line, proc.stderr
+
+
+@pytest.mark.parametrize("student,problem", [("/nonexistent.safetensors", "does not exist"),
+                                             ("README.md", "is not a safetensors file")])
+def test_distill_refuses_a_bad_student_before_torch_loads(tmp_path, student, problem):
+    """Issue 24: `distill` checks its input in a fresh interpreter before torch is imported; nothing is written."""
+    out = tmp_path / "out"
+    argv = ["distill", "--student", student, "--out", str(out)]
+    code = (f"import sys; from training.run import main; rc = main({argv!r}); "
+            "assert 'torch' not in sys.modules, 'torch loaded'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: --student {student!r} {problem}"), proc.stderr
+    assert "needs --bridge, --teacher-family, --teacher, --prompts" in proc.stderr and not out.exists()

@@ -6,12 +6,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from types import SimpleNamespace
 
-from .. import dmd
-from ..distill import GRAD_NORMS, DistillConfig, Distiller, read_prompts
 from ..errors import UserError
 from ..models.families import default_guidance
 from .common import add_model_arguments, check_inputs, given, model_files, validate_flags
+
+# What the options offer and default to, spelt out here because the library's modules import torch: `distill --help`
+# and the input checks answer before torch loads. tests/test_cli.py checks they are the library's.
+LOSSES = ("dmd", "vsd")  # dmd.LOSSES
+TIMESTEP_DISTS = ("uniform", "logit_normal", "teacher")  # dmd.TIMESTEP_DISTS
+S_MIN, S_MAX = 0.02, 0.98  # dmd.S_MIN, dmd.S_MAX
+GRAD_NORMS = ("teacher", "student", "both")  # distill.GRAD_NORMS
+OPTIMIZERS = ("adamw", "adamw8bit")  # loop.OPTIMIZERS
+DEFAULTS = SimpleNamespace(  # DistillConfig's defaults that the options show
+    student_cross_attention_lr=0.0, grad_clip=1.0, grad_norm="teacher", grad_clip_relative=0.0,
+    straight_through_clamp=False, regression_n=800, regression_weight=0.0, regression_warmup_steps=2000,
+    regression_warmup_lr=1e-5, regression_warmup_cross_attention_lr=1e-4, regression_s0=0.9,
+    regression_student_steps=25, regression_student_cfg=7.5, regression_teacher_steps=20, gradient_accumulation=1,
+    optimizer="adamw")
 
 DEMO_PROMPTS = [
     "a red circle on a blue background", "a green square on a white background, top left",
@@ -47,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="DMD steps after the regression warm-up (default 2000; 60 with --demo); 0: no DMD, the "
                         "regression warm-up alone (needs pairs and --regression-warmup-steps > 0)")
     t.add_argument("--batch-size", type=int, help="default 4 (2 with --demo)")
-    t.add_argument("--loss", default="dmd", choices=dmd.LOSSES, help="DMD2-normalised gradient (default) or VSD")
+    t.add_argument("--loss", default="dmd", choices=LOSSES, help="DMD2-normalised gradient (default) or VSD")
     t.add_argument("--guidance",
                    help="real-score guidance: a number, or LOW,HIGH for a per-sample uniform draw (e.g. 2,8); "
                         "default: the family's (4.5 for SD3.5, true CFG; 3.5 for Flux dev, its guidance embedding)")
@@ -55,12 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the fake score's guidance, trained and queried with it (default: the family's: 1 = unguided "
                         "for SD3.5 as in DMD2; for Flux dev the real score's own embedding value, so the fake starts "
                         "equal to the real score)")
-    t.add_argument("--timesteps", default="uniform", choices=dmd.TIMESTEP_DISTS,
+    t.add_argument("--timesteps", default="uniform", choices=TIMESTEP_DISTS,
                    help="noise-level distribution, mapped into [--s-min, --s-max]")
-    t.add_argument("--s-min", type=float, default=dmd.S_MIN)
-    t.add_argument("--s-max", type=float, default=dmd.S_MAX)
+    t.add_argument("--s-min", type=float, default=S_MIN)
+    t.add_argument("--s-max", type=float, default=S_MAX)
     t.add_argument("--student-lr", type=float, default=1e-5)
-    t.add_argument("--student-cross-attention-lr", type=float, default=DistillConfig.student_cross_attention_lr,
+    t.add_argument("--student-cross-attention-lr", type=float, default=DEFAULTS.student_cross_attention_lr,
                    help="> 0: learning rate of the student's cross-attention layers (attn2, the ones that read the "
                         "prompt); the rest keeps --student-lr")
     t.add_argument("--student-lora-rank", type=int, default=0,
@@ -73,15 +86,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--fake-alpha", type=float, help="LoRA alpha of the fake score (default = rank)")
     t.add_argument("--fake-updates", type=int, default=5, help="fake-score steps per student step")
     t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--grad-clip", type=float, default=DistillConfig.grad_clip,
+    t.add_argument("--grad-clip", type=float, default=DEFAULTS.grad_clip,
                    help="student gradient-norm clip (fixed; see --grad-clip-relative)")
-    t.add_argument("--grad-norm", default=DistillConfig.grad_norm, choices=GRAD_NORMS,
+    t.add_argument("--grad-norm", default=DEFAULTS.grad_norm, choices=GRAD_NORMS,
                    help="per-sample gradient normalisation: teacher = DMD2's, in teacher space; student = after the "
                         "pull-back through the Bridge, every sample to the batch's mean norm; both")
-    t.add_argument("--grad-clip-relative", type=float, default=DistillConfig.grad_clip_relative,
+    t.add_argument("--grad-clip-relative", type=float, default=DEFAULTS.grad_clip_relative,
                    help="> 0: clip at this factor x the running mean gradient norm instead of --grad-clip")
     t.add_argument("--straight-through-clamp", action=argparse.BooleanOptionalAction,
-                   default=DistillConfig.straight_through_clamp,
+                   default=DEFAULTS.straight_through_clamp,
                    help="training only: the decoded image's [0,1] clamp passes gradients of saturated pixels")
     r = p.add_argument_group(
         "the recipe: teacher-corrected pairs, a regression warm-up, then DMD (training/pairs.py)",
@@ -92,40 +105,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "and no warm-up; --regression-warmup-steps 0: no warm-up; --steps 0: no DMD (regression only).")
     r.add_argument("--regression-n", type=int,
                    help=f"make this many pairs in <out>/pairs.safetensors first (resumable per batch, reused when "
-                        f"present; default {DistillConfig.regression_n}, 16 with --demo; 0: none): the student base's "
+                        f"present; default {DEFAULTS.regression_n}, 16 with --demo; 0: none): the student base's "
                         "own sample of a training prompt, redrawn by the teacher from --regression-s0 through the "
                         "Bridge, back in the student's space. The benchmark's count (800 pairs, 600 captions); 400 "
                         "measured weaker. At real size one pair costs about 1.3 DMD steps at batch 2 (counted FLOPs)")
     r.add_argument("--regression-pairs",
                    help="use this pairs file (made elsewhere, e.g. training.pairs.make_pairs) instead of making them")
-    r.add_argument("--regression-weight", type=float, default=DistillConfig.regression_weight,
+    r.add_argument("--regression-weight", type=float, default=DEFAULTS.regression_weight,
                    help="> 0: also a regression term inside every DMD step, its gradient's norm this multiple of the "
                         "distribution-matching one's (default 0: weight 1 measured worse per second than the "
                         "warm-up)")
     r.add_argument("--regression-batch", type=int, default=0, help="pairs per step (default: --batch-size)")
     r.add_argument("--regression-warmup-steps", type=int,
                    help=f"regression-only steps on the pairs before the DMD --steps (default "
-                        f"{DistillConfig.regression_warmup_steps}, 40 with --demo; 0 without pairs): cheap, no teacher "
+                        f"{DEFAULTS.regression_warmup_steps}, 40 with --demo; 0 without pairs): cheap, no teacher "
                         "query (at real size 1.3%% of a DMD step's FLOPs); the benchmark's 2000 (1500 measured "
                         "weaker, 300 too few)")
-    r.add_argument("--regression-warmup-lr", type=float, default=DistillConfig.regression_warmup_lr,
-                   help=f"the warm-up's learning rate (default {DistillConfig.regression_warmup_lr:g}: DMD2's student "
+    r.add_argument("--regression-warmup-lr", type=float, default=DEFAULTS.regression_warmup_lr,
+                   help=f"the warm-up's learning rate (default {DEFAULTS.regression_warmup_lr:g}: DMD2's student "
                         "rate and the usual full-UNet SD1.5 fine-tuning rate; about 10x more for a LoRA student)")
     r.add_argument("--regression-warmup-cross-attention-lr", type=float,
-                   default=DistillConfig.regression_warmup_cross_attention_lr,
+                   default=DEFAULTS.regression_warmup_cross_attention_lr,
                    help=f"the warm-up's learning rate of the cross-attention layers (default "
-                        f"{DistillConfig.regression_warmup_cross_attention_lr:g}, 10x the rest as on the shapes world, "
+                        f"{DEFAULTS.regression_warmup_cross_attention_lr:g}, 10x the rest as on the shapes world, "
                         "where the prompt is learned only with a higher rate there; 0: --regression-warmup-lr)")
-    r.add_argument("--regression-s0", type=float, default=DistillConfig.regression_s0,
+    r.add_argument("--regression-s0", type=float, default=DEFAULTS.regression_s0,
                    help=f"noise level the teacher redraws the student base's sample from (default "
-                        f"{DistillConfig.regression_s0:g}: above ~0.8 is where the teacher decides what the prompt "
+                        f"{DEFAULTS.regression_s0:g}: above ~0.8 is where the teacher decides what the prompt "
                         "asks over the image; below it keeps the base's layout)")
-    r.add_argument("--regression-student-steps", type=int, default=DistillConfig.regression_student_steps,
-                   help=f"student base DDIM steps per pair (default {DistillConfig.regression_student_steps})")
-    r.add_argument("--regression-student-cfg", type=float, default=DistillConfig.regression_student_cfg,
-                   help=f"student base CFG (default {DistillConfig.regression_student_cfg:g})")
-    r.add_argument("--regression-teacher-steps", type=int, default=DistillConfig.regression_teacher_steps,
-                   help=f"teacher steps from s0 to 0 (default {DistillConfig.regression_teacher_steps})")
+    r.add_argument("--regression-student-steps", type=int, default=DEFAULTS.regression_student_steps,
+                   help=f"student base DDIM steps per pair (default {DEFAULTS.regression_student_steps})")
+    r.add_argument("--regression-student-cfg", type=float, default=DEFAULTS.regression_student_cfg,
+                   help=f"student base CFG (default {DEFAULTS.regression_student_cfg:g})")
+    r.add_argument("--regression-teacher-steps", type=int, default=DEFAULTS.regression_teacher_steps,
+                   help=f"teacher steps from s0 to 0 (default {DEFAULTS.regression_teacher_steps})")
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--sample-every", type=int, help="preview grid every N steps (default 250; 20 with --demo)")
     t.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps")
@@ -134,10 +147,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in backward (student UNet, student decoder, teacher): less memory, "
                         "about a third more compute (default: on with CUDA, off on the CPU)")
-    t.add_argument("--gradient-accumulation", type=int, default=DistillConfig.gradient_accumulation,
+    t.add_argument("--gradient-accumulation", type=int, default=DEFAULTS.gradient_accumulation,
                    help="run each step's --batch-size as this many micro-batches (the DMD loss still sees the whole "
                         "batch; less memory, a little slower); it must divide the batch size")
-    t.add_argument("--optimizer", default=DistillConfig.optimizer, choices=("adamw", "adamw8bit"),
+    t.add_argument("--optimizer", default=DEFAULTS.optimizer, choices=OPTIMIZERS,
                    help="the student's optimizer: adamw (fused on CUDA) or adamw8bit (bitsandbytes, CUDA: 8-bit "
                         "moments, saves 4.8 GiB on a full SD1.5 UNet)")
     t.add_argument("--restart", action="store_true", help="start over instead of resuming from --out")
@@ -172,13 +185,15 @@ def _regression(args) -> tuple[int, int]:
                         "made elsewhere), not both.")
     if args.regression_n is not None and args.regression_n < 0:
         raise UserError(f"--regression-n must be >= 0 (0: no pairs are made), got {args.regression_n}.")
-    n = 0 if args.regression_pairs else given(args.regression_n, 16 if args.demo else DistillConfig.regression_n)
+    n = 0 if args.regression_pairs else given(args.regression_n, 16 if args.demo else DEFAULTS.regression_n)
     if not (n or args.regression_pairs):  # no pairs: no warm-up unless asked for, which validate() refuses
         return 0, given(args.regression_warmup_steps, 0)
-    return n, given(args.regression_warmup_steps, 40 if args.demo else DistillConfig.regression_warmup_steps)
+    return n, given(args.regression_warmup_steps, 40 if args.demo else DEFAULTS.regression_warmup_steps)
 
 
-def config_from_args(args, prompts: list[str]) -> DistillConfig:
+def config_from_args(args, prompts: list[str]):
+    from ..distill import DistillConfig, read_prompts
+
     demo = args.demo
     regression_n, warmup_steps = _regression(args)
     return DistillConfig(
@@ -208,13 +223,14 @@ def config_from_args(args, prompts: list[str]) -> DistillConfig:
 
 
 def run(args) -> int:
+    # Only what is actually missing or wrong: the given paths checked, the options not given named; before torch loads.
+    check_inputs(args, () if args.demo else ("--student", "--bridge", "--teacher-family", "--teacher", "--prompts",
+                                             "--out"), "Distillation", "or --demo to try it on tiny models")
+    from ..distill import Distiller, read_prompts
     from ..errors import output_dir
     from ..models import assemble
     from ..models.export import export_diffusers, export_sd15, export_single_file
 
-    # Only what is actually missing or wrong: the given paths checked, the options not given named.
-    check_inputs(args, () if args.demo else ("--student", "--bridge", "--teacher-family", "--teacher", "--prompts",
-                                             "--out"), "Distillation", "or --demo to try it on tiny models")
     if args.demo:
         args.out = args.out or os.path.join("runs", "distill-demo")
     # Everything cheap first: prompts and options, then the output folder, before any model is loaded.
