@@ -312,7 +312,7 @@ def test_prompts_are_encoded_with_the_encoders_alone_before_the_models_load(tmp_
     prompts = ["a red cube", "a blue ball", "two cats", "a tree", "the sea"]
     cfg = DistillConfig(out_dir=str(tmp_path / "run"), prompts=prompts, steps=1, batch_size=2, resolution=16,
                         fake_updates=1, fake_rank=4, sample_every=1000, ckpt_every=1000, cpu=True,
-                        negative_prompt="blurry")
+                        negative_prompt="blurry", regression_n=0, regression_warmup_steps=0)  # plain DMD: one step
     files = dict(student=distill_files["student"], bridge=distill_files["bridge"], teacher_family="sd35_medium",
                  teacher=distill_files["teacher"], dtype="fp32", cpu=True)
     enc_teacher, enc_student = assemble.encode_distill_prompts(cfg, **files)

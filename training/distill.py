@@ -824,7 +824,8 @@ class Distiller:
                         guidance_all = guidance_all.to(self.device)
                 s = s_all[part]
                 x_s = teacher.add_noise(x.detach(), n_all[part], s)
-                guidance = guidance_all[part] if isinstance(guidance_all, torch.Tensor) else guidance_all
+                guidance = guidance_all[part] if isinstance(guidance_all, torch.Tensor) and len(parts) > 1 else \
+                    guidance_all
                 cond = t_cond.index(torch.arange(part.start, part.stop))
                 neg = self.text["negative"].repeat(x.shape[0]).to(self.device)
                 with torch.no_grad(), self.accel.autocast():
@@ -899,7 +900,8 @@ class Distiller:
                 loss_f = 0.0
                 for part in parts:
                     with self.accel.autocast():
-                        g_part = guidance_f[part] if isinstance(guidance_f, torch.Tensor) else guidance_f
+                        g_part = guidance_f[part] if isinstance(guidance_f, torch.Tensor) and len(parts) > 1 else \
+                            guidance_f
                         cond_i = cond_f.index(torch.arange(part.start, part.stop))
                         v = teacher.velocity(x_s_f[part], s_f[part], cond_i, **self._fake_embedding(g_part))
                     loss_i = dmd.flow_matching_loss(v, x_f[part], n_f[part]) / len(parts)

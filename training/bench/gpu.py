@@ -152,7 +152,8 @@ def memory_row(family: str, tap: str, settings: dict, reduced: bool, batch: int,
         cfg = DistillConfig(out_dir=out, prompts=[f"prompt {i}" for i in range(8)], batch_size=batch,
                             resolution=64 if reduced else 512, fake_rank=4 if reduced else 64,
                             fake_updates=1 if reduced else 5, resume=False, cpu=reduced,
-                            gradient_checkpointing=settings["gradient_checkpointing"])
+                            gradient_checkpointing=settings["gradient_checkpointing"],
+                            regression_n=0, regression_warmup_steps=0)  # the DMD step is what is measured
         d = Distiller(cfg, models)
         d.prepare()
         load_s = time.perf_counter() - t0
