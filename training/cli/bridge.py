@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from .common import add_model_arguments, given, model_files
+from .common import add_memory_argument, add_model_arguments, given, model_files
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                                           "(student decoder and teacher)")
     t.add_argument("--restart", action="store_true", help="ignore an existing training state in --out and "
                                                           "start over (default: resume)")
+    add_memory_argument(t)
 
 
 def config_from_args(args, demo: bool):
@@ -90,6 +91,9 @@ def run(args) -> int:
     cfg = config_from_args(args, demo=args.demo)
     cfg.validate()
     output_dir(cfg.out_dir)
+    from ..memory import preflight_command
+
+    preflight_command(args, cfg, "bridge")  # may apply a memory plan to cfg and args
     if args.demo:
         if demo_images and not os.path.isdir(args.images):
             data.make_synthetic_images_once(args.images, n=48, size=256, seed=args.seed)

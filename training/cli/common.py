@@ -40,3 +40,14 @@ def model_files(args) -> dict:
 def given(value, default):
     """An option's value, or `default` when it was not given (0 is a value, refused by the config's checks)."""
     return default if value is None else value
+
+
+MEMORY_HELP = ("peak-memory preflight before any model loads (training/memory.py): auto (default) compares the estimate "
+               "with the free GPU memory (host RAM on the CPU) and, when it does not fit, applies the cheapest settings "
+               "that fit and prints them; a number of GiB does the same against that budget; check refuses instead "
+               "of changing settings; off skips it")
+
+
+def add_memory_argument(group) -> None:
+    """--memory, the preflight's setting (the same for `bridge` and `distill`)."""
+    group.add_argument("--memory", default="auto", metavar="auto|check|GiB|off", help=MEMORY_HELP)

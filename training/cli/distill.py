@@ -10,7 +10,7 @@ import os
 from .. import dmd
 from ..distill import GRAD_NORMS, DistillConfig, Distiller, read_prompts
 from ..errors import UserError
-from .common import add_model_arguments, given, model_files
+from .common import add_memory_argument, add_model_arguments, given, model_files
 
 DEMO_PROMPTS = [
     "a red circle on a blue background", "a green square on a white background, top left",
@@ -104,6 +104,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (student UNet, student decoder, teacher)")
     t.add_argument("--restart", action="store_true", help="start over instead of resuming from --out")
+    add_memory_argument(t)
 
 
 def _parse_seeds(text: str, option: str = "--val-seeds") -> list[int]:
@@ -204,6 +205,9 @@ def run(args) -> int:
 
         load_pairs(cfg.regression_pairs, 4, cfg.resolution // 8)
     output_dir(cfg.out_dir)
+    from ..memory import preflight_command
+
+    preflight_command(args, cfg, "distill")  # may apply a memory plan to cfg and args
     if args.demo:
         models, base = assemble.demo_distill_models(args.seed, args.bridge)
     else:
