@@ -42,9 +42,9 @@ CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS/cuDNN workspaces: 0.3-1 GiB depe
 ALLOCATOR_SLACK = 1.10  # reserved / allocated of PyTorch's caching allocator under a training loop's churn
 HOST_OVERHEAD_GIB = 0.8  # the Python process with torch, diffusers and transformers imported (CPU runs)
 ENCODE_CHUNK = 16  # prompts per text-encoder forward when the prompts are encoded in chunks
-MICRO = (1, 2)  # micro-batches measured; other sizes are extrapolated linearly
+MICRO = (1, 2, 4)  # micro-batches measured; others interpolated linearly between them (beyond 4: the 2-4 slope)
 PROFILES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "memory_profiles.json")
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 DISTILL_PHASES = ("loading", "encoding", "pairs", "warmup", "student_step", "fake_update", "optimizer_step", "saving")
 BRIDGE_PHASES = ("loading", "encoding", "latent_cache", "bridge_step", "optimizer_step", "saving")
@@ -733,12 +733,19 @@ def _bridge_phases(s: MemorySettings, m: int, tr: "_Tracker") -> tuple[dict, dic
 # ---------------------------------------------------------------------------------------------- estimate
 
 def _transient(prof: dict, phase: str, micro: int) -> int:
+    """A phase's transient at `micro`, piecewise linear through the measured micro-batches (the peak's place can
+    move between 1 and 2 samples, so one slope from 1 to 2 under-reads larger batches)."""
     values = prof["transient"].get(phase)
     if not values:
         return 0
-    a, b = values[0], values[-1]
-    slope = (b - a) / (MICRO[-1] - MICRO[0]) if len(values) > 1 else a
-    return max(0, int(a + slope * (micro - MICRO[0])))
+    xs = prof.get("micro", MICRO)[:len(values)]
+    if len(values) == 1:
+        return int(values[0])
+    i = 0
+    while i < len(xs) - 2 and micro > xs[i + 1]:
+        i += 1
+    slope = (values[i + 1] - values[i]) / (xs[i + 1] - xs[i])
+    return max(0, int(values[i] + slope * (micro - xs[i])))
 
 
 def _teacher_resident(s: MemorySettings, z: dict) -> tuple[int, str]:
@@ -1151,27 +1158,12 @@ def measure_distill_step(s: MemorySettings, log=None) -> dict:
             step += 1
         del clip
         gc.collect()
-        parts: dict = {}
-
-        class _Parts:  # the Distiller's timer hook: per-part peaks, for diagnosis
-            @staticmethod
-            @contextlib.contextmanager
-            def phase(name):
-                before = tr.peak()
-                tr.reset_peak()
-                try:
-                    yield
-                finally:
-                    parts[name] = max(parts.get(name, 0), tr.peak()) / GIB
-                    tr.mt._peak_mem = {dev: max(v, before) for dev, v in tr.mt._peak_mem.items()}
-
-        d.timer = _Parts
         tr.reset_peak()
         t0 = time.perf_counter()
         d.train_step(step)
         seconds = time.perf_counter() - t0
         peak = tr.peak()
-    return {"peak_gib": peak / GIB, "seconds": seconds, "parts_gib": parts}
+    return {"peak_gib": peak / GIB, "seconds": seconds}
 
 
 def validate(s: MemorySettings | None = None, log=print) -> dict:
