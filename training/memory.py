@@ -13,7 +13,10 @@ from the measured parameter sizes, so settings that only change storage cost not
 - measured with fake tensors: every transient (activations, gradients, autocast copies, attention capture), parameter
   and buffer sizes, per-block sizes of the teacher;
 - analytic: fp8 teacher storage (1 byte/param + the largest layer's bf16 copy: diffusers' layerwise-casting hooks do
-  not run under fake tensors), block-level teacher offload (the non-block weights + two blocks stay on the GPU),
+  not run under fake tensors), block-level teacher offload (the non-block weights + two blocks stay on the GPU); in
+  the phases that backpropagate through the teacher (fake-score updates, Bridge training's attention loss) autograd
+  keeps the bf16 copies / onloaded blocks for the backward, so those savings need a checkpointed teacher (then one
+  block at a time is added; without checkpointing all blocks in bf16 are: measured on CPU with diffusers' hooks),
   8-bit AdamW (2 bytes/param of states instead of 8), fused AdamW (no temporaries beyond one parameter's: the fake run
   uses the single-tensor AdamW, which has the same profile), gradient accumulation (the micro-batch's transients);
 - modelled CUDA effects a CPU build cannot show: CUDA autocast is emulated (CPU autocast keeps layer/group norm and
@@ -24,6 +27,10 @@ torch 2.13 workarounds (DESIGN §10): the tracker's per-module hooks are cleared
 refuse modules called twice per iteration: the teacher is); `Module.to` is a no-op while peft injects adapters
 (`.to()` cannot swap fake parameters); models are built in their target dtype (default dtype set while building);
 CPU fake tensors, never fake CUDA ones (SDPA crashes on those in a CPU build).
+
+Known differences from a CUDA run: SD3's positional-embedding buffer is built in fp32 here (bf16 when loaded with
+torch_dtype: +0.4 GiB for SD3.5 Medium, conservative); fused AdamW, 8-bit AdamW and the offload/fp8 hooks are not run.
+Text encoders are assumed loaded together, alone (without teacher and student), prompts encoded ENCODE_CHUNK at a time.
 
 Results are deterministic: they are cached in memory and in `bench/memory_profiles.json` (shipped for the real sizes;
 `python -m training.bench.memory --regenerate` rebuilds it). No torch import at module level.
@@ -783,6 +790,15 @@ def estimate(s: MemorySettings, compute: bool = True) -> Estimate | None:
     states = z["student_trainable"] * state_bytes + z["fake_params"] * 8
     warmup_states = z["student_trainable"] * state_bytes if (s.regression and s.kind == "distill") else 0
     fake = z["fake"]
+    # Phases that backpropagate through the frozen teacher (fake-score updates; Bridge training's attention loss):
+    # autograd keeps every weight a layer used for its backward. Under fp8 layerwise casting those are the bf16
+    # copies, and under block offload the onloaded blocks, so both savings vanish unless the teacher is checkpointed
+    # (then one block is recomputed at a time). Measured on CPU with diffusers' hooks on a tiny SD3.5: fp8 + LoRA
+    # forward with grad held +55 % of the bf16 weights in copies without checkpointing, about half a block with it.
+    grad_through_teacher = 0
+    if s.device == "cuda" and (s.storage == "fp8" or s.teacher_offload):
+        # bf16 bytes: the copies (fp8) or the onloaded blocks (offload) kept for the backward
+        grad_through_teacher = z["teacher_max_block"] if s.gradient_checkpointing else z["teacher_blocks"]
     alloc: dict = {}
     alloc["loading"] = weights
     alloc["encoding"] = z["text_encoders"] + _transient(prof, "encoding", micro)
@@ -793,13 +809,15 @@ def estimate(s: MemorySettings, compute: bool = True) -> Estimate | None:
         trained = weights + fake + states + warmup_states
         for ph in ("student_step", "fake_update", "optimizer_step"):
             alloc[ph] = trained + _transient(prof, ph, micro)
+        alloc["fake_update"] += grad_through_teacher
         if s.optimizer == "adamw8bit":  # its step dequantises one parameter at a time: as the fused one
             alloc["optimizer_step"] = max(alloc["optimizer_step"], trained)
         alloc["saving"] = trained  # saved from the CPU side: no device copy of the UNet (issue 23's save)
     else:
         trained = weights + states
         alloc["latent_cache"] = weights + _transient(prof, "latent_cache", micro)
-        alloc["bridge_step"] = trained + _transient(prof, "bridge_step", micro)
+        alloc["bridge_step"] = trained + _transient(prof, "bridge_step", micro) + \
+            (grad_through_teacher if s.attention else 0)
         alloc["optimizer_step"] = trained + _transient(prof, "optimizer_step", micro)
         alloc["saving"] = trained
     notes = [note]
@@ -894,19 +912,27 @@ def plan_ladder(s: MemorySettings, features=ALL_FEATURES) -> list[tuple[MemorySe
     return steps
 
 
-def choose_plan(s: MemorySettings, budget_gib: float, features=ALL_FEATURES) -> tuple[Plan, list[Plan]]:
+def choose_plan(s: MemorySettings, budget_gib: float, features=ALL_FEATURES,
+                compute: bool = True) -> tuple[Plan | None, list[Plan]]:
     """(the plan to run, every plan tried in order). The plan to run is the first that fits `budget_gib`, or the
-    lowest peak when none does (its `fits` is then False)."""
-    first = estimate(s)
-    plans = [Plan(s, first, 1.0, [], first.peak_gib <= budget_gib)]
+    lowest peak when none does (its `fits` is then False). compute False: settings whose profile is not cached or
+    shipped are left out ((None, []) when none is)."""
+    plans = []
     changes: list = []
-    for cand, what in plan_ladder(s, features):
-        changes = changes + [what]
-        e = estimate(cand)
-        plans.append(Plan(cand, e, step_cost(cand, s), list(changes), e.peak_gib <= budget_gib))
+    for cand, what in [(s, None)] + plan_ladder(s, features):
+        if what:  # one accumulation entry: the latest
+            changes = [c for c in changes if not (what.startswith("gradient accumulation") and
+                                                  c.startswith("gradient accumulation"))] + [what]
+        e = estimate(cand, compute=compute)
+        if e is not None:
+            plans.append(Plan(cand, e, step_cost(cand, s), list(changes), e.peak_gib <= budget_gib))
+    if not plans:
+        return None, []
     chosen = next((p for p in plans if p.fits), None) or min(plans, key=lambda p: p.estimate.peak_gib)
+    alt = None
     if s.kind == "distill" and s.tap == "image" and chosen is not plans[0]:
-        alt = estimate(replace(chosen.settings, tap="features"))
+        alt = estimate(replace(chosen.settings, tap="features"), compute=compute)
+    if alt is not None:
         chosen.hint = (f"a features-tap Bridge (`bridge --tap features`) would need {alt.peak_gib:.1f} GiB with "
                        "these settings")
     return chosen, plans

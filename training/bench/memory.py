@@ -150,7 +150,9 @@ def cards(compute: bool = True) -> list:
         for teacher in TABLE_TEACHERS:
             for lora in (False, True):
                 s = base_settings(teacher, lora)
-                plan, _ = choose_plan(s, FREE_GIB[gb])
+                plan, _ = choose_plan(s, FREE_GIB[gb], compute=compute)
+                if plan is None:
+                    continue
                 out.append({"card_gb": gb, "budget_gib": FREE_GIB[gb], "teacher": teacher,
                             "student": "lora" if lora else "full", "fits": plan.fits,
                             "plan": "; ".join(plan.changes) or "as requested", "peak_gib": round(plan.estimate.peak_gib, 1),
@@ -159,10 +161,23 @@ def cards(compute: bool = True) -> list:
     return out
 
 
+def cards_markdown(plans: list) -> str:
+    """The cards' plans as the Markdown table of docs/benchmarks.md and docs/comfyui.md."""
+    lines = ["| card | teacher | student | settings that fit (batch 4) | peak GiB (phase) | step cost |",
+             "|---|---|---|---|---|---|"]
+    for c in plans:
+        what = c["plan"] if c["fits"] else f"does not fit (best: {c['plan']})"
+        hint = f" — {c['hint']}" if c["hint"] and c["fits"] else ""
+        lines.append(f"| {c['card_gb']} GB | {c['teacher']} | {c['student']} | {what}{hint} | "
+                     f"{c['peak_gib']} ({c['peak_phase']}) | x{c['step_cost']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.bench.memory", description=__doc__.split("\n")[0])
     p.add_argument("--json", help="write the table's rows (and the cards' plans) as JSON here")
     p.add_argument("--cards", action="store_true", help="print the plans that fit 24 / 48 / 80 GB cards")
+    p.add_argument("--markdown", action="store_true", help="with --cards: as the docs' Markdown table")
     p.add_argument("--validate", action="store_true", help="estimated vs measured peak of a real CPU step")
     p.add_argument("--regenerate", action="store_true", help="measure the shipped profiles anew")
     p.add_argument("--only", help="with --regenerate: only profiles whose key contains this text")
@@ -184,7 +199,9 @@ def main(argv=None) -> int:
     print(format_table(rows))
     print("GiB per phase on the GPU (1.10 x allocated + 0.5 GiB CUDA context); cost: relative step time (prior).")
     plans = cards(compute=not args.no_compute) if (args.cards or args.json) else []
-    if args.cards:
+    if args.cards and args.markdown:
+        print(cards_markdown(plans))
+    elif args.cards:
         for c in plans:
             print(f"{c['card_gb']} GB  {c['teacher']:<12} {c['student']:<5} "
                   f"{'fits' if c['fits'] else 'DOES NOT FIT'}: {c['plan']} -> {c['peak_gib']} GiB "
