@@ -407,13 +407,42 @@ def _load_shipped() -> dict:
     return data.get("profiles", {})
 
 
+def user_cache_file() -> str:
+    """Where profiles measured on this machine for the real teachers are kept (they take minutes each)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "cross-space-distillation", f"memory_profiles_v{PROFILE_VERSION}.json")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _cached(key: str, compute, measure) -> dict | None:
     if key not in _CACHE:
-        shipped = _load_shipped()
-        if key in shipped:
-            _CACHE[key] = shipped[key]
+        known = {**_read_json(user_cache_file()), **_load_shipped()}
+        if key in known:
+            _CACHE[key] = known[key]
         elif compute:
+            real = key.split("|")[1] in TEACHERS
+            if real:
+                print(f"Memory: measuring the profile {key} on fake tensors (a few minutes, once: it is cached in "
+                      f"{user_cache_file()})", flush=True)
             _CACHE[key] = measure()
+            if real:  # test worlds are never cached on disk: their tests measure
+                try:
+                    os.makedirs(os.path.dirname(user_cache_file()), exist_ok=True)
+                    data = {**_read_json(user_cache_file()), key: _CACHE[key]}
+                    tmp = f"{user_cache_file()}.{os.getpid()}.tmp"
+                    with open(tmp, "w", encoding="utf-8") as f:
+                        json.dump(data, f)
+                    os.replace(tmp, user_cache_file())
+                except OSError:
+                    pass  # a read-only home: measured again next time
         else:
             return None
     return _CACHE[key]
