@@ -90,21 +90,22 @@ def _teacher(family: str, reduced: bool, storage: str, device):
     return make_teacher(family, model)
 
 
-def _estimate(family: str, tap: str, settings: dict, batch: int):
-    """The estimator's figures {"peak_gib", "loading_gib"} for this row, or None where it is absent (it is being
-    written as training/memory.py; the lead wires it) or cannot answer (its reason is returned)."""
+def _estimate(family: str, tap: str, settings: dict, batch: int, compute: bool = True):
+    """The estimator's figures {"peak_gib", "loading_gib"} for this row (training/memory.py, on CUDA's terms: plain
+    DMD steps, no regression pairs), None where it has none (compute False: only cached or shipped profiles), or
+    {"error"} with its reason."""
+    from ..memory import MemorySettings, estimate
+
+    s = MemorySettings(teacher=family, kind="distill", batch_size=batch,
+                       gradient_checkpointing=bool(settings.get("gradient_checkpointing")), tap=tap,
+                       teacher_storage=settings.get("teacher_storage", "bf16"), regression=False, device="cuda")
     try:
-        from ..memory import estimate
-    except ImportError:
-        return None
-    try:
-        est = estimate(teacher=family, student="full", batch=batch, settings=dict(settings, tap=tap))
+        est = estimate(s, compute=compute)
     except Exception as e:  # noqa: BLE001 (a figure beside the measurement, never the reason the bench fails)
         return {"error": f"{type(e).__name__}: {e}"}
-    if isinstance(est, (int, float)):
-        return {"peak_gib": float(est)}
-    phases = est.get("phases", {}) if isinstance(est, dict) else {}
-    return {"peak_gib": est.get("peak_gib") if isinstance(est, dict) else None, "loading_gib": phases.get("loading")}
+    if est is None:
+        return None
+    return {"peak_gib": est.peak_gib, "loading_gib": est.phases.get("loading")}
 
 
 def memory_row(family: str, tap: str, settings: dict, reduced: bool, batch: int, steps: int, warmup: int) -> dict:
@@ -171,7 +172,7 @@ def memory_row(family: str, tap: str, settings: dict, reduced: bool, batch: int,
     row = {"teacher": family, "tap": tap, "batch": batch, "student": "full", "settings": settings, "steps": steps,
            "step_s": step_s, "load_s": load_s, "nan_steps": skipped, "loading_allocated_gib": loading[0],
            "loading_reserved_gib": loading[1], "allocated_gib": run[0], "reserved_gib": run[1]}
-    est = _estimate(family, tap, settings, batch)
+    est = _estimate(family, tap, settings, batch, compute=not reduced)
     row["estimate"] = est
     del d, models, teacher, unet, vae, bridge
     if device.type == "cuda":

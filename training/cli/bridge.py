@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from .common import add_model_arguments, check_inputs, given, model_files, validate_flags
+from .common import add_memory_argument, add_model_arguments, check_inputs, given, model_files, validate_flags
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "memory, a little slower); it must divide the batch size")
     t.add_argument("--restart", action="store_true", help="ignore an existing training state in --out and "
                                                           "start over (default: resume)")
+    add_memory_argument(t)
 
 
 def config_from_args(args, demo: bool):
@@ -96,6 +97,9 @@ def run(args) -> int:
     cfg = config_from_args(args, demo=args.demo)
     validate_flags(cfg, args, {"out_dir": "--out"})
     output_dir(cfg.out_dir)
+    from ..memory import preflight_command
+
+    preflight_command(args, cfg, "bridge")  # may apply a memory plan to cfg and args
     if args.demo:
         if demo_images and not os.path.isdir(args.images):
             data.make_synthetic_images_once(args.images, n=48, size=256, seed=args.seed)

@@ -125,3 +125,14 @@ def validate_flags(cfg, args, renames: dict | None = None) -> None:
     except ValueError as e:
         head, sep, body = str(e).partition(": ")
         raise UserError(head + sep + re.sub(r"(^|; |each of )(a )?([a-z][a-z0-9_]*)\b", flag, body)) from None
+
+
+MEMORY_HELP = ("peak-memory preflight before any model loads (training/memory.py): auto (default) compares the estimate "
+               "with the free GPU memory (host RAM on the CPU) and, when it does not fit, applies the cheapest settings "
+               "that fit and prints them; a number of GiB does the same against that budget; check refuses instead "
+               "of changing settings; off skips it")
+
+
+def add_memory_argument(group) -> None:
+    """--memory, the preflight's setting (the same for `bridge` and `distill`)."""
+    group.add_argument("--memory", default="auto", metavar="auto|check|GiB|off", help=MEMORY_HELP)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 from ..errors import UserError
 from ..models.families import default_guidance
-from .common import add_model_arguments, check_inputs, given, model_files, validate_flags
+from .common import add_memory_argument, add_model_arguments, check_inputs, given, model_files, validate_flags
 
 # What the options offer and default to, spelt out here because the library's modules import torch: `distill --help`
 # and the input checks answer before torch loads. tests/test_cli.py checks they are the library's.
@@ -154,6 +154,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the student's optimizer: adamw (fused on CUDA) or adamw8bit (bitsandbytes, CUDA: 8-bit "
                         "moments, saves 4.8 GiB on a full SD1.5 UNet)")
     t.add_argument("--restart", action="store_true", help="start over instead of resuming from --out")
+    add_memory_argument(t)
 
 
 def _parse_seeds(text: str, option: str = "--val-seeds") -> list[int]:
@@ -244,6 +245,9 @@ def run(args) -> int:
 
         load_pairs(cfg.regression_pairs, 4, cfg.resolution // 8)
     output_dir(cfg.out_dir)
+    from ..memory import preflight_command
+
+    preflight_command(args, cfg, "distill")  # may apply a memory plan to cfg and args
     if args.demo:
         models, base = assemble.demo_distill_models(args.seed, args.bridge)
     else:
