@@ -222,7 +222,8 @@ def _memory_inputs() -> tuple[In, ...]:
            tooltip="Memory preflight, before any model loads: auto (estimate the peak for these settings and, if it "
                    "does not fit the GPU's free memory, choose settings that do: gradient checkpointing, fp8 "
                    "teacher, smaller micro-batches, ...; the plan is printed in the console), a number of GiB (plan "
-                   "for that budget), or off (no check)."),
+                   "for that budget), check (stop with the settings that would fit instead of changing any), or off "
+                   "(no check)."),
         In("gradient_checkpointing", "COMBO", default="auto", options=GRADIENT_CHECKPOINTING,
            tooltip="Recompute activations in backward: much less GPU memory for about a third more compute. auto: on "
                    "with a GPU, off on the CPU."),

@@ -1027,8 +1027,8 @@ def preflight(s: MemorySettings, memory="auto", features=ALL_FEATURES, log=print
         budget, where = free_memory_gib(s.device)
     est = estimate(s, compute=compute)
     if est is None:
-        log(f"Memory: no estimate cached for this test world ({s.teacher}); give --memory check or a GiB figure to "
-            "compute one.")
+        log(f"Memory: no estimate cached for these settings ({s.teacher}, {s.device}); give --memory check or a GiB "
+            "figure to compute one.")
         return None
     unit = "GiB" if s.device == "cuda" else "GiB of host RAM"
     if est.peak_gib <= budget:
@@ -1141,8 +1141,9 @@ def preflight_command(args, cfg, kind: str) -> Plan | None:
     if parse_memory(memory) == "off":
         return None
     s = settings_from_distill(args, cfg) if kind == "distill" else settings_from_bridge(args, cfg)
-    # The tiny demo worlds need a few MiB: with auto they use a cached estimate only (a fresh one takes a minute).
-    compute = not (s.teacher in TEST_WORLDS and parse_memory(memory) == "auto")
+    # The tiny demo worlds need a few MiB, and a CPU run has host RAM to spare or is a test on small files: with auto
+    # they use a cached or shipped estimate only (a fresh one takes minutes); check or a GiB figure computes one.
+    compute = not ((s.teacher in TEST_WORLDS or s.device == "cpu") and parse_memory(memory) == "auto")
     plan = preflight(s, memory, features=_available(cfg, args) | ({"tap"} if kind == "bridge" else set()),
                      compute=compute)
     apply_plan(plan, cfg, args)
