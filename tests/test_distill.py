@@ -343,18 +343,12 @@ def test_two_cpu_processes_train_one_model_with_ddp(tmp_path, trainer_deps, opti
     gradient accumulation (the all-reduce on the last micro-batch only)."""
     import json
     import os
-    import subprocess
-    import sys
+
+    from conftest import launch_two_cpu_processes
 
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__))))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path),
-           json.dumps(options)]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = launch_two_cpu_processes([str(script), str(tmp_path), json.dumps(options)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
     assert ranks[0]["processes"] == ranks[1]["processes"] == 2

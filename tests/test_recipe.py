@@ -290,17 +290,11 @@ with open(os.path.join(out, f"rank{{d.accel.process_index}}.json"), "w") as f:
 def test_two_processes_share_the_pairs_the_main_one_makes(tmp_path):
     """Under DDP (2 CPU processes, gloo) the main process makes the pairs, the other waits for the merged file; both
     fit the same pairs and end with the same student."""
-    import subprocess
-    import sys
+    from conftest import launch_two_cpu_processes
 
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__))))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    proc = launch_two_cpu_processes([str(script), str(tmp_path)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
     assert ranks[0] == ranks[1] and ranks[0]["step"] == 6
