@@ -889,7 +889,9 @@ def tinyfy(prompt: dict, p: dict) -> dict:
             assert inp["student_checkpoint"] == SD15_FILE, inp["student_checkpoint"]
             inp.update(_tiny_training(inp["teacher_family"]), student_checkpoint=SD15_FILE, steps=1, batch_size=1,
                        output_name=f"it_workflow_{inp['output_name']}")
-            inp.update(images=TRAIN_IMAGES, student_res=64) if ct == "CSD_TrainBridge" else inp.update(resolution=64)
+            # Distill Student runs its default recipe (pairs, regression warm-up, then DMD), in miniature.
+            inp.update(images=TRAIN_IMAGES, student_res=64) if ct == "CSD_TrainBridge" else inp.update(
+                resolution=64, regression_pairs=2, regression_warmup_steps=2)
     for nid, node in prompt.items():
         if node["class_type"] == "CLIPTextEncode":
             src = node["inputs"]["clip"][0]
@@ -913,7 +915,8 @@ def _check_student_prompts_tokenized_by_comfyui(comfy, tiny, ui: dict) -> None:
     bundled = Path(COMFYUI) / "comfy" / "sd1_tokenizer"
     assert json.loads((bundled / "tokenizer_config.json").read_text())["model_max_length"] == 8192
     node = next(n for n in ui.values() if n["type"] == "CSD_DistillStudent")
-    run = comfy.base / "output" / "csd_runs" / f"distill_it_workflow_{node['widgets_values'][-2]}"
+    widgets = [i.id for i in _load_specs().DISTILL_STUDENT.inputs if i.is_widget]
+    run = comfy.base / "output" / "csd_runs" / f"distill_it_workflow_{node['widgets_values'][widgets.index('output_name')]}"
     cached = TextCond.load(run / "cache" / "student.safetensors")
     prompts = parse_prompts(node["widgets_values"][8])
     expected = encode_sd15(prompts, tiny["sd15_clip"], CLIPTokenizer.from_pretrained(bundled))
@@ -978,6 +981,11 @@ def test_reference_workflow_runs_on_tiny_models(comfy, tiny, name):
 
 # ---------------------------------------------------------------------------------------------- training nodes
 
+# The training nodes' memory inputs at their defaults (the preflight runs as for a user).
+MEMORY_DEFAULTS = dict(memory="auto", gradient_checkpointing="auto", gradient_accumulation=1, teacher_storage="auto",
+                       teacher_offload=False)
+
+
 def _train_bridge_prompt(name: str, steps: int, images) -> dict:
     # Reconstruction only (attention fidelity runs in workflow 5's test): the teacher passes are most of the CPU time.
     # The 'features' tap here (workflow 5 trains an 'image' Bridge).
@@ -985,7 +993,7 @@ def _train_bridge_prompt(name: str, steps: int, images) -> dict:
         "1": {"class_type": "CSD_TrainBridge", "inputs": {
             **_tiny_training("sd35_medium"), "student_vae": "(none)", "teacher_family": "sd35_medium",
             "images": images, "output_name": name, "steps": steps, "batch_size": 2, "lr": 1e-3, "attn_weight": 0.0,
-            "student_res": 64, "tap": "features", "train_seed": 0, "resume": True}},
+            "student_res": 64, "tap": "features", "train_seed": 0, "resume": True, **MEMORY_DEFAULTS}},
         "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
         "3": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}},
     }
@@ -1071,7 +1079,8 @@ def _distill_prompt(name: str, steps: int, prompts) -> dict:
             **_tiny_training("sd35_medium"), "bridge_name": "sd15_to_sd35.safetensors", "teacher_family": "sd35_medium",
             "prompts": prompts, "prompts_file": "", "steps": steps, "batch_size": 1, "resolution": 64,
             "student_lr": 1e-5, "student_lora_rank": 0, "fake_lr": 1e-4, "guidance": 4.5, "train_seed": 0,
-            "output_name": name, "resume": True}},
+            "output_name": name, "resume": True, "regression_pairs": 0, "regression_warmup_steps": 0,  # plain DMD
+            "fake_guidance": 0.0, "optimizer": "adamw", **MEMORY_DEFAULTS}},
         "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
         "3": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}},
     }
