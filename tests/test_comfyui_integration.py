@@ -960,10 +960,18 @@ def test_reference_workflow_runs_on_tiny_models(comfy, tiny, name):
         shown = next(o["text"][0] for o in outputs.values() if "text" in o)
         assert shown.startswith("it_workflow_") and (comfy.base / "models" / folder / shown).is_file()
         assert all(_images(comfy, entry, i) for i in image_nodes)
-        assert f"{'Train Bridge' if name.startswith('5_') else 'Distill Student'}: 1 steps (started)" in \
-            comfy.log_tail(300)
+        # Distill Student's recipe in miniature: 2 warm-up steps on the 2 pairs it made, then 1 DMD step.
+        assert (f"{'Train Bridge: 1' if name.startswith('5_') else 'Distill Student: 3'} steps (started)" in
+                comfy.log_tail(300))
         if name.startswith("6_"):
             _check_student_prompts_tokenized_by_comfyui(comfy, tiny, ui)
+            from safetensors import safe_open
+
+            run = next((comfy.base / "output" / "csd_runs").glob("distill_it_workflow_*"))
+            with safe_open(str(run / "pairs.safetensors"), "pt") as f:
+                assert f.get_slice("noise").get_shape()[0] == 2
+            rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            assert rows[-1]["step"] == 3 and "fake_loss" in rows[-1] and "warmup" not in rows[-1]  # DMD came last
         return
     for i in image_nodes:
         sizes = _images(comfy, entry, i)
