@@ -1,8 +1,8 @@
 """Command line: `python -m training.run <command> ...` from the repository root.
 
 With no arguments it runs the embedded default: the whole method on the shapes world (Bridge training,
-cross-space distillation, evaluation and a report), on a CPU, in EXPECTED-TIME-PLACEHOLDER (the measured time and
-machine: README.md, training/shapes/settings.py EXPECTED_TIME say the same), with the CPU threads its first line
+cross-space distillation, evaluation and a report), on a CPU, in about 6-9 minutes on 2 CPU cores (README.md and
+training/shapes/settings.py EXPECTED_TIME give the measurement and say the same), with the CPU threads its first line
 names (`--threads N` chooses).
 
 Commands:
