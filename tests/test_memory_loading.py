@@ -490,8 +490,8 @@ def test_distill_command_with_regression_pairs_runs_on_cached_embeddings(tmp_pat
                  "--teacher-family", "sd35_medium", "--teacher", distill_files["teacher"], "--prompts", str(prompts),
                  "--out", str(out), "--steps", "1", "--batch-size", "2", "--resolution", "16", "--fake-updates", "1",
                  "--fake-rank", "4", "--regression-n", "2", "--regression-student-steps", "2",
-                 "--regression-teacher-steps", "2", "--negative-prompt", "blurry", "--dtype", "fp32",
-                 "--no-export"]) == 0
+                 "--regression-teacher-steps", "2", "--regression-warmup-steps", "2", "--negative-prompt", "blurry",
+                 "--dtype", "fp32", "--no-export"]) == 0
     assert loads == [1]
     assert (out / "pairs.safetensors").is_file() and (out / "cache" / "pairs_student.safetensors").is_file()
     assert (out / "student_unet.safetensors").is_file()
