@@ -205,7 +205,8 @@ def world_of(teacher: str) -> _World:
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype):
+def default_dtype(dtype):
+    """Models built inside are created in `dtype` (`.to(dtype)` fails on fake modules; bench.gpu builds in bf16)."""
     import torch
 
     old = torch.get_default_dtype()
@@ -234,11 +235,11 @@ def _build_teacher(teacher: str, dtype):
         from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
         cls = FluxTransformer2DModel if teacher.startswith("flux") else SD3Transformer2DModel
-        with _default_dtype(dtype):
+        with default_dtype(dtype):
             model = cls(**_config(teacher, "transformer"))
             vae = _vae(teacher)
         return model, vae
-    with _default_dtype(dtype):
+    with default_dtype(dtype):
         if teacher == "tiny_flux":
             model = tiny.tiny_flux_transformer()
         elif teacher == "mid":
@@ -530,7 +531,7 @@ def _encoding_phase(s: MemorySettings, tr: "_Tracker", sizes: dict, phases: dict
     """Text encoders alone, one chunk of ENCODE_CHUNK prompts through each (no grad)."""
     import torch
 
-    with _default_dtype(_frozen_dtype(s)):
+    with default_dtype(_frozen_dtype(s)):
         encoders = [e.eval().requires_grad_(False) for e in _text_encoders(s.teacher)]
     sizes["text_encoders"] = sum(_param_bytes(e) for e in encoders)
     w = world_of(s.teacher)
@@ -559,7 +560,7 @@ def _distill_phases(s: MemorySettings, m: int, tr: "_Tracker") -> tuple[dict, di
     sizes: dict = {}
     transformer, tvae = _build_teacher(s.teacher, frozen)
     unet, _ = _build_student(s.teacher)  # fp32: the student trains in fp32
-    with _default_dtype(frozen):
+    with default_dtype(frozen):
         _, svae = _build_student(s.teacher)  # the frozen decoder in the frozen models' dtype
     teacher = make_teacher(world_of(s.teacher).family, transformer.eval().requires_grad_(False))
     tvae.eval().requires_grad_(False)
@@ -706,7 +707,7 @@ def _bridge_phases(s: MemorySettings, m: int, tr: "_Tracker") -> tuple[dict, dic
     phases: dict = {}
     sizes: dict = {}
     transformer, tvae = _build_teacher(s.teacher, frozen)
-    with _default_dtype(frozen):
+    with default_dtype(frozen):
         _, svae = _build_student(s.teacher)
     teacher = make_teacher(world_of(s.teacher).family, transformer.eval().requires_grad_(False))
     tvae.eval().requires_grad_(False)

@@ -24,7 +24,6 @@ Record the printed figures in docs/benchmarks.md with the GPU named.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -54,24 +53,13 @@ def _bridge_args(reduced: bool) -> dict:
                 teacher_config=bench_bridge.SD3_VAE_CONFIG)
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype):
-    import torch
-
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def _teacher(family: str, reduced: bool, storage: str, device):
     """A random-init teacher of the shipped config (tiny on --reduced), built in bf16 on `device`, fp8-stored on
     request (diffusers' layerwise casting, as --teacher-storage fp8 loads it)."""
     import torch
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
+    from ..memory import default_dtype
     from ..models import loading, tiny
     from ..teachers import make_teacher
 
@@ -82,7 +70,7 @@ def _teacher(family: str, reduced: bool, storage: str, device):
     else:
         cls = FluxTransformer2DModel if flux else SD3Transformer2DModel
         cfg = cls.load_config(loading.config_dir(family), subfolder="transformer")
-        with torch.device(device), _default_dtype(torch.bfloat16):
+        with torch.device(device), default_dtype(torch.bfloat16):
             model = cls.from_config(cfg)
     model = model.to(device=device, dtype=compute).requires_grad_(False).eval()
     if storage == "fp8":
