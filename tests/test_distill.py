@@ -641,3 +641,72 @@ def test_an_offloaded_teacher_is_not_moved_and_its_fake_lora_trains(tmp_path, tr
     lora = [p.detach().clone() for p in teacher.fake_parameters()]
     assert d.train_step(0) is not None
     assert any(not torch.equal(a, b) for a, b in zip(lora, teacher.fake_parameters()))
+
+
+def _real_latents(tmp_path, bridge, n=16, shift=2.0):
+    """'Real' teacher latents the discriminator can tell from the Bridge's outputs: shifted noise of their shape."""
+    from training.distill import save_real_latents
+
+    with torch.no_grad():
+        shape = bridge.forward_model(torch.randn(1, 4, 2, 2)).shape[1:]
+    latents = shift + torch.randn((n, *shape), generator=torch.Generator().manual_seed(5))
+    return save_real_latents(str(tmp_path / "real.safetensors"), latents)
+
+
+def test_gan_term_trains_its_head_reaches_the_student_and_resumes(tmp_path, trainer_deps):
+    """DMD2's GAN term (Flux dev teacher, real class): the head on the fake score's last hidden states learns to tell
+    real latents from the Bridge's outputs, its generator loss changes the student's update (against the same run
+    without it), and a stopped run resumes to the uninterrupted one (the head is in the training state)."""
+    from training import loop
+    from training.distill import Distiller
+
+    real = _real_latents(tmp_path, _flux_world()[1])
+    kw = dict(steps=6, batch_size=4, fake_updates=2, fake_lr=1e-2, gan_weight=1.0, gan_disc_weight=1.0,
+              gan_real_latents=real)
+    d = Distiller(_config(tmp_path / "a", **kw), _flux_models(*(a := _flux_world())))
+    d.run()
+    rows = _metrics(tmp_path / "a")
+    assert all({"gan_g", "gan_d_real", "gan_d_fake"} <= set(r) for r in rows)
+    # The shifted real latents are easy to tell apart: by the end the head is right on most of both.
+    assert rows[-1]["gan_d_real"] > 0.6 and rows[-1]["gan_d_fake"] > 0.6
+
+    # The same run with a negligible generator weight draws the same random numbers and trains the same head: the
+    # students differ only by the generator term.
+    plain = _flux_world()
+    Distiller(_config(tmp_path / "plain", **dict(kw, gan_weight=1e-12)), _flux_models(*plain)).run()
+    assert any(not torch.allclose(p, q) for p, q in zip(a[0].parameters(), plain[0].parameters()))
+
+    stop = loop.StopFlag()
+    first = Distiller(_config(tmp_path / "b", **kw), _flux_models(*_flux_world()), progress=_StopAt(stop, 3),
+                      stop=stop).run()
+    assert first["stopped_early"]
+    c = _flux_world()
+    d2 = Distiller(_config(tmp_path / "b", **kw), _flux_models(*c))
+    assert d2.run()["resumed_from"] == 3
+    for ra, rb in zip(rows, _metrics(tmp_path / "b")):
+        assert ra == pytest.approx(rb, rel=1e-4, abs=1e-6)
+    for pa, pc in zip(a[0].parameters(), c[0].parameters()):
+        torch.testing.assert_close(pa, pc)
+    for pa, pc in zip(d.gan_head.parameters(), d2.gan_head.parameters()):
+        torch.testing.assert_close(pa, pc)
+
+
+def test_gan_term_input_is_checked(tmp_path, trainer_deps):
+    from training.distill import Distiller, save_real_latents
+    from training.errors import UserError
+
+    with pytest.raises(ValueError, match="gan_real_latents"):
+        _config(tmp_path, gan_weight=1e-3).validate()
+    with pytest.raises(ValueError, match="is not a file"):
+        _config(tmp_path, gan_weight=1e-3, gan_real_latents=str(tmp_path / "missing.safetensors")).validate()
+    with pytest.raises(ValueError, match="gan_weight"):
+        _config(tmp_path, gan_weight=-1.0).validate()
+    wrong = save_real_latents(str(tmp_path / "wrong.safetensors"), torch.zeros(4, 3, 4, 4))  # 3 channels, not 16
+    with pytest.raises(UserError, match="expected finite teacher latents"):
+        Distiller(_config(tmp_path / "w", steps=1, gan_weight=1e-3, gan_real_latents=wrong),
+                  _flux_models(*_flux_world())).run()
+    # A teacher without the output projection the head reads: a clear refusal, not a crash mid-step.
+    real = save_real_latents(str(tmp_path / "real.safetensors"), torch.zeros(4, 4, 4, 4))
+    with pytest.raises(UserError, match="proj_out"):
+        Distiller(_config(tmp_path / "c", steps=1, gan_weight=1e-3, gan_real_latents=real),
+                  _models(*closed_form_world())).run()

@@ -282,9 +282,25 @@ def test_benchmark_table_has_every_row_and_resumes(tmp_path, quick_world, monkey
             assert entry["attn_sim_mean"]["mean"] == pytest.approx(mean)
     # Equal wall time: same-space and the baseline get the cross-space row's training time as their budget.
     cross = sum(by_task["cross_space"]["training_s"].values())
-    for task in ("same_space", "synthetic"):
+    for task in ("same_space", "synthetic", "regression_only", "regression_round_trip", "direct_regression"):
         assert by_task[task]["time_budget_s"] == pytest.approx(cross)
     assert {"teacher_samples", "finetune", "distill"} <= set(by_task["synthetic"]["training_s"])
+    # The regression baselines run no DMD step: every logged step is a regression (warm-up) step.
+    for task in ("regression_only", "regression_round_trip", "direct_regression"):
+        metrics = [json.loads(line) for line in (out / "seed0" / task / "distill" / "metrics.jsonl").open()]
+        assert metrics and all(m.get("warmup") == 1.0 for m in metrics)
+    assert by_task["regression_only"]["training_s"]["bridge"] == by_task["bridge"]["training_s"]["bridge"]
+    assert "bridge" not in by_task["regression_round_trip"]["training_s"] and by_task["direct_regression"]["teacher_samples_s"] > 0
+    # The variants: the GAN term trained its discriminator; twice the DMD steps ran.
+    assert "gan_d_real" in by_task["variant_gan"]["distill_last_metrics"]
+    assert by_task["variant_long_dmd"]["distill_steps"] == by_task["cross_space"]["distill_steps"] + summary["settings"]["distill_steps"]
+    # Learning curves: each distilled row scored its snapshots; the figure is beside the table and shown in it.
+    for task in ("cross_space", "same_space", "synthetic", "direct_regression"):
+        points = by_task[task]["curve"]
+        assert len(points) >= 2 and points[-1]["s"] == pytest.approx(sum(by_task[task]["training_s"].values()))
+        assert all(0 <= p["accuracy"] <= 1 for p in points) and [p["s"] for p in points] == sorted(p["s"] for p in points)
+    assert {"cross_space", "same_space", "synthetic"} <= set(summary["curves"])
+    assert "![learning curves](bench_curves.png)" in doc.read_text() and (tmp_path / "bench_curves.png").stat().st_size
     text = doc.read_text()
     for row in expected:
         assert summary["row_labels"][row] in text
@@ -312,7 +328,7 @@ def test_benchmark_table_has_every_row_and_resumes(tmp_path, quick_world, monkey
         assert r["seeds"][0]["seed"] == 0 and set(r["seeds"][0]) >= {"accuracy", "background", "fd", "training_s"}
     # Finished tasks are kept: a second call only re-aggregates.
     results = sorted((out / "seed0").glob("*/result.json"))
-    assert len(results) == 13
+    assert len(results) == 18
     stamps = [p.stat().st_mtime_ns for p in results]
     again = benchmark([0], str(out), quick_world, doc=str(doc), jobs=1, threads=1, quick=True, **options)
     assert again["table"]["cross_space"]["accuracy"] == summary["table"]["cross_space"]["accuracy"]

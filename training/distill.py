@@ -93,6 +93,16 @@ class DistillConfig:
     # Straight-through clamp of the decoded student image in the training path (forward clamps to [0, 1], backward
     # passes the gradient of saturated pixels too); inference keeps the plain clamp.
     straight_through_clamp: bool = False
+    # DMD2's second stage, its GAN term, in teacher space: a small head on the fake score's last hidden states (the
+    # input of the teacher's output projection, a tap SD3 and Flux share) tells the teacher's latents of real images
+    # from the Bridge's outputs, both noised at DMD's levels. The student gets gan_weight x the non-saturating
+    # generator loss (through the fake score and the Bridge, beside the DMD gradient); the head and the fake LoRA get
+    # gan_disc_weight x the discriminator loss beside each fake update's flow matching. The discriminator reads the
+    # fake under the empty prompt (realism, not prompt fit: real latents need no captions). gan_real_latents: a
+    # safetensors file with "latents" [N, C, H, W] in the teacher's model space (`save_real_latents`). 0: off.
+    gan_weight: float = 0.0
+    gan_disc_weight: float = 1.0
+    gan_real_latents: str | None = None
     # The default recipe is pairs, then a regression warm-up, then DMD (README "The recipe, by default": why these
     # defaults; shapes_investigation §4, §5.8). Each part can be switched off: regression_n 0 (and
     # regression_warmup_steps 0) for plain DMD2, regression_warmup_steps 0 for no warm-up, steps 0 for no DMD.
@@ -209,6 +219,13 @@ class DistillConfig:
             p.append("steps 0 (no DMD, regression only) needs a regression warm-up: regression_warmup_steps > 0 and "
                      "pairs (regression_n > 0 or regression_pairs); otherwise nothing would train")
         p.append(number_problem("max_train_seconds", self.max_train_seconds, low=0))
+        p.append(number_problem("gan_weight", self.gan_weight, low=0))
+        p.append(number_problem("gan_disc_weight", self.gan_disc_weight, low=0))
+        if self.gan_weight and not self.gan_real_latents:
+            p.append("gan_weight > 0 needs gan_real_latents: a file of the teacher's latents of real images "
+                     "(training.distill.save_real_latents); or gan_weight 0 for no GAN term")
+        elif self.gan_weight and not os.path.isfile(self.gan_real_latents):
+            p.append(f"gan_real_latents {self.gan_real_latents!r} is not a file")
         p.append(number_problem("weight_decay", self.weight_decay, low=0))
         if self.fake_alpha is not None:
             p.append(number_problem("fake_alpha", self.fake_alpha, low=0, low_open=True))
@@ -410,6 +427,47 @@ def cached_encoders(cfg: DistillConfig, cache_dir: str):
     return lookup("teacher"), lookup("student")
 
 
+def save_real_latents(path: str, latents: torch.Tensor) -> str:
+    """The GAN term's real samples: the teacher's latents of real images [N, C, H, W] in its MODEL space (scaled and
+    shifted as the Bridge outputs them), written atomically as a safetensors file."""
+    from safetensors.torch import save_file
+
+    if latents.ndim != 4 or not torch.isfinite(latents).all():
+        raise ValueError(f"Real latents must be finite [N, C, H, W]; got shape {tuple(latents.shape)}.")
+    tmp = path + ".tmp"
+    save_file({"latents": latents.detach().float().cpu().contiguous()}, tmp, metadata={"format": "real-latents"})
+    os.replace(tmp, path)
+    return path
+
+
+def load_real_latents(path: str, channels: int) -> torch.Tensor:
+    """The latents of a `save_real_latents` file, checked (safetensors only: never unpickled)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            if "latents" not in f.keys():
+                raise UserError(f"{path!r} has no 'latents' tensor; write it with training.distill.save_real_latents.")
+            latents = f.get_tensor("latents").float()
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"gan_real_latents {path!r} is not a readable safetensors file ({e}).") from None
+    if latents.ndim != 4 or latents.shape[1] != channels or not torch.isfinite(latents).all():
+        raise UserError(f"gan_real_latents {path!r}: expected finite teacher latents [N, {channels}, H, W], got "
+                        f"{tuple(latents.shape)}; encode the real images with this teacher's VAE.")
+    return latents
+
+
+class GanHead(nn.Module):
+    """The discriminator head on the fake score's tokens: one logit per image token (the loss averages them)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net(tokens).squeeze(-1)
+
+
 class _Params(nn.Module):
     """Existing parameters (the fake LoRA inside the teacher) as a module, so training-state checkpoints save
     and restore them without the frozen weights around them. Holds the same tensors, not copies."""
@@ -596,6 +654,15 @@ class Distiller:
             student.enable_ema(c.ema_decay)
         self.student_params = student.trainable_parameters()
         self.fake_params = list(teacher.fake_parameters())
+        self.gan_head, self.gan_real = None, None
+        if c.gan_weight:
+            proj_out = getattr(teacher.model, "proj_out", None)
+            if not isinstance(proj_out, nn.Linear):
+                raise UserError(f"The GAN term reads the teacher's last hidden states (its proj_out); "
+                                f"{type(teacher.model).__name__} has none. Use gan_weight 0 with this teacher.")
+            self.gan_real = load_real_latents(c.gan_real_latents, teacher.space.channels)
+            self.gan_head = GanHead(proj_out.in_features).to(self.device)
+            self.fake_params += list(self.gan_head.parameters())  # trained, clipped and saved with the fake LoRA
         self.opt_student = loop.make_optimizer(student.parameter_groups(c.student_lr, c.student_cross_attention_lr),
                                                lr=c.student_lr, weight_decay=c.weight_decay, name=c.optimizer)
         self.opt_fake = loop.make_optimizer(self.fake_params, lr=c.fake_lr, weight_decay=c.weight_decay)
@@ -745,6 +812,27 @@ class Distiller:
         v = self.accel.gather(value.detach().float().reshape(1))
         return self.nan_guard.check(v.sum())
 
+    def _gan_logits(self, x_s: torch.Tensor, s, guidance) -> torch.Tensor:
+        """The head's per-token logits on the fake score's last hidden states for noised teacher latents `x_s`,
+        queried under the empty prompt; call inside teacher.fake()."""
+        box = {}
+        hook = self.m.teacher.model.proj_out.register_forward_pre_hook(lambda mod, args: box.__setitem__("h", args[0]))
+        try:
+            neg = self.text["negative"].repeat(x_s.shape[0]).to(self.device)
+            self.m.teacher.velocity(x_s, s, neg, **self._fake_embedding(guidance))
+        finally:
+            hook.remove()
+        return self.gan_head(box["h"].float())
+
+    def _real_batch(self, like: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """A batch of real latents, as many as `like` (the Bridge's outputs they are told from), of its shape."""
+        if self.gan_real.shape[1:] != like.shape[1:]:
+            raise UserError(f"gan_real_latents {self.cfg.gan_real_latents!r} holds latents of shape "
+                            f"{tuple(self.gan_real.shape[1:])}, the Bridge outputs {tuple(like.shape[1:])}: encode "
+                            "the real images at the teacher's resolution of this run.")
+        idx = torch.randint(0, len(self.gan_real), (len(like),), generator=g, device=g.device).cpu()
+        return self.gan_real[idx].to(self.device)
+
     def _average_fake_grads(self) -> None:
         """The fake LoRA lives inside the teacher, which is not DDP-wrapped: average its gradients by hand."""
         if self.accel.num_processes == 1:
@@ -808,7 +896,7 @@ class Distiller:
         coupled = c.grad_norm in ("student", "both")
         recompute = coupled and len(parts) > 1
         held, xs, gzs = [], [], []
-        loss = grad_abs = check = 0.0
+        loss = grad_abs = check = gan_g = 0.0
         for i, part in enumerate(parts):
             with self._sync(i, parts):
                 with self.accel.autocast(), torch.no_grad() if recompute else contextlib.nullcontext():
@@ -835,11 +923,23 @@ class Distiller:
                         x0_fake = teacher.predict_x0(x_s, s, cond, **self._fake_query(guidance, neg)).float()
                 loss_i, grad = dmd.distribution_matching_loss(c.loss, x, x0_real, x0_fake, s,
                                                               normalise=c.grad_norm in ("teacher", "both"))
+                gan_i = 0.0
+                if self.gan_head is not None:  # the generator's GAN loss, through the fake score and the Bridge
+                    x_leaf = x.detach().requires_grad_(True)
+                    with self._phase("gan_generator"), teacher.fake():
+                        with self.accel.autocast():
+                            logits = self._gan_logits(teacher.add_noise(x_leaf, n_all[part], s), s, guidance)
+                        gan_loss = F.softplus(-logits.float()).mean()
+                        # Its gradient at the Bridge's output, taken inside the adapter's state (gradient
+                        # checkpointing re-runs the forward in the backward); nothing accumulates in the fake.
+                        (gx,) = torch.autograd.grad(gan_loss, x_leaf)
+                    gan_i = (x * gx.detach().float()).sum()  # d/dx = the GAN loss's gradient
+                    gan_g = gan_g + gan_loss.detach() / len(parts)
                 # The gradient's nan_to_num would hide a diverged teacher (e.g. a bf16 overflow) as a zero gradient:
                 # non-finite teacher outputs make the step a NaN step too (judged once the whole batch has run).
                 check = check + loss_i.detach() + 0 * (x0_real.sum() + x0_fake.sum())
                 with self._phase("backward"):
-                    self.accel.backward(loss_i / len(parts))  # into z_in only: the Bridge is frozen
+                    self.accel.backward((loss_i + c.gan_weight * gan_i) / len(parts))  # into z_in: the Bridge is frozen
                     gz = z_in.grad.float()
                     if not coupled:  # nothing to wait for: into the student now, which frees this graph
                         self.accel.backward(z, gradient=gz.to(z.dtype))
@@ -881,10 +981,12 @@ class Distiller:
             self.clip_norm = [CLIP_EMA * ema + (1 - CLIP_EMA) * min(gn, threshold), n + 1]
         metrics.update(loss=float(loss), grad_abs=float(grad_abs), student_grad_norm=gn,
                        clipped=float(gn > threshold), sample_std=x.std().item())
+        if self.gan_head is not None:
+            metrics["gan_g"] = float(gan_g)
 
         # -- fake score updates --
         # Whole-batch samples and draws; the teacher's forward and backward (the costly part) in micro-batches.
-        fake_losses = []
+        fake_losses, gan_stats = [], []
         for k in range(c.fake_updates):
             if k == 0:
                 x_f, cond_f, guidance_f = x, t_cond, guidance_all
@@ -894,6 +996,8 @@ class Distiller:
                 with self._phase("fake_samples"), torch.no_grad(), self.accel.autocast():
                     x_f = torch.cat([self._generate(noise_k[part], s_emb_k[part]) for part in parts])
             s_f, n_f, x_s_f = self._noise(x_f, g)
+            if self.gan_head is not None:  # real samples, noised at levels of their own
+                s_r, _, x_s_r = self._noise(self._real_batch(x_f, g), g)
             # Forward and backward inside the adapter's state: toggling adapters may change requires_grad of the
             # LoRA weights, and under gradient checkpointing the backward re-runs the forward.
             with self._phase("fake_update"), teacher.fake():
@@ -905,6 +1009,14 @@ class Distiller:
                         cond_i = cond_f.index(torch.arange(part.start, part.stop))
                         v = teacher.velocity(x_s_f[part], s_f[part], cond_i, **self._fake_embedding(g_part))
                     loss_i = dmd.flow_matching_loss(v, x_f[part], n_f[part]) / len(parts)
+                    if self.gan_head is not None:  # the discriminator: real latents up, the Bridge's outputs down
+                        with self.accel.autocast():
+                            fake_logits = self._gan_logits(x_s_f[part], s_f[part], g_part)
+                            real_logits = self._gan_logits(x_s_r[part], s_r[part], g_part)
+                        gan_d = (F.softplus(fake_logits.float()).mean() + F.softplus(-real_logits.float()).mean())
+                        loss_i = loss_i + c.gan_disc_weight * gan_d / len(parts)
+                        gan_stats.append(((real_logits > 0).float().mean().item(),
+                                          (fake_logits < 0).float().mean().item()))
                     loss_i.backward()
                     loss_f = loss_f + loss_i.detach()
                     del v, loss_i
@@ -918,6 +1030,9 @@ class Distiller:
             fake_losses.append(loss_f.item())
         if fake_losses:
             metrics["fake_loss"] = sum(fake_losses) / len(fake_losses)
+        if gan_stats:  # the discriminator's accuracy on real and on the Bridge's outputs
+            metrics["gan_d_real"] = sum(r for r, _ in gan_stats) / len(gan_stats)
+            metrics["gan_d_fake"] = sum(f for _, f in gan_stats) / len(gan_stats)
         return metrics
 
     # ---- previews ----

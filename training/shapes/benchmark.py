@@ -34,6 +34,7 @@ baseline, cross-space, the teacher) is <out>/seed<S>/grid.png.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -49,9 +50,13 @@ from .run import DEFAULTS, QUICK, add_setting_arguments, mean_attributes, regres
 BENCHMARK_DEFAULTS = dict(DEFAULTS, regression_n=800, regression_warmup_steps=2000, distill_steps=300,
                           # 150 of the 600 captions never reach any distillation-stage data (issue 25); the table's
                           # columns are measured on them, the other captions beside (render.held_out_captions).
-                          held_out_captions=150)
+                          held_out_captions=150,
+                          # The learning curve (issue 25): each distilled row's student is saved every
+                          # curve_every_s seconds of training and scored on curve_eval_samples held-out prompts.
+                          curve_every_s=45.0, curve_eval_samples=150)
 # --quick: the default run's few steps, with the benchmark's held-out captions (the pipeline as the benchmark runs it).
-BENCHMARK_QUICK = dict(QUICK, held_out_captions=BENCHMARK_DEFAULTS["held_out_captions"])
+BENCHMARK_QUICK = dict(QUICK, held_out_captions=BENCHMARK_DEFAULTS["held_out_captions"], curve_every_s=0.05,
+                       curve_eval_samples=8)
 # Rows of each seed's sample grid (those that exist), top to bottom, with their short labels.
 GRID_ROWS = {"student_base_start": "start (one step)", "same_space": "same-space", "synthetic": "synthetic baseline",
              "cross_space": "cross-space", "teacher": "teacher"}
@@ -71,11 +76,27 @@ OPTION_LABELS = {
     "straight_through": "straight-through clamp",
     "regression": "the teacher-corrected regression pairs",
 }
+# Variants of the cross-space row (issue 25: closer to the teacher), each through the seed's Bridge with these
+# settings changed (same pairs and warm-up; not equal wall time: the table shows each row's time): DMD2's second
+# stage (its GAN term, in teacher space) and a twice longer DMD.
+VARIANTS = {
+    "gan": lambda settings: {"gan_weight": 5e-3},
+    "long_dmd": lambda settings: {"distill_steps": 2 * settings["distill_steps"]},
+}
+VARIANT_LABELS = {
+    "gan": "DMD2's GAN term (weight 5e-3 as DMD2's SDXL run; discriminator head on the fake score, in teacher space)",
+    "long_dmd": "twice the DMD steps",
+}
 # The Bridge's two taps (bridge/taps.py): the benchmark's cross-space row uses the settings' tap; the other tap gets a
 # Bridge of its own (task "bridge_<tap>") and a cross-space row of its own ("cross_space_<tap>").
 TAPS = ("image", "features")
+# The baselines a user would pick instead of DMD through a Bridge (issue 25), each at the cross-space row's wall time:
+# regression only onto the teacher-corrected pairs made through the Bridge, or through the exact round trip (no
+# Bridge at all), and one-step regression directly onto teacher samples (noise paired at random).
+REGRESSION_ROWS = ("regression_only", "regression_round_trip", "direct_regression")
 ROWS = ("teacher", "student_base", "student_base_one_step", "student_base_start", "same_space", "cross_space",
-        *(f"cross_space_{t}" for t in TAPS), "synthetic", "cross_space_no_attn",
+        *(f"cross_space_{t}" for t in TAPS), "synthetic", *REGRESSION_ROWS, *(f"variant_{v}" for v in VARIANTS),
+        "cross_space_no_attn",
         "round_trip", *(f"off_{o}" for o in OPTION_OFF), "off_all",
         "student_vae_ceiling")
 PRETRAINED = ("teacher", "student_base", "student_base_one_step", "student_base_start", "student_vae_ceiling")
@@ -96,7 +117,10 @@ def option_overrides(settings: dict) -> dict[str, dict]:
 
 
 DEPENDS = {"cross_space": ("bridge",), "same_space": ("cross_space",), "synthetic": ("cross_space",),
-           **{f"cross_space_{t}": (f"bridge_{t}",) for t in TAPS}}
+           **{row: ("cross_space",) for row in REGRESSION_ROWS}, **{f"cross_space_{t}": (f"bridge_{t}",) for t in TAPS}}
+# Rows with a learning curve in the benchmark's figure (every distilled row saves its snapshots; these are drawn).
+CURVE_ROWS = ("cross_space", "same_space", "synthetic", *REGRESSION_ROWS, "off_clip", "variant_gan",
+              "variant_long_dmd")
 
 
 def cross_lr_text(settings: dict) -> str:
@@ -114,8 +138,8 @@ def phases(settings: dict, tasks: tuple[str, ...] | None = None) -> list[tuple[s
     (and what they need), e.g. the headline rows first when time is short."""
     other = other_tap(settings)
     order = [("bridge", f"bridge_{other}", "base", "round_trip", "cross_space_no_attn"),
-             ("cross_space", f"cross_space_{other}", *option_overrides(settings)),
-             ("same_space", "synthetic")]
+             ("cross_space", f"cross_space_{other}", *option_overrides(settings), *(f"variant_{v}" for v in VARIANTS)),
+             ("same_space", "synthetic", *REGRESSION_ROWS)]
     if tasks is None:
         return order
     known = {t for phase in order for t in phase}
@@ -127,7 +151,7 @@ def phases(settings: dict, tasks: tuple[str, ...] | None = None) -> list[tuple[s
         t = todo.pop()
         if t not in wanted:
             wanted.add(t)
-            todo += DEPENDS.get(t, ("bridge",) if t.startswith("off_") else ())
+            todo += DEPENDS.get(t, ("bridge",) if t.startswith(("off_", "variant_")) else ())
     return [tuple(t for t in phase if t in wanted) for phase in order]
 
 
@@ -156,6 +180,66 @@ def student_vae_ceiling(world):
     return run
 
 
+def _seed_bridge(world, out: str, seed: int, bridge_task: str = "bridge"):
+    """(the seed's trained Bridge of task `bridge_task`, its training seconds)."""
+    from .._bridge import checkpoint as bridge_checkpoint
+
+    shared = _load_result(out, seed, bridge_task)
+    # Located from the benchmark folder, not from the stored path: that one is relative to the working directory of
+    # the run that wrote it, and a resumed benchmark may run from elsewhere.
+    path = os.path.join(out, f"seed{seed}", bridge_task, os.path.basename(shared["bridge"]))
+    return bridge_checkpoint.load_bridge(path, student_vae=world.student_vae), shared["training_s"]["bridge"]
+
+
+def direct_pairs(world, folder: str, settings: dict, seed: int) -> tuple[str, float]:
+    """The direct-regression baseline's pairs: the synthetic baseline's kind of teacher samples (its own sampler and
+    CFG, into the student's space), each paired with fresh student noise at random (no noise maps to a teacher
+    sample: it is the regression a user would write first). Returns (pairs file, seconds the samples took)."""
+    import torch
+
+    from ..pairs import save_pairs
+    from . import models
+    from . import run as shapes_run
+
+    path = os.path.join(folder, "direct_pairs.safetensors")
+    data = shapes_run.synthetic_data(world, os.path.join(folder, "teacher_samples.safetensors"),
+                                     settings["synthetic_images"], seed, held_out=settings.get("held_out_captions", 0))
+    if not os.path.exists(path):
+        size = models.STUDENT_RESOLUTION // 8
+        noise = torch.randn((len(data["prompts"]), 4, size, size), generator=torch.Generator().manual_seed(400_000 + seed))
+        save_pairs(path, noise, data["latents"], data["prompts"], seconds=data["seconds"], kind="direct")
+    return path, data["seconds"]
+
+
+def curve(world, folder: str, unet, offset_s: float, settings: dict, seed: int) -> list[dict]:
+    """The row's learning curve: each snapshot its distillation saved (and the final student, at its full time)
+    scored on the curve's held-out prompts; [{"s": the row's training seconds, "accuracy", per-attribute accuracies,
+    "mean_attributes", "fd"}]. offset_s: the row's seconds before its distillation loop (Bridge, pairs, ...)."""
+    from safetensors.torch import load_file
+
+    from . import run as shapes_run
+    from .evaluate import eval_prompt_sets, eval_prompts, evaluate_generators
+    from .render import held_out_captions
+
+    n = settings["curve_eval_samples"]
+    held = held_out_captions(settings.get("held_out_captions", 0))
+    prompts = eval_prompt_sets(n, seed, held)["held_out"] if held else eval_prompts(n, seed)
+    times, runs = {}, {}
+    for seconds, path in shapes_run.curve_snapshots(os.path.join(folder, "distill", "curve")):
+        snap = copy.deepcopy(world.student_unet)
+        snap.load_state_dict(load_file(path))
+        times[path] = offset_s + seconds
+        runs[path] = shapes_run.student_generator(world, snap.eval(), settings["student_timestep"])
+    runs["final"] = shapes_run.student_generator(world, unet, settings["student_timestep"])
+    scores = evaluate_generators(world, runs, n=n, seed=seed, batch_size=settings["eval_batch"], prompts=prompts)
+    points = []
+    for name in runs:
+        r = scores[name]
+        points.append({"s": times.get(name), "accuracy": r["accuracy"], "fd": r.get("fd"),
+                       "mean_attributes": _mean_attributes(r), **{a: r[a] for a in ATTRIBUTES}})
+    return points
+
+
 def _stopped(task: str, seed: int):
     return KeyboardInterrupt(f"{task} seed {seed} stopped; run the benchmark again to resume it")
 
@@ -164,7 +248,6 @@ def run_task(task: str, seed: int, out: str, world_dir: str, settings: dict, thr
     """One (seed, task): train what the row needs, evaluate it, save and return its result."""
     import torch
 
-    from .._bridge import checkpoint as bridge_checkpoint
     from . import models
     from . import run as shapes_run
     from .adapters import RoundTripBridge
@@ -177,7 +260,7 @@ def run_task(task: str, seed: int, out: str, world_dir: str, settings: dict, thr
     training_s: dict[str, float] = {}
     extra: dict = {}
     images = os.path.join(out, "data", f"seed{seed}")
-    ablations = option_overrides(settings)
+    ablations = dict(option_overrides(settings), **{f"variant_{v}": o(settings) for v, o in VARIANTS.items()})
     if task == "base":
         rows = dict(base_generators(world), **shapes_run.start_rows(world, settings),
                     student_vae_ceiling=student_vae_ceiling(world))
@@ -191,15 +274,10 @@ def run_task(task: str, seed: int, out: str, world_dir: str, settings: dict, thr
         write_json(_result_path(out, seed, task), result)
         return result
     else:
-        bridge, budget, base_unet, task_settings = None, 0.0, None, settings
+        bridge, budget, base_unet, task_settings, pairs = None, 0.0, None, settings, None
         if task in ("cross_space", *ablations) or task.startswith("cross_space_") and task != "cross_space_no_attn":
             bridge_task = "bridge" if task in ("cross_space", *ablations) else "bridge_" + task[len("cross_space_"):]
-            shared = _load_result(out, seed, bridge_task)
-            # Located from the benchmark folder, not from the stored path: that one is relative to the working
-            # directory of the run that wrote it, and a resumed benchmark may run from elsewhere.
-            path = os.path.join(out, f"seed{seed}", bridge_task, os.path.basename(shared["bridge"]))
-            bridge = bridge_checkpoint.load_bridge(path, student_vae=world.student_vae)
-            training_s["bridge"] = shared["training_s"]["bridge"]
+            bridge, training_s["bridge"] = _seed_bridge(world, out, seed, bridge_task)
             task_settings = dict(settings, **ablations.get(task, {}))
         elif task == "cross_space_no_attn":
             bridge, res = shapes_run.train_bridge(world, os.path.join(folder, "bridge"), images, settings, seed,
@@ -211,10 +289,21 @@ def run_task(task: str, seed: int, out: str, world_dir: str, settings: dict, thr
         elif task == "round_trip":
             bridge = RoundTripBridge(world.student_vae, world.teacher_vae, world.student_space, world.teacher_space,
                                      world.k)
-        elif task in ("same_space", "synthetic"):
+        elif task in ("same_space", "synthetic", *REGRESSION_ROWS):
             budget = sum(_load_result(out, seed, "cross_space")["training_s"].values())
             extra["time_budget_s"] = budget
-            if task == "synthetic":
+            if task in REGRESSION_ROWS:
+                task_settings = dict(settings, distill_steps=0)  # regression only, until the budget is spent
+            if task == "regression_only":
+                bridge, training_s["bridge"] = _seed_bridge(world, out, seed)
+                budget -= training_s["bridge"]
+            elif task == "regression_round_trip":
+                bridge = RoundTripBridge(world.student_vae, world.teacher_vae, world.student_space,
+                                         world.teacher_space, world.k)
+            elif task == "direct_regression":
+                pairs = direct_pairs(world, folder, settings, seed)
+                extra["teacher_samples_s"] = pairs[1]  # counted in the distillation's time, as the pairs' are
+            elif task == "synthetic":
                 data = shapes_run.synthetic_data(world, os.path.join(folder, "synthetic.safetensors"),
                                                  settings["synthetic_images"], seed,
                                                  held_out=settings.get("held_out_captions", 0))
@@ -227,13 +316,20 @@ def run_task(task: str, seed: int, out: str, world_dir: str, settings: dict, thr
                     budget = 1e-6
         else:
             raise ValueError(f"Unknown benchmark task {task!r}.")
-        mode = "same" if task in ("same_space", "synthetic") else "cross"
+        # Direct regression fits its pairs only (no teacher is queried): the same-space models carry no Bridge.
+        mode = "same" if task in ("same_space", "synthetic", "direct_regression") else "cross"
         unet, res = shapes_run.distill_student(world, os.path.join(folder, "distill"), mode, task_settings, seed,
-                                               bridge=bridge, time_budget_s=budget, base_unet=base_unet)
+                                               bridge=bridge, time_budget_s=budget, base_unet=base_unet,
+                                               pairs=pairs,
+                                               snapshot_every_s=settings.get("curve_every_s", 0.0))
         if unet is None:
             raise _stopped(task, seed)
+        offset = sum(training_s.values()) + res["pairs_s"]
         training_s["distill"] = res["wall_s"]
         extra.update(distill_steps=res["step"], distill_last_metrics=res.get("last_metrics"), guidance=res["guidance"])
+        if settings.get("curve_every_s"):
+            extra["curve"] = curve(world, folder, unet, offset, settings, seed)
+            extra["curve"][-1]["s"] = sum(training_s.values())
         rows = {task: shapes_run.student_generator(world, unet, settings["student_timestep"])}
     from .render import held_out_captions
 
@@ -391,10 +487,26 @@ def findings(table: dict, gap: str | None, n_prompts: int = 300, quality: dict |
             verdict = ("clearly higher" if d > 2 * noise and d > 0.02 else
                        "clearly lower" if -d > 2 * noise and -d > 0.02 else "within noise")
             parts.append(f"{name} {ea['mean']:.3f} vs {eb['mean']:.3f} ({d:+.3f}, {verdict})")
+        fa, fb = table[a].get("fd"), table[b].get("fd")
+        if fa and fb and len(fa["values"]) > 1 and len(fb["values"]) > 1:  # FD's noise: the seeds' spread only
+            d, noise = fa["mean"] - fb["mean"], math.sqrt(fa["std"] ** 2 + fb["std"] ** 2)
+            verdict = ("clearly lower, better" if -d > 2 * noise else "clearly higher, worse" if d > 2 * noise
+                       else "within noise")
+            parts.append(f"FD {fa['mean']:.1f} vs {fb['mean']:.1f} ({d:+.1f}, {verdict})")
         out.append(f"- {what}: " + "; ".join(parts) + ".")
 
     compare("cross_space", "same_space", "Cross-space vs same-space distillation (equal wall time)")
     compare("cross_space", "synthetic", "Cross-space vs the synthetic-data baseline (equal wall time)")
+    compare("cross_space", "regression_only",
+            "What DMD adds: the full method vs regression only onto the same pairs through the Bridge (equal wall time)")
+    compare("cross_space", "regression_round_trip",
+            "The full method vs regression only onto round-trip pairs (no Bridge; equal wall time)")
+    compare("regression_only", "regression_round_trip",
+            "What the Bridge adds to the pairs: regression only, pairs through the Bridge vs the exact round trip")
+    compare("cross_space", "direct_regression",
+            "The full method vs one-step regression directly onto teacher samples (equal wall time)")
+    for v, text in VARIANT_LABELS.items():
+        compare(f"variant_{v}", "cross_space", f"Cross-space with {text} vs without")
     compare("cross_space", "student_base_start", "Cross-space vs its starting point")
     compare("same_space", "student_base_start", "Same-space vs its starting point")
     compare("cross_space", "cross_space_no_attn", "Bridge with vs without attention fidelity")
@@ -416,6 +528,29 @@ def findings(table: dict, gap: str | None, n_prompts: int = 300, quality: dict |
     return out
 
 
+def curve_markdown(summary: dict) -> list[str]:
+    """The learning curves' section: the figure and, per row, its first and last common points."""
+    curves, labels, gap = summary.get("curves") or {}, summary["row_labels"], summary.get("gap")
+    if not curves:
+        return []
+    st = summary["settings"]
+    lines = ["", "## Learning curves", "",
+             f"Each distilled row's student saved every {st['curve_every_s']:g} s of training and scored on "
+             f"{st['curve_eval_samples']} held-out prompts (fewer than the table's, so its points are noisier); x: the "
+             "row's training wall time (Bridge, pairs, teacher samples, fine-tuning included, as in the table); mean "
+             "over seeds on the seeds' common time range, ± one standard deviation shaded.", ""]
+    if summary.get("curve_png"):
+        lines += [f"![learning curves]({summary['curve_png']})", ""]
+    lines += [f"| row | seeds | from (s) | to (s) | prompt accuracy | {gap or 'gap'} | mean attribute |",
+              "|---|---|---|---|---|---|---|"]
+    for row, c in curves.items():
+        cells = [f"{c[m]['mean'][0]:.3f} -> {c[m]['mean'][-1]:.3f}" if m in c else "—"
+                 for m in ("accuracy", gap, "mean_attributes")]
+        lines.append(f"| {labels.get(row, row)} | {len(c['seeds'])} | {c['t'][0]:.0f} | {c['t'][-1]:.0f} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
 def row_labels(world, settings: dict) -> dict:
     from . import run as shapes_run
 
@@ -426,7 +561,15 @@ def row_labels(world, settings: dict) -> dict:
     for o in OPTION_OFF:
         labels[f"off_{o}"] = f"ablation: cross-space without {OPTION_LABELS[o]}"
     labels["off_all"] = "ablation: cross-space with the DMD2 distiller as is (every Bridge option off)"
+    for v, text in VARIANT_LABELS.items():
+        labels[f"variant_{v}"] = f"cross-space with {text}"
     labels["cross_space"] = f"one-step, distilled cross-space (through the Bridge, {settings['bridge_tap']} tap)"
+    labels["regression_only"] = ("baseline: regression only onto the teacher-corrected pairs made through the Bridge, "
+                                 "no DMD (equal wall time)")
+    labels["regression_round_trip"] = ("baseline: regression only onto pairs made through the exact round trip (no "
+                                       "Bridge at all), no DMD (equal wall time)")
+    labels["direct_regression"] = ("baseline: one-step regression directly onto teacher samples (noise paired at "
+                                   "random; equal wall time)")
     for t in TAPS:
         labels[f"cross_space_{t}"] = f"one-step, distilled cross-space through the {t}-tap Bridge"
     return labels
@@ -528,6 +671,7 @@ def markdown(summary: dict, notes: str | None = None) -> str:
         lines += ["", f"Samples of seed {s['grid_seed']}'s students (`{s['grid']}`; columns: {st['grid_prompts']} "
                   f"held-out prompts x evaluation seeds 0-{st['grid_seeds'] - 1}; every seed's grid: "
                   "`<out>/seed<S>/grid.png`):", "", f"![sample grid]({s['grid']})"]
+    lines += curve_markdown(s)
     lines += bridge_markdown(s.get("bridge_quality") or {})
     lines += ["", f"Why the table looks as it does, and what was tried: [{INVESTIGATION}]({INVESTIGATION})."]
     if notes:
@@ -543,12 +687,13 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
     import shutil
     from concurrent.futures import ProcessPoolExecutor
 
+    from . import curves as learning_curves
     from . import models
     from . import run as shapes_run
 
-    unknown = set(overrides) - set(DEFAULTS)
+    unknown = set(overrides) - set(BENCHMARK_DEFAULTS)
     if unknown:
-        raise ValueError(f"Unknown settings {sorted(unknown)}; known: {', '.join(DEFAULTS)}.")
+        raise ValueError(f"Unknown settings {sorted(unknown)}; known: {', '.join(BENCHMARK_DEFAULTS)}.")
     if not seeds:
         raise ValueError("Give at least one seed (--seeds 0 1 2).")
     if jobs < 1 or threads < 1:
@@ -563,9 +708,14 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
     identity = {"world": os.path.abspath(world_dir), "settings": settings}
     if os.path.exists(settings_path):
         with open(settings_path, encoding="utf-8") as f:
-            if json.load(f) != identity:
-                raise ValueError(f"{out} holds results of a benchmark with other settings or another world; use "
-                                 "another --out or --fresh.")
+            stored = json.load(f)
+        # Settings added to the benchmark since that folder was made count at their defaults (each new setting's
+        # default is "off": what the folder's rows ran with).
+        stored["settings"] = dict({k: v for k, v in BENCHMARK_DEFAULTS.items() if k not in stored["settings"]},
+                                  **stored["settings"])
+        if stored != identity:
+            raise ValueError(f"{out} holds results of a benchmark with other settings or another world; use "
+                             "another --out or --fresh.")
     write_json(settings_path, identity)
 
     t0 = time.perf_counter()
@@ -614,6 +764,8 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
         "settings": settings, "wall_s": wall, "command": command, "row_labels": labels,
         "table": aggregate(results, seeds), "bridge_quality": bridge_quality(results, seeds, settings),
         "results": results, "grids": {str(seed): path for seed, path in grids.items()},
+        "curves": learning_curves.aggregate(results, seeds, CURVE_ROWS,
+                                            metrics=("accuracy", *ATTRIBUTES, "mean_attributes")),
     }
     summary["rows"] = json_rows(summary)
     write_json(os.path.join(out, "benchmark.json"), summary)
@@ -624,13 +776,17 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
         if grids:
             summary["grid"], summary["grid_seed"] = stem + "_grid.png", min(grids)
             shutil.copyfile(grids[min(grids)], os.path.join(doc_dir, summary["grid"]))
+        if summary["curves"]:
+            summary["curve_png"] = stem + "_curves.png"
+            learning_curves.draw(summary["curves"], labels, os.path.join(doc_dir, summary["curve_png"]),
+                                 metrics=("accuracy", gap or "mean_attributes", "mean_attributes"), gap=gap)
     text = markdown(summary, notes)
     if doc:
         with open(doc, "w", encoding="utf-8") as f:
             f.write(text)
         write_json(os.path.join(doc_dir, summary["json"]),
                    {k: summary[k] for k in ("format", "version", "world_version", "gap", "seeds", "settings",
-                                            "wall_s", "command", "rows", "bridge_quality")})
+                                            "wall_s", "command", "rows", "bridge_quality", "curves")})
     print(text, flush=True)
     return summary
 
@@ -654,13 +810,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", metavar="TASK",
                         help="run only these tasks (and the ones they need), e.g. --tasks base cross_space same_space "
                              "synthetic; a later call without --tasks adds the rest")
-    add_setting_arguments(parser, BENCHMARK_DEFAULTS, BENCHMARK_QUICK)
+    add_setting_arguments(parser, BENCHMARK_DEFAULTS, BENCHMARK_QUICK, extra_help={
+        "curve_every_s": ("learning curve", "seconds of training between saved students (0: no curve)"),
+        "curve_eval_samples": ("learning curve", "held-out prompts each saved student is scored on")})
     args = parser.parse_args(argv)
     notes = None
     if args.notes:
         with open(args.notes, encoding="utf-8") as f:
             notes = f.read()
-    overrides = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in BENCHMARK_DEFAULTS if getattr(args, k) is not None}
     command = "python -m training.shapes.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
     benchmark(args.seeds, args.out, args.world, doc=args.doc, jobs=args.jobs, threads=args.threads, quick=args.quick,
               fresh=args.fresh, notes=notes, command=command.strip(), tasks=tuple(args.tasks) if args.tasks else None,

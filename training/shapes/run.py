@@ -219,13 +219,18 @@ def distill_models(world: "ShapesWorld", mode: str, bridge=None, student_timeste
 
 
 def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dict, seed: int = 0,
-                    bridge=None, time_budget_s: float = 0.0, base_unet=None,
-                    student_lora_rank: int = 0) -> tuple[torch.nn.Module, dict]:
+                    bridge=None, time_budget_s: float = 0.0, base_unet=None, student_lora_rank: int = 0,
+                    pairs: tuple[str, float] | None = None,
+                    snapshot_every_s: float = 0.0) -> tuple[torch.nn.Module, dict]:
     """Distiller run, resuming a stopped run in out_dir; returns (the distilled UNet, merged and frozen, result),
     or (None, result) when it was stopped (Ctrl-C) before the end.
 
     time_budget_s > 0: train for that many seconds of training time instead of distill_steps steps (comparisons
-    at equal wall time); student_lora_rank > 0 trains a LoRA student."""
+    at equal wall time); with distill_steps 0 (regression only) the regression runs until the budget is spent.
+    student_lora_rank > 0 trains a LoRA student. pairs: (path, seconds to make) of a pairs file made elsewhere, used
+    instead of the run's own teacher-corrected pairs (its seconds count in the row's time as theirs do).
+    snapshot_every_s > 0: the student's weights are saved every that many seconds of training time to
+    <out_dir>/curve/ (`curve_snapshots`: the points of a learning curve; a few milliseconds each at this size)."""
     from ..distill import DistillConfig, Distiller
     from . import models
 
@@ -235,16 +240,23 @@ def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dic
         s_max = min(0.98, dm.teacher.s_max)  # the UNet's schedule ends at t = 999 (s ~ 0.936)
     else:
         guidance, s_max = teacher_cfg(world, settings), 0.98
-    pairs_path, pairs_s = None, 0.0
-    if settings["regression_n"]:
+    pairs_path, pairs_s = pairs or (None, 0.0)
+    if pairs is None and settings["regression_n"]:
         pairs_path, pairs_s = regression_pairs(world, dm, os.path.join(out_dir, "pairs.safetensors"), settings,
                                                guidance, seed)
+    if time_budget_s and pairs_path:
+        time_budget_s = max(1.0, time_budget_s - pairs_s)  # the pairs are part of the row's wall time
+    real_latents, real_s = None, 0.0
+    if settings.get("gan_weight"):
+        real_latents, real_s = gan_real_latents(world, os.path.join(out_dir, "real_latents.safetensors"),
+                                                settings["gan_real_images"], seed, settings.get("held_out_captions", 0))
+        pairs_s += real_s  # part of the row's wall time, as the pairs are
         if time_budget_s:
-            time_budget_s = max(1.0, time_budget_s - pairs_s)  # the pairs are part of the row's wall time
+            time_budget_s = max(1.0, time_budget_s - real_s)
     steps = settings["distill_steps"]
-    if time_budget_s:
-        steps = 100 * steps  # a cap only: the time budget ends the run
     warmup = settings["regression_warmup_steps"] if pairs_path else 0
+    if time_budget_s:  # caps only: the time budget ends the run (in the regression when there is no DMD)
+        steps, warmup = (100 * steps, warmup) if steps else (0, 100 * warmup)
     cfg = DistillConfig(
         out_dir=out_dir, prompts=training_prompts(settings.get("held_out_captions", 0)), negative_prompt="", val_prompts=grid_prompts(4),
         val_seeds=[0, 1], steps=steps, batch_size=settings["distill_batch"], resolution=models.STUDENT_RESOLUTION,
@@ -258,13 +270,22 @@ def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dic
         regression_warmup_lr=settings["regression_warmup_lr"],
         regression_warmup_cross_attention_lr=settings["regression_warmup_cross_attention_lr"],
         regression_n=0,  # the pairs are made above (their own seed and batch, counted in the row's time), or none
-        log_every=max(1, settings["distill_steps"] // 50), sample_every=warmup + steps,
+        gan_weight=settings.get("gan_weight", 0.0), gan_disc_weight=settings.get("gan_disc_weight", 1e-2),
+        gan_real_latents=real_latents,
+        log_every=max(1, (settings["distill_steps"] or settings["regression_warmup_steps"]) // 50),
+        sample_every=warmup + steps,
         ckpt_every=max(1, (warmup + settings["distill_steps"]) // 5), seed=seed, mixed_precision="no", resume=True,
         max_train_seconds=time_budget_s,
         gradient_checkpointing=False,  # tiny models: on CUDA too, memory is no concern and recomputing only slows it
     )
     t0 = time.perf_counter()
-    result = Distiller(cfg, dm).run()
+    progress = None
+    if snapshot_every_s:
+        progress = loop.ProgressReporter(warmup + steps, desc="distill",
+                                         callback=_snapshots(os.path.join(out_dir, "curve"), snapshot_every_s,
+                                                             lambda: distiller))
+    distiller = Distiller(cfg, dm, progress=progress)
+    result = distiller.run()
     # This invocation's set-up plus the training loop's seconds over all invocations (a resumed run included).
     result["wall_s"] = time.perf_counter() - t0 - result["seconds"] + result["train_seconds"] + pairs_s
     result["pairs_s"] = pairs_s
@@ -272,6 +293,60 @@ def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dic
     if result.get("stopped_early"):
         return None, result
     return dm.student.merged_unet(), result
+
+
+def _snapshots(folder: str, every_s: float, distiller):
+    """A ProgressReporter callback saving the student's weights (its EMA where it has one, as the final student)
+    whenever another `every_s` seconds of training time have passed: `curve/<seconds>.safetensors`, atomically, with
+    the step. Resumes after the last snapshot a stopped run saved."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    done = [s for s, _ in curve_snapshots(folder)]
+    state = {"next": (done[-1] // every_s + 1) * every_s if done else every_s}
+
+    def callback(step, total, metrics, preview):
+        d = distiller()
+        seconds = d.clock.seconds()
+        if seconds < state["next"]:
+            return
+        state["next"] = (seconds // every_s + 1) * every_s
+        path = os.path.join(folder, f"{seconds:09.2f}.safetensors")
+        tensors = {k: v.detach().cpu().contiguous() for k, v in d.m.student.merged_state_dict().items()}
+        save_file(tensors, path + ".tmp", metadata={"train_s": json.dumps(seconds), "step": json.dumps(step)})
+        os.replace(path + ".tmp", path)
+
+    return callback
+
+
+def curve_snapshots(folder: str) -> list[tuple[float, str]]:
+    """[(training seconds, path)] of the student snapshots `distill_student(snapshot_every_s=...)` saved, in order."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted((float(name[: -len(".safetensors")]), os.path.join(folder, name)) for name in os.listdir(folder)
+                  if name.endswith(".safetensors"))
+
+
+def gan_real_latents(world: "ShapesWorld", path: str, n: int, seed: int = 0, held_out: int = 0) -> tuple[str, float]:
+    """The GAN term's real samples: n freshly rendered train-split scenes (no held-out caption among them) at the
+    teacher's resolution, encoded by the teacher VAE into its model space (DistillConfig.gan_real_latents). Made
+    once (reused when present). Returns (path, seconds it took)."""
+    from ..distill import save_real_latents
+    from . import models
+    from .render import held_out_captions, render, sample_scenes_outside
+    from .trainers import encode_latents
+
+    stamp = path + ".json"
+    if not os.path.exists(stamp):
+        t0 = time.perf_counter()
+        scenes = sample_scenes_outside(n, "train", 500_000 + seed, set(held_out_captions(held_out)))
+        with torch.no_grad():
+            raw = torch.cat([encode_latents(world.teacher_vae, render(scenes[i : i + 200], models.TEACHER_RESOLUTION))
+                             for i in range(0, n, 200)])
+        save_real_latents(path, world.teacher_space.to_model(raw))
+        loop.write_json(stamp, {"n": n, "seconds": time.perf_counter() - t0})  # last: present only when complete
+    with open(stamp, encoding="utf-8") as f:
+        return path, float(json.load(f)["seconds"])
 
 
 def regression_pairs(world: "ShapesWorld", dm, path: str, settings: dict, guidance: float, seed: int):

@@ -38,6 +38,9 @@ DEFAULTS = dict(
     # benchmark.
     distill_timesteps="teacher", distill_grad_norm="both", distill_grad_clip=1.0, distill_clip_relative=2.0,
     straight_through_clamp=True,
+    # DMD2's GAN term in teacher space (DistillConfig.gan_*): generator weight (0: off), discriminator weight, and
+    # how many real rendered scenes (none with a held-out caption) its discriminator sees, encoded by the teacher VAE.
+    gan_weight=0.0, gan_disc_weight=1e-2, gan_real_images=800,
     # The one-step student's input timestep. SD1.5 practice is 999, but there x0 = (z - 0.998 eps) / 0.068 amplifies
     # the tiny UNet's eps errors ~15x: in the same budget it fits even paired targets far worse than at 700
     # (`python -m training.shapes.probe`), and DMD only improves it from 700 (docs/shapes_investigation.md).
@@ -61,7 +64,7 @@ DEFAULTS = dict(
 QUICK = dict(DEFAULTS, n_images=24, bridge_steps=4, bridge_batch=4, distill_steps=3, distill_batch=2, fake_updates=1,
              projector_width=16, projector_depth=1, eval_samples=8, eval_batch=8, grid_prompts=2, grid_seeds=2,
              synthetic_images=8, synthetic_finetune_steps=2, synthetic_batch=4, regression_n=8, regression_batch=2,
-             regression_warmup_steps=2)
+             regression_warmup_steps=2, gan_real_images=8)
 
 # One line per setting for `--help`, grouped by stage (group, what it does), and what each accepts: the bounds of
 # errors.number_problem (integers for the int settings) or the choices of a text setting. Checked, named as the flag
@@ -109,6 +112,9 @@ SETTINGS_HELP = {
                                                     "fixed --distill-grad-clip)"),
     "straight_through_clamp": ("distillation (DMD)", "clamp the decoded student image straight-through (saturated "
                                                      "pixels keep their gradient)"),
+    "gan_weight": ("distillation (DMD)", "DMD2's GAN term on the student (0: off; DMD2 uses 5e-3)"),
+    "gan_disc_weight": ("distillation (DMD)", "the GAN discriminator's loss weight beside the fake score's"),
+    "gan_real_images": ("distillation (DMD)", "real rendered scenes the GAN discriminator sees"),
     "student_timestep": ("distillation (DMD)", "the one-step student's input timestep, 1-999 (SD1.5 practice: 999)"),
     "guidance": ("distillation (DMD)", "the teacher's CFG in DMD's real score (0: its own sampling CFG)"),
     "eval_samples": ("evaluation", "judged samples per row (held-out prompts)"),
@@ -128,6 +134,7 @@ SETTINGS_HELP = {
 _AT_LEAST_1 = dict(low=1)
 SETTING_LIMITS = {
     "n_images": dict(low=10),  # 10% are held out: at least one validation image
+    "gan_weight": dict(low=0), "gan_disc_weight": dict(low=0),
     "attn_weight": dict(low=0), "regression_n": dict(low=0), "regression_warmup_steps": dict(low=0),
     "held_out_captions": dict(low=0, high=500),
     "regression_weight": dict(low=0), "regression_warmup_cross_attention_lr": dict(low=0),
@@ -177,16 +184,19 @@ THREADS_HELP = ("Threads: torch's default (one per core) when the machine is idl
                 "times slower. --threads N (or OMP_NUM_THREADS) chooses instead; a resumed run chooses again.")
 
 
-def add_setting_arguments(parser: argparse.ArgumentParser, defaults: dict, quick: dict) -> None:
+def add_setting_arguments(parser: argparse.ArgumentParser, defaults: dict, quick: dict,
+                          extra_help: dict | None = None) -> None:
     """--<setting> overrides for every entry of `defaults` (shared with the benchmark), one help line each, grouped
-    by stage (SETTINGS_HELP); booleans as --<setting> / --no-<setting>."""
+    by stage (SETTINGS_HELP, plus `extra_help` for settings of the caller's own); booleans as --<setting> /
+    --no-<setting>."""
+    helps = dict(SETTINGS_HELP, **(extra_help or {}))
     groups: dict[str, argparse._ArgumentGroup] = {}
     for stage, _ in SETTINGS_HELP.values():  # the stages in the run's order
         if stage not in groups:
             groups[stage] = parser.add_argument_group(f"settings: {stage}")
     choices = setting_choices()
     for key, value in defaults.items():
-        stage, text = SETTINGS_HELP.get(key, ("other settings", ""))
+        stage, text = helps.get(key, ("other settings", ""))
         if stage not in groups:
             groups[stage] = parser.add_argument_group(f"settings: {stage}")
         kind = dict(action=argparse.BooleanOptionalAction) if isinstance(value, bool) else dict(type=type(value))
