@@ -294,6 +294,7 @@ def test_benchmark_table_has_every_row_and_resumes(tmp_path, quick_world, monkey
     # The variants: the GAN term trained its discriminator; twice the DMD steps ran.
     assert "gan_d_real" in by_task["variant_gan"]["distill_last_metrics"]
     assert by_task["variant_long_dmd"]["distill_steps"] == by_task["cross_space"]["distill_steps"] + summary["settings"]["distill_steps"]
+    assert by_task["variant_dmd_x4"]["distill_steps"] == by_task["cross_space"]["distill_steps"] + 3 * summary["settings"]["distill_steps"]
     # Learning curves: each distilled row scored its snapshots; the figure is beside the table and shown in it.
     for task in ("cross_space", "same_space", "synthetic", "direct_regression"):
         points = by_task[task]["curve"]
@@ -328,7 +329,7 @@ def test_benchmark_table_has_every_row_and_resumes(tmp_path, quick_world, monkey
         assert r["seeds"][0]["seed"] == 0 and set(r["seeds"][0]) >= {"accuracy", "background", "fd", "training_s"}
     # Finished tasks are kept: a second call only re-aggregates.
     results = sorted((out / "seed0").glob("*/result.json"))
-    assert len(results) == 18
+    assert len(results) == 19
     stamps = [p.stat().st_mtime_ns for p in results]
     again = benchmark([0], str(out), quick_world, doc=str(doc), jobs=1, threads=1, quick=True, **options)
     assert again["table"]["cross_space"]["accuracy"] == summary["table"]["cross_space"]["accuracy"]
