@@ -291,7 +291,7 @@ def test_benchmark_table_has_every_row_and_resumes(tmp_path, quick_world, monkey
         assert metrics and all(m.get("warmup") == 1.0 for m in metrics)
     assert by_task["regression_only"]["training_s"]["bridge"] == by_task["bridge"]["training_s"]["bridge"]
     assert "bridge" not in by_task["regression_round_trip"]["training_s"] and by_task["direct_regression"]["teacher_samples_s"] > 0
-    # The variants: the GAN term trained its discriminator; twice the DMD steps ran.
+    # The variants: the GAN term trained its discriminator; twice and four times the DMD steps ran.
     assert "gan_d_real" in by_task["variant_gan"]["distill_last_metrics"]
     assert by_task["variant_long_dmd"]["distill_steps"] == by_task["cross_space"]["distill_steps"] + summary["settings"]["distill_steps"]
     assert by_task["variant_dmd_x4"]["distill_steps"] == by_task["cross_space"]["distill_steps"] + 3 * summary["settings"]["distill_steps"]

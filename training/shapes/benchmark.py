@@ -84,8 +84,8 @@ OPTION_LABELS = {
 # Variants of the cross-space row (issue 25: closer to the teacher), each through the seed's Bridge with these
 # settings changed (same pairs and warm-up; not equal wall time: the table shows each row's time): DMD2's second
 # stage (its GAN term, in teacher space), a twice longer DMD, and a four times longer one (what the learning curve
-# points at: the cross-space row still rises when its steps end; at about 0.5 s a step it stays within twice the
-# row's wall time, the issue's limit).
+# points at: the cross-space row still rises when its steps end; at about 0.5 s a step it takes about twice the
+# row's wall time, the issue's limit: 2.09x measured, docs/shapes_benchmark_variants.md).
 VARIANTS = {
     "gan": lambda settings: {"gan_weight": 5e-3},
     "long_dmd": lambda settings: {"distill_steps": 2 * settings["distill_steps"]},
