@@ -668,3 +668,18 @@ def test_setting_choices_and_the_default_world_are_the_librarys():
     assert tuple(choices["distill_timesteps"]) == TIMESTEP_DISTS and tuple(choices["distill_grad_norm"]) == GRAD_NORMS
     assert settings.DEFAULT_WORLD == DEFAULT_DIR and os.path.isdir(DEFAULT_DIR)
     assert set(settings.SETTINGS_HELP) == set(settings.DEFAULTS) and not settings.setting_problems(settings.DEFAULTS)
+
+
+def test_curve_section_names_the_snapshot_interval_only_when_this_run_saved_them():
+    from training.shapes.benchmark import curve_markdown
+    curve = {"seeds": [0, 1], "t": [100.0, 145.0], "accuracy": {"mean": [0.1, 0.3]},
+             "background": {"mean": [0.5, 0.8]}, "mean_attributes": {"mean": [0.6, 0.7]}}
+    summary = {"curves": {"cross_space": curve}, "row_labels": {"cross_space": "cross-space"}, "gap": "background",
+               "settings": {"curve_every_s": 45.0, "curve_eval_samples": 150}}
+    text = "\n".join(curve_markdown(summary))
+    assert "saved every 45 s of training" in text and "| cross-space | 2 | 100 | 145 | 0.100 -> 0.300 |" in text
+    # A report over results copied in (this invocation saved no snapshots) does not claim an interval of 0 s.
+    summary["settings"]["curve_every_s"] = 0.0
+    text = "\n".join(curve_markdown(summary))
+    assert "every 0 s" not in text and "rows run with snapshots" in text
+    assert curve_markdown(dict(summary, curves={})) == []

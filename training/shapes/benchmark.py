@@ -543,8 +543,11 @@ def curve_markdown(summary: dict) -> list[str]:
     if not curves:
         return []
     st = summary["settings"]
+    # curve_every_s 0: this invocation saved no snapshots; the curves are those of results run with them.
+    saved = (f"Each distilled row's student saved every {st['curve_every_s']:g} s of training"
+             if st["curve_every_s"] else "The students saved during training by the rows run with snapshots")
     lines = ["", "## Learning curves", "",
-             f"Each distilled row's student saved every {st['curve_every_s']:g} s of training and scored on "
+             f"{saved} and scored on "
              f"{st['curve_eval_samples']} held-out prompts (fewer than the table's, so its points are noisier); x: the "
              "row's training wall time (Bridge, pairs, teacher samples, fine-tuning included, as in the table); mean "
              "over seeds on the seeds' common time range, ± one standard deviation shaded.", ""]
