@@ -197,7 +197,7 @@ def test_default_run_end_to_end_on_a_quick_world(tmp_path, quick_world):
     out = tmp_path / "run"
     # With the Bridge's 'features' tap (a setting like any other; the benchmark's test runs the default 'image').
     assert main(["--out", str(out), "--world", quick_world, "--quick", "--threads", "1", "--seed", "1",
-                 "--bridge-tap", "features", "--same-space-row"]) == 0
+                 "--bridge-tap", "features", "--same-space-row", "--ema-decay", "0.9"]) == 0
 
     world = models.load_shapes_world(quick_world, register=False)
     bridge = load_bridge(str(out / "bridge.safetensors"), student_vae=world.student_vae)
@@ -229,6 +229,13 @@ def test_default_run_end_to_end_on_a_quick_world(tmp_path, quick_world):
     warm = report["settings"]["regression_warmup_steps"]
     assert [bool(m.get("warmup")) for m in metrics] == [True] * warm + [False] * report["settings"]["distill_steps"]
     assert "Regression:" in (out / "report.md").read_text()
+    # --ema-decay reached the distiller: its state keeps an EMA of the student, stepped on every warm-up and DMD step.
+    from safetensors import safe_open
+
+    with safe_open(str(out / "distill" / "train_state.safetensors"), "pt") as f:
+        state = json.loads(f.metadata()["state"])
+    assert report["settings"]["ema_decay"] == 0.9 and state["modules"]["ema"]
+    assert state["extra"]["ema_step"] == warm + report["settings"]["distill_steps"]
     assert student.timestep == DEFAULTS["student_timestep"] == 700  # the checkpoint keeps the student's timestep
     for row in report["rows"]:
         r = report["evaluation"][row]

@@ -43,8 +43,12 @@ DEFAULTS = dict(
     gan_weight=0.0, gan_disc_weight=1e-2, gan_real_images=800,
     # The one-step student's input timestep. SD1.5 practice is 999, but there x0 = (z - 0.998 eps) / 0.068 amplifies
     # the tiny UNet's eps errors ~15x: in the same budget it fits even paired targets far worse than at 700
-    # (`python -m training.shapes.probe`), and DMD only improves it from 700 (docs/shapes_investigation.md).
+    # (`python -m training.shapes.probe`), and DMD only improves it from 700 (docs/shapes_investigation.md). 500 lifts
+    # a 1500-DMD-step student (shapes_benchmark_t500.md) but measured worse at this run's 100 DMD steps (§5.9).
     student_timestep=700,
+    # > 0: the student is an exponential moving average of its weights with this decay (DistillConfig.ema_decay,
+    # over the warm-up and the DMD steps; what is evaluated and saved); 0: the raw weights.
+    ema_decay=0.0,
     guidance=0.0,  # real-score CFG; 0: the teacher's own sampling CFG (world.json)
     eval_samples=300, eval_batch=100, grid_prompts=6, grid_seeds=2,
     # The pretrained rows of the report come from the world's build report (False) or are measured again (True).
@@ -116,6 +120,8 @@ SETTINGS_HELP = {
     "gan_disc_weight": ("distillation (DMD)", "the GAN discriminator's loss weight beside the fake score's"),
     "gan_real_images": ("distillation (DMD)", "real rendered scenes the GAN discriminator sees"),
     "student_timestep": ("distillation (DMD)", "the one-step student's input timestep, 1-999 (SD1.5 practice: 999)"),
+    "ema_decay": ("distillation (DMD)", "decay of an EMA of the student's weights, evaluated and saved instead "
+                                        "of them (0: off)"),
     "guidance": ("distillation (DMD)", "the teacher's CFG in DMD's real score (0: its own sampling CFG)"),
     "eval_samples": ("evaluation", "judged samples per row (held-out prompts)"),
     "eval_batch": ("evaluation", "evaluation batch (also the latency's batch)"),
@@ -140,7 +146,7 @@ SETTING_LIMITS = {
     "regression_weight": dict(low=0), "regression_warmup_cross_attention_lr": dict(low=0),
     "student_cross_attention_lr": dict(low=0), "distill_clip_relative": dict(low=0), "guidance": dict(low=0),
     "regression_s0": dict(low=0, low_open=True, high=1), "distill_s_min": dict(low=0, high=0.979),
-    "student_timestep": dict(low=1, high=999),
+    "student_timestep": dict(low=1, high=999), "ema_decay": dict(low=0, high=0.9999),
     **{k: dict(low=0, low_open=True) for k in ("bridge_lr", "student_lr", "fake_lr", "regression_warmup_lr",
                                                  "distill_grad_clip", "synthetic_lr")},
 }
