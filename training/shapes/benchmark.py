@@ -669,7 +669,7 @@ def markdown(summary: dict, notes: str | None = None) -> str:
         f"DMD loss, {st['fake_updates']} fake-score updates per step (LoRA rank {st['fake_rank']}, lr "
         f"{st['fake_lr']}), student lr {st['student_lr']}"
         f"{cross_lr_text(st)}, student timestep {st['student_timestep']}"
-        + (f", an EMA of the student's weights (decay {st['ema_decay']}) evaluated" if st.get("ema_decay") else "")
+        + (f", an EMA of the student's weights (decay {st['ema_decay']}) evaluated" if st["ema_decay"] else "")
         + ", real-score CFG = "
         f"each teacher's own sampling CFG; distiller options: grad_norm {st['distill_grad_norm']}, timesteps "
         f"{st['distill_timesteps']}, clip {st['distill_grad_clip']} (relative {st['distill_clip_relative']}), "

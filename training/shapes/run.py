@@ -247,9 +247,9 @@ def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dic
     if time_budget_s and pairs_path:
         time_budget_s = max(1.0, time_budget_s - pairs_s)  # the pairs are part of the row's wall time
     real_latents, real_s = None, 0.0
-    if settings.get("gan_weight"):
+    if settings["gan_weight"]:
         real_latents, real_s = gan_real_latents(world, os.path.join(out_dir, "real_latents.safetensors"),
-                                                settings["gan_real_images"], seed, settings.get("held_out_captions", 0))
+                                                settings["gan_real_images"], seed, settings["held_out_captions"])
         pairs_s += real_s  # part of the row's wall time, as the pairs are
         if time_budget_s:
             time_budget_s = max(1.0, time_budget_s - real_s)
@@ -258,20 +258,20 @@ def distill_student(world: "ShapesWorld", out_dir: str, mode: str, settings: dic
     if time_budget_s:  # caps only: the time budget ends the run (in the regression when there is no DMD)
         steps, warmup = (100 * steps, warmup) if steps else (0, 100 * warmup)
     cfg = DistillConfig(
-        out_dir=out_dir, prompts=training_prompts(settings.get("held_out_captions", 0)), negative_prompt="", val_prompts=grid_prompts(4),
+        out_dir=out_dir, prompts=training_prompts(settings["held_out_captions"]), negative_prompt="", val_prompts=grid_prompts(4),
         val_seeds=[0, 1], steps=steps, batch_size=settings["distill_batch"], resolution=models.STUDENT_RESOLUTION,
         loss="dmd", guidance=guidance, timesteps=settings["distill_timesteps"],
         s_min=settings["distill_s_min"], s_max=s_max, student_lr=settings["student_lr"],
         student_cross_attention_lr=settings["student_cross_attention_lr"], fake_lr=settings["fake_lr"], fake_rank=settings["fake_rank"], fake_updates=settings["fake_updates"],
         grad_norm=settings["distill_grad_norm"], grad_clip=settings["distill_grad_clip"],
         grad_clip_relative=settings["distill_clip_relative"], straight_through_clamp=settings["straight_through_clamp"],
-        student_lora_rank=student_lora_rank, ema_decay=settings.get("ema_decay", 0.0),
+        student_lora_rank=student_lora_rank, ema_decay=settings["ema_decay"],
         regression_pairs=pairs_path, regression_weight=settings["regression_weight"],
         regression_batch=settings["regression_batch"], regression_warmup_steps=warmup,
         regression_warmup_lr=settings["regression_warmup_lr"],
         regression_warmup_cross_attention_lr=settings["regression_warmup_cross_attention_lr"],
         regression_n=0,  # the pairs are made above (their own seed and batch, counted in the row's time), or none
-        gan_weight=settings.get("gan_weight", 0.0), gan_disc_weight=settings.get("gan_disc_weight", 1e-2),
+        gan_weight=settings["gan_weight"], gan_disc_weight=settings["gan_disc_weight"],
         gan_real_latents=real_latents,
         log_every=max(1, (settings["distill_steps"] or settings["regression_warmup_steps"]) // 50),
         sample_every=warmup + steps,
@@ -362,7 +362,8 @@ def regression_pairs(world: "ShapesWorld", dm, path: str, settings: dict, guidan
         _log(f"making {settings['regression_n']} regression pairs (student base -> Bridge -> teacher from "
              f"s = {settings['regression_s0']:g} -> student space)")
         sampling = world.config["student_sampling"]
-        make_pairs(dm, training_prompts(settings.get("held_out_captions", 0)), settings["regression_n"], path, resolution=models.STUDENT_RESOLUTION,
+        make_pairs(dm, training_prompts(settings["held_out_captions"]), settings["regression_n"], path,
+                   resolution=models.STUDENT_RESOLUTION,
                    s0=settings["regression_s0"], student_steps=sampling["steps"], student_cfg=sampling["cfg"],
                    teacher_steps=max(1, round(world.config["teacher_sampling"]["steps"] * settings["regression_s0"])),
                    guidance=guidance, batch_size=100, seed=300_000 + seed)
