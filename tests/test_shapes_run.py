@@ -568,6 +568,12 @@ def test_held_out_captions_never_reach_distillation_data_and_are_what_is_evaluat
     assert set(dmd_prompts) == set(all_captions()) - set(held)
     data = shapes_run.synthetic_data(world, str(tmp_path / "synthetic.safetensors"), 64, seed=0, held_out=150)
     assert len(data["prompts"]) == 64 and not set(data["prompts"]) & set(held)
+    again = shapes_run.synthetic_data(world, str(tmp_path / "synthetic.safetensors"), 64, seed=0, held_out=150)
+    assert torch.equal(again["latents"], data["latents"])  # reused: drawn at the same CFG
+    # --guidance reaches the baselines' teacher samples: the saved ones (the teacher's own CFG) are drawn again.
+    guided = shapes_run.synthetic_data(world, str(tmp_path / "synthetic.safetensors"), 64, seed=0, held_out=150,
+                                       cfg=3.0)
+    assert guided["prompts"] == data["prompts"] and not torch.allclose(guided["latents"], data["latents"])
 
     sets = eval_prompt_sets(12, 0, held)
     assert set(sets["held_out"]) <= set(held) and not set(sets["seen"]) & set(held)

@@ -201,9 +201,9 @@ def _seed_bridge(world, out: str, seed: int, bridge_task: str = "bridge"):
 
 
 def direct_pairs(world, folder: str, settings: dict, seed: int) -> tuple[str, float]:
-    """The direct-regression baseline's pairs: the synthetic baseline's kind of teacher samples (its own sampler and
-    CFG, into the student's space), each paired with fresh student noise at random (no noise maps to a teacher
-    sample: it is the regression a user would write first). Returns (pairs file, seconds the samples took)."""
+    """The direct-regression baseline's pairs: the synthetic baseline's kind of teacher samples (its own sampler, the
+    run's teacher CFG, into the student's space), each paired with fresh student noise at random (no noise maps to a
+    teacher sample: it is the regression a user would write first). Returns (pairs file, seconds the samples took)."""
     import torch
 
     from ..pairs import save_pairs
@@ -212,11 +212,12 @@ def direct_pairs(world, folder: str, settings: dict, seed: int) -> tuple[str, fl
 
     path = os.path.join(folder, "direct_pairs.safetensors")
     data = shapes_run.synthetic_data(world, os.path.join(folder, "teacher_samples.safetensors"),
-                                     settings["synthetic_images"], seed, held_out=settings.get("held_out_captions", 0))
-    if not os.path.exists(path):
-        size = models.STUDENT_RESOLUTION // 8
-        noise = torch.randn((len(data["prompts"]), 4, size, size), generator=torch.Generator().manual_seed(400_000 + seed))
-        save_pairs(path, noise, data["latents"], data["prompts"], seconds=data["seconds"], kind="direct")
+                                     settings["synthetic_images"], seed, held_out=settings.get("held_out_captions", 0),
+                                     cfg=settings["guidance"])
+    # Rewritten every time (seeded noise, milliseconds): the pairs always hold the samples just loaded or drawn.
+    size = models.STUDENT_RESOLUTION // 8
+    noise = torch.randn((len(data["prompts"]), 4, size, size), generator=torch.Generator().manual_seed(400_000 + seed))
+    save_pairs(path, noise, data["latents"], data["prompts"], seconds=data["seconds"], kind="direct")
     return path, data["seconds"]
 
 
@@ -315,7 +316,8 @@ def run_task(task: str, seed: int, out: str, world_dir: str, settings: dict, thr
             elif task == "synthetic":
                 data = shapes_run.synthetic_data(world, os.path.join(folder, "synthetic.safetensors"),
                                                  settings["synthetic_images"], seed,
-                                                 held_out=settings.get("held_out_captions", 0))
+                                                 held_out=settings.get("held_out_captions", 0),
+                                                 cfg=settings["guidance"])
                 base_unet, finetune_s = shapes_run.finetune_student_base(world, os.path.join(folder, "base"), data,
                                                                          settings, seed)
                 training_s.update(teacher_samples=data["seconds"], finetune=finetune_s)
@@ -670,8 +672,9 @@ def markdown(summary: dict, notes: str | None = None) -> str:
         f"{st['fake_lr']}), student lr {st['student_lr']}"
         f"{cross_lr_text(st)}, student timestep {st['student_timestep']}"
         + (f", an EMA of the student's weights (decay {st['ema_decay']}) evaluated" if st["ema_decay"] else "")
-        + ", real-score CFG = "
-        f"each teacher's own sampling CFG; distiller options: grad_norm {st['distill_grad_norm']}, timesteps "
+        + (f", the teachers' CFG {st['guidance']:g} (DMD's real score, the pairs' redraw, the baselines' teacher "
+           "samples)" if st.get("guidance") else ", real-score CFG = each teacher's own sampling CFG")
+        + f"; distiller options: grad_norm {st['distill_grad_norm']}, timesteps "
         f"{st['distill_timesteps']}, clip {st['distill_grad_clip']} (relative {st['distill_clip_relative']}), "
         f"straight-through clamp {st['straight_through_clamp']}. Synthetic baseline: {st['synthetic_images']} teacher "
         f"samples, {st['synthetic_finetune_steps']} fine-tuning steps at batch {st['synthetic_batch']}, lr "

@@ -373,10 +373,12 @@ def regression_pairs(world: "ShapesWorld", dm, path: str, settings: dict, guidan
 
 # ---------------------------------------------------------------------------------------------- synthetic-data baseline
 
-def synthetic_data(world: "ShapesWorld", path: str, n: int, seed: int = 0, held_out: int = 0) -> dict:
-    """The baseline a user would pick instead of a Bridge: n teacher samples (its own sampler and CFG) of random
-    prompts, decoded, resized to the student's resolution, encoded with the student VAE (model space). Saved to
-    `path` (complete or absent), reused when present. Returns {"latents", "prompts", "seconds"}."""
+def synthetic_data(world: "ShapesWorld", path: str, n: int, seed: int = 0, held_out: int = 0,
+                   cfg: float = 0.0) -> dict:
+    """The baseline a user would pick instead of a Bridge: n teacher samples (its own sampler; its own CFG, or `cfg`
+    when > 0: the run's --guidance, so a baseline's teacher is asked as the distillation's is) of random prompts,
+    decoded, resized to the student's resolution, encoded with the student VAE (model space). Saved to `path`
+    (complete or absent), reused when present and drawn at the same CFG. Returns {"latents", "prompts", "seconds"}."""
     import torch.nn.functional as F
     from safetensors.torch import load_file, save_file
 
@@ -384,24 +386,25 @@ def synthetic_data(world: "ShapesWorld", path: str, n: int, seed: int = 0, held_
     from .render import all_captions
     from .trainers import encode_latents
 
+    cfg = float(cfg or world.config["teacher_sampling"]["cfg"])
     if os.path.exists(path):
-        data = load_file(path)
         with open(path + ".json", encoding="utf-8") as f:
             meta = json.load(f)
-        return {"latents": data["latents"], "prompts": meta["prompts"], "seconds": meta["seconds"]}
+        if meta.get("cfg", world.config["teacher_sampling"]["cfg"]) == cfg:  # older files: the teacher's own CFG
+            return {"latents": load_file(path)["latents"], "prompts": meta["prompts"], "seconds": meta["seconds"]}
     t0 = time.perf_counter()
     captions = training_prompts(held_out) if held_out else all_captions()  # never a held-out caption
     g = torch.Generator().manual_seed(200_000 + seed)
     prompts = [captions[int(i)] for i in torch.randint(len(captions), (n,), generator=g)]
     latents = []
     for i in range(0, n, 100):
-        images = world.decode_teacher(world.sample_teacher(prompts[i : i + 100], generator=g))
+        images = world.decode_teacher(world.sample_teacher(prompts[i : i + 100], generator=g, cfg=cfg))
         small = F.interpolate(images, size=(models.STUDENT_RESOLUTION,) * 2, mode="area")
         latents.append(world.student_space.to_model(encode_latents(world.student_vae, small)))
     seconds = time.perf_counter() - t0
     tmp = path + ".tmp"
     save_file({"latents": torch.cat(latents).contiguous()}, tmp)
-    loop.write_json(path + ".json", {"prompts": prompts, "seconds": seconds})
+    loop.write_json(path + ".json", {"prompts": prompts, "seconds": seconds, "cfg": cfg})
     os.replace(tmp, path)  # last: the data counts as present only when both files are
     return {"latents": torch.cat(latents), "prompts": prompts, "seconds": seconds}
 

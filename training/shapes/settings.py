@@ -49,7 +49,7 @@ DEFAULTS = dict(
     # > 0: the student is an exponential moving average of its weights with this decay (DistillConfig.ema_decay,
     # over the warm-up and the DMD steps; what is evaluated and saved); 0: the raw weights.
     ema_decay=0.0,
-    guidance=0.0,  # real-score CFG; 0: the teacher's own sampling CFG (world.json)
+    guidance=0.0,  # the teacher's CFG wherever the distillation stage asks it; 0: its own sampling CFG (world.json)
     eval_samples=300, eval_batch=100, grid_prompts=6, grid_seeds=2,
     # The pretrained rows of the report come from the world's build report (False) or are measured again (True).
     measure_reference_rows=False,
@@ -122,7 +122,8 @@ SETTINGS_HELP = {
     "student_timestep": ("distillation (DMD)", "the one-step student's input timestep, 1-999 (SD1.5 practice: 999)"),
     "ema_decay": ("distillation (DMD)", "decay of an EMA of the student's weights, evaluated and saved instead "
                                         "of them (0: off)"),
-    "guidance": ("distillation (DMD)", "the teacher's CFG in DMD's real score (0: its own sampling CFG)"),
+    "guidance": ("distillation (DMD)", "the teacher's CFG in DMD's real score, the pairs' redraw and the "
+                                       "baselines' teacher samples (0: its own sampling CFG)"),
     "eval_samples": ("evaluation", "judged samples per row (held-out prompts)"),
     "eval_batch": ("evaluation", "evaluation batch (also the latency's batch)"),
     "grid_prompts": ("evaluation", "prompts (columns) in grid.png"),
