@@ -334,13 +334,25 @@ def test_benchmark_table_has_every_row_and_resumes(tmp_path, quick_world, monkey
     assert "![sample grid](bench_grid.png)" in text
     for r in rows:
         assert r["seeds"][0]["seed"] == 0 and set(r["seeds"][0]) >= {"accuracy", "background", "fd", "training_s"}
+    # Sample diversity (issue 25: what DMD adds over regression): every distilled row and the teacher, from the
+    # students the tasks saved, cached per seed; a column of the table and a clause of each comparison.
+    distilled = expected - {"teacher", "student_base", "student_base_one_step", "student_base_start",
+                            "student_vae_ceiling"}
+    assert all(summary["table"][row]["diversity"]["mean"] > 0 for row in distilled)
+    assert summary["table"]["teacher"]["diversity"]["mean"] > 0 and summary["teacher_diversity"]["values"]
+    cached = json.loads((out / "seed0" / "diversity.json").read_text())
+    assert set(cached["rows"]) == distilled | {"teacher"} and cached["prompts"] == st["diversity_prompts"]
+    assert "sample diversity (real scenes = 1)" in text
     # Finished tasks are kept: a second call only re-aggregates.
     results = sorted((out / "seed0").glob("*/result.json"))
     assert len(results) == 19
     stamps = [p.stat().st_mtime_ns for p in results]
+    diversity_stamp = (out / "seed0" / "diversity.json").stat().st_mtime_ns
     again = benchmark([0], str(out), quick_world, doc=str(doc), jobs=1, threads=1, quick=True, **options)
     assert again["table"]["cross_space"]["accuracy"] == summary["table"]["cross_space"]["accuracy"]
     assert [p.stat().st_mtime_ns for p in results] == stamps
+    assert again["table"]["cross_space"]["diversity"] == summary["table"]["cross_space"]["diversity"]
+    assert (out / "seed0" / "diversity.json").stat().st_mtime_ns == diversity_stamp  # nothing sampled again
     # A benchmark resumed from another working directory finds each seed's Bridge in its own folder (the stored
     # path is relative to the directory of the run that wrote it).
     import shutil
@@ -360,6 +372,41 @@ def test_benchmark_table_has_every_row_and_resumes(tmp_path, quick_world, monkey
     assert "(1 of 2 seeds)" in doc.read_text()
     with pytest.raises(ValueError, match="other settings"):
         benchmark([0], str(out), quick_world, doc="", jobs=1, threads=1, quick=True, distill_steps=5)
+
+
+def test_findings_compare_sample_diversity_by_the_seeds_spread():
+    from training.shapes.benchmark import findings
+
+    def entry(*values):
+        m = sum(values) / len(values)
+        sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+        return {"mean": m, "std": sd, "values": list(values)}
+
+    row = lambda div: {"accuracy": entry(0.5, 0.52, 0.48), "mean_attributes": entry(0.8, 0.81, 0.79),
+                       "background": entry(0.9, 0.91, 0.89), "fd": entry(40.0, 42.0, 38.0), "diversity": div}
+    table = {"cross_space": row(entry(0.9, 0.92, 0.88)), "direct_regression": row(entry(0.3, 0.35, 0.25)),
+             "regression_only": row(entry(0.88, 0.93, 0.86))}
+    lines = "\n".join(findings(table, "background"))
+    assert "sample diversity 0.90 vs 0.30 (+0.60, clearly higher)" in lines
+    assert "sample diversity 0.90 vs 0.89 (+0.01, within noise)" in lines
+    table["regression_only"]["diversity"] = None  # a row without the figure: no clause, the rest unchanged
+    line = next(x for x in findings(table, "background") if x.startswith("- What DMD adds"))
+    assert "sample diversity" not in line and "FD 40.0 vs 40.0" in line
+
+
+def test_sample_diversity_is_zero_for_one_image_per_prompt_and_near_one_for_the_worlds_scenes(quick_world):
+    from training.shapes import models
+    from training.shapes.evaluate import eval_prompts, prompt_diversity, sample_diversity
+    from training.shapes.render import render, scenes_from_captions
+
+    world = models.load_shapes_world(quick_world, register=False)
+    fixed = lambda p, g: torch.cat([render(scenes_from_captions([q], torch.Generator().manual_seed(0)), 64)
+                                    for q in p])  # noise ignored: one image per prompt
+    scenes = lambda p, g: render(scenes_from_captions(p, g), 64)  # fresh jitter, as the reference's
+    d = sample_diversity(world, {"fixed": fixed, "scenes": scenes}, eval_prompts(8, 0), k=8, seed=0)
+    assert d["reference"] > 0 and d["fixed"] < 1e-3 and 0.7 < d["scenes"] < 1.3
+    with pytest.raises(ValueError, match="groups of k"):
+        prompt_diversity(world.judge, torch.zeros(7, 3, 64, 64), 4)
 
 
 @pytest.mark.slow

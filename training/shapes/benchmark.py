@@ -58,10 +58,16 @@ BENCHMARK_DEFAULTS = dict(DEFAULTS, regression_n=800, regression_warmup_steps=20
                           held_out_captions=150,
                           # The learning curve (issue 25): each distilled row's student is saved every
                           # curve_every_s seconds of training and scored on curve_eval_samples held-out prompts.
-                          curve_every_s=45.0, curve_eval_samples=150)
+                          curve_every_s=45.0, curve_eval_samples=150,
+                          # Sample diversity (evaluate.sample_diversity): DIVERSITY_K samples of each of the first
+                          # diversity_prompts of the table's held-out prompts, per row and seed (0: not measured).
+                          diversity_prompts=50)
 # --quick: the default run's few steps, with the benchmark's held-out captions (the pipeline as the benchmark runs it).
 BENCHMARK_QUICK = dict(QUICK, held_out_captions=BENCHMARK_DEFAULTS["held_out_captions"], curve_every_s=0.05,
-                       curve_eval_samples=8)
+                       curve_eval_samples=8, diversity_prompts=4)
+# Samples per prompt of the sample-diversity column (what DMD adds over regression, issue 25: a regression onto mean
+# targets draws one image per prompt whatever the noise).
+DIVERSITY_K = 8
 # Rows of each seed's sample grid (those that exist), top to bottom, with their short labels.
 GRID_ROWS = {"student_base_start": "start (one step)", "same_space": "same-space", "synthetic": "synthetic baseline",
              "cross_space": "cross-space", "teacher": "teacher"}
@@ -354,6 +360,46 @@ def run_task(task: str, seed: int, out: str, world_dir: str, settings: dict, thr
     return result
 
 
+def diversities(out: str, world, settings: dict, seeds: list[int], results: list[dict]) -> dict[int, dict]:
+    """{seed: {row: sample diversity}} of the teacher and of each finished distilled row of the seed (from the
+    student its task saved), on the first diversity_prompts of the table's held-out prompts, DIVERSITY_K samples each
+    (evaluate.sample_diversity). Cached in <out>/seed<S>/diversity.json: only rows missing there are sampled, so
+    folders finished before the column get it on their next report."""
+    from ..distill import Distiller
+    from ..models.export import load_student_unet
+    from . import run as shapes_run
+    from .evaluate import base_generators, eval_prompt_sets, eval_prompts, sample_diversity
+    from .render import held_out_captions
+
+    m = settings["diversity_prompts"]
+    if not m:
+        return {}
+    held = held_out_captions(settings.get("held_out_captions", 0))
+    found = {}
+    for seed in seeds:
+        path = os.path.join(out, f"seed{seed}", "diversity.json")
+        cached = {}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                cached = json.load(f)
+        values = cached["rows"] if (cached.get("prompts"), cached.get("k")) == (m, DIVERSITY_K) else {}
+        runs = {} if "teacher" in values else {"teacher": base_generators(world)["teacher"]}
+        for r in results:
+            student = os.path.join(out, f"seed{seed}", r["task"], "distill", Distiller.STUDENT_FILE)
+            for row in r["rows"] if r["seed"] == seed and os.path.exists(student) else ():
+                if row not in values and row not in PRETRAINED:
+                    runs[row] = shapes_run.student_generator(world, load_student_unet(student).unet,
+                                                             settings["student_timestep"])
+        if runs:
+            n = settings["eval_samples"]  # the table's prompts, the first m of them
+            prompts = (eval_prompt_sets(n, seed, held)["held_out"] if held else eval_prompts(n, seed))[:m]
+            measured = sample_diversity(world, runs, prompts, DIVERSITY_K, seed, settings["eval_batch"])
+            values.update({row: v for row, v in measured.items() if row != "reference"})
+            write_json(path, {"prompts": m, "k": DIVERSITY_K, "reference": measured["reference"], "rows": values})
+        found[seed] = values
+    return found
+
+
 def write_grids(out: str, world, settings: dict, seeds: list[int]) -> dict[int, str]:
     """{seed: <out>/seed<S>/grid.png} for each seed with a finished distilled row: the run's grid prompts x two
     evaluation seeds, one row per GRID_ROWS entry that the seed has (each distilled row from the student its task
@@ -397,7 +443,8 @@ def aggregate(results: list[dict], seeds: list[int]) -> dict:
     table: dict = {}
     getters = {"accuracy": lambda r: r["accuracy"], **{a: (lambda r, a=a: r[a]) for a in ATTRIBUTES},
                "mean_attributes": _mean_attributes, "fd": lambda r: r.get("fd"),
-               "training_s": lambda r: r.get("training_s"), "latency_ms": lambda r: r["seconds_per_image"] * 1000,
+               "training_s": lambda r: r.get("training_s"), "diversity": lambda r: r.get("diversity"),
+               "latency_ms": lambda r: r["seconds_per_image"] * 1000,
                # With held-out captions the figures above are on them; these on the captions distillation saw.
                **{f"seen_{m}": (lambda r, m=m: r["seen"][m] if "seen" in r else None)
                   for m in ("accuracy", *ATTRIBUTES)},
@@ -457,7 +504,8 @@ def json_rows(summary: dict) -> list[dict]:
         seeds = []
         for i, seed in enumerate(entry["accuracy"]["seeds"] if entry["accuracy"] else []):
             seeds.append({"seed": seed, **{m: (entry[m]["values"][i] if entry.get(m) else None)
-                                           for m in ("accuracy", *ATTRIBUTES, "mean_attributes", "fd", "training_s",
+                                           for m in ("accuracy", *ATTRIBUTES, "mean_attributes", "fd", "diversity",
+                                                     "training_s",
                                                      *(f"seen_{a}" for a in ("accuracy", *ATTRIBUTES,
                                                                              "mean_attributes")))}})
         out.append({"name": row, "label": summary["row_labels"][row],
@@ -504,6 +552,11 @@ def findings(table: dict, gap: str | None, n_prompts: int = 300, quality: dict |
             verdict = ("clearly lower, better" if -d > 2 * noise else "clearly higher, worse" if d > 2 * noise
                        else "within noise")
             parts.append(f"FD {fa['mean']:.1f} vs {fb['mean']:.1f} ({d:+.1f}, {verdict})")
+        va, vb = table[a].get("diversity"), table[b].get("diversity")
+        if va and vb and len(va["values"]) > 1 and len(vb["values"]) > 1:  # its noise: the seeds' spread only
+            d, noise = va["mean"] - vb["mean"], math.sqrt(va["std"] ** 2 + vb["std"] ** 2)
+            verdict = "clearly higher" if d > 2 * noise else "clearly lower" if -d > 2 * noise else "within noise"
+            parts.append(f"sample diversity {va['mean']:.2f} vs {vb['mean']:.2f} ({d:+.2f}, {verdict})")
         out.append(f"- {what}: " + "; ".join(parts) + ".")
 
     compare("cross_space", "same_space", "Cross-space vs same-space distillation (equal wall time)")
@@ -624,6 +677,7 @@ def markdown(summary: dict, notes: str | None = None) -> str:
     table, labels, gap = s["table"], s["row_labels"], s.get("gap")
     held = s["settings"].get("held_out_captions", 0)
     seen_head = (f" prompt accuracy, seen captions | {gap or 'gap'}, seen captions |" if held else "")
+    diverse = any(e.get("diversity") for e in table.values())  # folders older than the column have none
     lines = [
         "# Shapes-world benchmark" + (" (QUICK: numbers are meaningless)" if s["quick"] else ""),
         "",
@@ -642,8 +696,9 @@ def markdown(summary: dict, notes: str | None = None) -> str:
           f"captions' ones is measured on {s['settings']['eval_samples']} test prompts among them, those two on as "
           "many among the other captions.", ""] if held else []) + [
         f"| row | prompt accuracy | {gap or 'gap'} (headline) | mean attribute | shape / colour / background / position "
-        f"| Fréchet distance (judge) | training wall time (s) |{seen_head}",
-        "|---|---|---|---|---|---|---|" + ("---|---|" if held else ""),
+        f"| Fréchet distance (judge) |{' sample diversity (real scenes = 1) |' if diverse else ''} training wall time "
+        f"(s) |{seen_head}",
+        "|---|---|---|---|---|---|---|" + ("---|" if diverse else "") + ("---|---|" if held else ""),
     ]
     for row in ROWS:
         if row not in table:
@@ -656,7 +711,8 @@ def markdown(summary: dict, notes: str | None = None) -> str:
         seen = (f" {_pm(e.get('seen_accuracy'), 3)} | {_pm(e.get('seen_' + gap), 3) if gap else '—'} |"
                 if held else "")
         lines.append(f"| {label} | {_pm(e['accuracy'], 3)} | {_pm(e[gap], 3) if gap else '—'} | "
-                     f"{_pm(e['mean_attributes'], 3)} | {per_attr} | {_pm(e['fd'], 2)} | {train} |{seen}")
+                     f"{_pm(e['mean_attributes'], 3)} | {per_attr} | {_pm(e['fd'], 2)} |"
+                     + (f" {_pm(e.get('diversity'), 2)} |" if diverse else "") + f" {train} |{seen}")
     st = s["settings"]
     lines += [
         "",
@@ -664,6 +720,14 @@ def markdown(summary: dict, notes: str | None = None) -> str:
         "of binomial noise on these prompts). Training wall time: Bridge training + distillation; for the "
         "synthetic baseline teacher sampling + fine-tuning + distillation. Same-space and the synthetic baseline train "
         "for the cross-space row's wall time of their seed (a time budget, not a step count).",
+    ] + ([
+        "",
+        f"Sample diversity: the mean distance between the judge's features of {DIVERSITY_K} samples of one prompt "
+        f"(the row's noise, evaluation seed), over the first {st['diversity_prompts']} held-out prompts, divided by "
+        f"the same for {DIVERSITY_K} real renders of each prompt (whose scenes vary in size and position): 1 is as "
+        "varied as the world's own scenes of a caption, 0 one image per prompt whatever the noise. The teacher (its "
+        f"own sampling): {_pm(s['teacher_diversity'], 2)}.",
+    ] if diverse and s.get("teacher_diversity") else []) + [
         "",
         f"Settings: Bridge {st['bridge_steps']} steps at batch {st['bridge_batch']} on {st['n_images']} rendered "
         f"images (projector width {st['projector_width']}, depth {st['projector_depth']}, attention weight "
@@ -716,6 +780,9 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
     if jobs < 1 or threads < 1:
         raise ValueError(f"jobs and threads must be >= 1; got jobs={jobs}, threads={threads}.")
     settings = dict(BENCHMARK_QUICK if quick else BENCHMARK_DEFAULTS, **overrides)
+    if not isinstance(settings["diversity_prompts"], int) or settings["diversity_prompts"] < 0:
+        raise ValueError(f"diversity_prompts must be an integer >= 0 (0: no diversity column); got "
+                         f"{settings['diversity_prompts']!r}.")
     world_dir = world_dir or models.DEFAULT_DIR
     if fresh and os.path.isdir(out):
         shutil.rmtree(out)
@@ -775,12 +842,20 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
     gap = (world.config.get("knowledge_gap") or {}).get("attribute")
     labels = row_labels(world, settings)
     grids = write_grids(out, world, settings, seeds)
+    diversity = diversities(out, world, settings, seeds, results)
+    for r in results:  # into the rows' figures (the result files stay as their tasks wrote them)
+        for row, figures in r["rows"].items():
+            if row in diversity.get(r["seed"], {}):
+                figures["diversity"] = diversity[r["seed"]][row]
+    teacher = [d["teacher"] for d in diversity.values() if "teacher" in d]
     summary = {
         "format": "shapes-benchmark", "version": 2, "quick": quick, "world": os.path.abspath(world_dir),
         "world_version": world.config.get("version"), "gap": gap, "seeds": seeds, "jobs": jobs, "threads": threads,
         "settings": settings, "wall_s": wall, "command": command, "row_labels": labels,
         "table": aggregate(results, seeds), "bridge_quality": bridge_quality(results, seeds, settings),
         "results": results, "grids": {str(seed): path for seed, path in grids.items()},
+        "teacher_diversity": ({"mean": _mean_std(teacher)[0], "std": _mean_std(teacher)[1], "values": teacher}
+                              if teacher else None),
         "curves": learning_curves.aggregate(results, seeds, CURVE_ROWS,
                                             metrics=("accuracy", *ATTRIBUTES, "mean_attributes")),
     }
@@ -803,7 +878,8 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
             f.write(text)
         write_json(os.path.join(doc_dir, summary["json"]),
                    {k: summary[k] for k in ("format", "version", "world_version", "gap", "seeds", "settings",
-                                            "wall_s", "command", "rows", "bridge_quality", "curves")})
+                                            "wall_s", "command", "rows", "bridge_quality", "curves",
+                                            "teacher_diversity")})
     print(text, flush=True)
     return summary
 
@@ -829,7 +905,9 @@ def main(argv: list[str] | None = None) -> int:
                              "synthetic; a later call without --tasks adds the rest")
     add_setting_arguments(parser, BENCHMARK_DEFAULTS, BENCHMARK_QUICK, extra_help={
         "curve_every_s": ("learning curve", "seconds of training between saved students (0: no curve)"),
-        "curve_eval_samples": ("learning curve", "held-out prompts each saved student is scored on")})
+        "curve_eval_samples": ("learning curve", "held-out prompts each saved student is scored on"),
+        "diversity_prompts": ("evaluation", f"held-out prompts of the sample-diversity column ({DIVERSITY_K} "
+                                            "samples each; 0: no column)")})
     args = parser.parse_args(argv)
     notes = None
     if args.notes:

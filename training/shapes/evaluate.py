@@ -3,6 +3,8 @@
 - prompt accuracy: share of samples whose judged shape, colour, background and position all match the prompt;
 - Fréchet distance (judge features) between the samples and real renders of the *same* prompts.
 Every generator is scored on the same prompts and the same reference images, so rows of a table compare.
+Beside them, `sample_diversity`: how much a generator's samples of ONE prompt differ (a regression onto mean
+targets draws one image per prompt; the FD, over all prompts at once, does not show that by itself).
 """
 
 from __future__ import annotations
@@ -94,6 +96,31 @@ def evaluate_generators(world: "ShapesWorld", runs: dict[str, Callable[[list[str
         results[name] = score_images(world.judge, images, prompts, reference)
         results[name]["seconds_per_image"] = seconds / n
     return results
+
+
+def prompt_diversity(judge: Judge, images01: torch.Tensor, k: int) -> float:
+    """Mean pairwise Euclidean distance between the judge features of the k images of each prompt (images grouped
+    prompt by prompt: k of the first, k of the second, ...), averaged over the prompts."""
+    if k < 2 or len(images01) % k:
+        raise ValueError(f"prompt_diversity needs groups of k >= 2 images; got {len(images01)} images, k={k}.")
+    features = judge.embed_images(images01)
+    groups = features.view(-1, k, features.shape[-1])
+    return float(torch.cdist(groups, groups).sum((1, 2)).mean() / (k * (k - 1)))
+
+
+def sample_diversity(world: "ShapesWorld", runs: dict[str, Callable[[list[str], torch.Generator], torch.Tensor]],
+                     prompts: list[str], k: int = 8, seed: int = 0, batch_size: int = 100) -> dict:
+    """{"reference": prompt_diversity of k real renders of each prompt (fresh jitter), name: each generator's
+    prompt_diversity on k samples of each prompt (evaluation seed `seed`'s noise) divided by the reference}: 1 is as
+    varied as the world's own scenes of one caption, 0 one image per prompt whatever the noise."""
+    repeated = [p for p in prompts for _ in range(k)]
+    reference = prompt_diversity(world.judge, reference_images(repeated, seed), k)
+    out = {"reference": reference}
+    for name, run in runs.items():
+        g = eval_generator(seed)
+        images = torch.cat([run(repeated[i : i + batch_size], g) for i in range(0, len(repeated), batch_size)])
+        out[name] = prompt_diversity(world.judge, images, k) / reference
+    return out
 
 
 def base_generators(world: "ShapesWorld") -> dict:
