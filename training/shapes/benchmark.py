@@ -377,6 +377,8 @@ def diversities(out: str, world, settings: dict, seeds: list[int], results: list
     held = held_out_captions(settings.get("held_out_captions", 0))
     found = {}
     for seed in seeds:
+        if not any(r["seed"] == seed for r in results):  # nothing finished (--report-only): nothing to measure
+            continue
         path = os.path.join(out, f"seed{seed}", "diversity.json")
         cached = {}
         if os.path.exists(path):
