@@ -342,7 +342,7 @@ def test_benchmark_table_has_every_row_and_resumes(tmp_path, quick_world, monkey
     assert summary["table"]["teacher"]["diversity"]["mean"] > 0 and summary["teacher_diversity"]["values"]
     cached = json.loads((out / "seed0" / "diversity.json").read_text())
     assert set(cached["rows"]) == distilled | {"teacher"} and cached["prompts"] == st["diversity_prompts"]
-    assert "sample diversity (real scenes = 1)" in text
+    assert "within-prompt spread (real scenes = 1)" in text
     # Finished tasks are kept: a second call only re-aggregates.
     results = sorted((out / "seed0").glob("*/result.json"))
     assert len(results) == 19
@@ -387,11 +387,11 @@ def test_findings_compare_sample_diversity_by_the_seeds_spread():
     table = {"cross_space": row(entry(0.9, 0.92, 0.88)), "direct_regression": row(entry(0.3, 0.35, 0.25)),
              "regression_only": row(entry(0.88, 0.93, 0.86))}
     lines = "\n".join(findings(table, "background"))
-    assert "sample diversity 0.90 vs 0.30 (+0.60, clearly higher)" in lines
-    assert "sample diversity 0.90 vs 0.89 (+0.01, within noise)" in lines
+    assert "within-prompt spread 0.90 vs 0.30 (+0.60, clearly higher)" in lines
+    assert "within-prompt spread 0.90 vs 0.89 (+0.01, within noise)" in lines
     table["regression_only"]["diversity"] = None  # a row without the figure: no clause, the rest unchanged
     line = next(x for x in findings(table, "background") if x.startswith("- What DMD adds"))
-    assert "sample diversity" not in line and "FD 40.0 vs 40.0" in line
+    assert "within-prompt spread" not in line and "FD 40.0 vs 40.0" in line
 
 
 def test_sample_diversity_is_zero_for_one_image_per_prompt_and_near_one_for_the_worlds_scenes(quick_world):

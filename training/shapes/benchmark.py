@@ -558,7 +558,7 @@ def findings(table: dict, gap: str | None, n_prompts: int = 300, quality: dict |
         if va and vb and len(va["values"]) > 1 and len(vb["values"]) > 1:  # its noise: the seeds' spread only
             d, noise = va["mean"] - vb["mean"], math.sqrt(va["std"] ** 2 + vb["std"] ** 2)
             verdict = "clearly higher" if d > 2 * noise else "clearly lower" if -d > 2 * noise else "within noise"
-            parts.append(f"sample diversity {va['mean']:.2f} vs {vb['mean']:.2f} ({d:+.2f}, {verdict})")
+            parts.append(f"within-prompt spread {va['mean']:.2f} vs {vb['mean']:.2f} ({d:+.2f}, {verdict})")
         out.append(f"- {what}: " + "; ".join(parts) + ".")
 
     compare("cross_space", "same_space", "Cross-space vs same-space distillation (equal wall time)")
@@ -698,7 +698,7 @@ def markdown(summary: dict, notes: str | None = None) -> str:
           f"captions' ones is measured on {s['settings']['eval_samples']} test prompts among them, those two on as "
           "many among the other captions.", ""] if held else []) + [
         f"| row | prompt accuracy | {gap or 'gap'} (headline) | mean attribute | shape / colour / background / position "
-        f"| Fréchet distance (judge) |{' sample diversity (real scenes = 1) |' if diverse else ''} training wall time "
+        f"| Fréchet distance (judge) |{' within-prompt spread (real scenes = 1) |' if diverse else ''} training wall time "
         f"(s) |{seen_head}",
         "|---|---|---|---|---|---|---|" + ("---|" if diverse else "") + ("---|---|" if held else ""),
     ]
@@ -724,11 +724,13 @@ def markdown(summary: dict, notes: str | None = None) -> str:
         "for the cross-space row's wall time of their seed (a time budget, not a step count).",
     ] + ([
         "",
-        f"Sample diversity: the mean distance between the judge's features of {DIVERSITY_K} samples of one prompt "
-        f"(the row's noise, evaluation seed), over the first {st['diversity_prompts']} held-out prompts, divided by "
-        f"the same for {DIVERSITY_K} real renders of each prompt (whose scenes vary in size and position): 1 is as "
-        "varied as the world's own scenes of a caption, 0 one image per prompt whatever the noise. The teacher (its "
-        f"own sampling): {_pm(s['teacher_diversity'], 2)}.",
+        f"Within-prompt spread (sample diversity): the mean distance between the judge's features of {DIVERSITY_K} "
+        f"samples of one prompt (the row's noise, evaluation seed), over the first {st['diversity_prompts']} held-out "
+        f"prompts, divided by the same for {DIVERSITY_K} real renders of each prompt (whose scenes vary only in size "
+        "and position). 1: as varied as the world's own scenes of a caption; below 1 the samples collapse towards one "
+        "image per prompt (what a mean-seeking regression would do); above 1 they differ more than real scenes do "
+        "(some samples with wrong attributes, artefacts). Nearer the teacher's is better; the teacher (its own "
+        f"sampling): {_pm(s['teacher_diversity'], 2)}.",
     ] if diverse and s.get("teacher_diversity") else []) + [
         "",
         f"Settings: Bridge {st['bridge_steps']} steps at batch {st['bridge_batch']} on {st['n_images']} rendered "
