@@ -27,7 +27,8 @@ Same-space, the synthetic baseline and the regression baselines get the SAME TRA
 of their seed (Bridge training + distillation), not the same step count. Learning curves: every distilled row saves
 its student every curve_every_s seconds of training; the saved students are scored on held-out prompts and drawn
 against training wall time (docs/shapes_benchmark_curves.png, training/shapes/curves.py). Columns: prompt accuracy, accuracy on the attribute the student
-base lacks (the headline), mean attribute accuracy, per-attribute accuracy, FD, training wall time; mean ± std.
+base lacks (the headline), mean attribute accuracy, per-attribute accuracy, FD, the within-prompt spread (sample
+diversity, real scenes = 1: `diversities`), training wall time; mean ± std.
 
 Each (seed, task) is one task, run in up to --jobs worker processes with --threads torch threads each, in three
 phases (Bridges and untrained rows; rows that need the seed's Bridge; rows that need the cross-space row's wall
