@@ -480,6 +480,26 @@ def test_time_budget_ends_the_run_and_a_finished_run_stays_finished(tmp_path, tr
     assert again["resumed_from"] == 1 and again["step"] == 1
 
 
+def test_a_budget_spent_between_steps_still_saves_the_last_step(tmp_path, trainer_deps, monkeypatch):
+    """The budget found spent right after a step's own reading (the clock runs on): the run ends saved at that step
+    (it used to read the budget again in the loop's condition and stop before saving; a benchmark's time-budgeted
+    row then had no student file)."""
+    from training.distill import Distiller
+
+    readings = []
+
+    def spent_after_the_first_reading(self):
+        readings.append(1)
+        return len(readings) > 1
+
+    monkeypatch.setattr(Distiller, "_out_of_time", spent_after_the_first_reading)
+    kw = dict(steps=1000, batch_size=2, fake_updates=1, max_train_seconds=60.0)
+    first = Distiller(_config(tmp_path, **kw), _models(*closed_form_world())).run()
+    assert first["time_budget_reached"] and first["step"] == 2
+    assert (tmp_path / "student_unet.safetensors").exists()
+    again = Distiller(_config(tmp_path, **kw), _models(*closed_form_world())).run()
+    assert again["resumed_from"] == 2 and again["step"] == 2  # nothing lost, nothing run again
+
 def test_demo_command_with_a_student_lora_writes_the_lora_file(tmp_path, monkeypatch, trainer_deps, capsys):
     """`distill --student-lora-rank R`: beside the checkpoints, <out>/student_lora.safetensors in the kohya layout
     (lora_unet_* with lora_down / lora_up / alpha), rank R, every attention projection of the UNet."""

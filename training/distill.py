@@ -1158,8 +1158,11 @@ class Distiller:
         # done: resuming would otherwise apply its update a second time.
         done = lambda: max(step, self._applied_step)  # noqa: E731
         failure = loop.save_on_failure(self.save, done, start, free=self._free_gradients)
+        # The budget is read once per step, after it (a fresh run makes at least one step): a second reading in the
+        # loop's condition could find it spent after the step's own reading did not, and end the run unsaved.
+        out_of_time = step > 0 and self._out_of_time()
         with loop.graceful_interrupt(self.stop), failure:
-            while step < total and not (step > 0 and self._out_of_time()):  # at least one step
+            while step < total and not out_of_time:
                 metrics = self.train_step(step)
                 step += 1
                 if log is not None and metrics is not None and (step % c.log_every == 0 or step == total):
