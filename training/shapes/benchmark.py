@@ -220,12 +220,35 @@ def direct_pairs(world, folder: str, settings: dict, seed: int) -> tuple[str, fl
     path = os.path.join(folder, "direct_pairs.safetensors")
     data = shapes_run.synthetic_data(world, os.path.join(folder, "teacher_samples.safetensors"),
                                      settings["synthetic_images"], seed, held_out=settings.get("held_out_captions", 0),
-                                     cfg=settings["guidance"])
+                                     cfg=shapes_run.teacher_cfg(world, settings))
     # Rewritten every time (seeded noise, milliseconds): the pairs always hold the samples just loaded or drawn.
     size = models.STUDENT_RESOLUTION // 8
     noise = torch.randn((len(data["prompts"]), 4, size, size), generator=torch.Generator().manual_seed(400_000 + seed))
     save_pairs(path, noise, data["latents"], data["prompts"], seconds=data["seconds"], kind="direct")
     return path, data["seconds"]
+
+
+def table_prompts(settings: dict, seed: int, n: int) -> list[str]:
+    """The first n of the table's test prompts of `seed`: among the held-out captions when the settings hold some out
+    (evaluate.eval_prompt_sets), else the test split's (evaluate.eval_prompts)."""
+    from .evaluate import eval_prompt_sets, eval_prompts
+    from .render import held_out_captions
+
+    held = held_out_captions(settings.get("held_out_captions", 0))
+    return eval_prompt_sets(n, seed, held)["held_out"] if held else eval_prompts(n, seed)
+
+
+def saved_student(world, out: str, seed: int, task: str, settings: dict):
+    """The one-step student the (seed, task) saved, as an evaluation row (run.student_generator); None when the task
+    saved none (pretrained rows, Bridges, unfinished tasks)."""
+    from ..distill import Distiller
+    from ..models.export import load_student_unet
+    from . import run as shapes_run
+
+    path = os.path.join(out, f"seed{seed}", task, "distill", Distiller.STUDENT_FILE)
+    if not (os.path.exists(_result_path(out, seed, task)) and os.path.exists(path)):
+        return None
+    return shapes_run.student_generator(world, load_student_unet(path).unet, settings["student_timestep"])
 
 
 def curve(world, folder: str, unet, offset_s: float, settings: dict, seed: int) -> list[dict]:
@@ -235,12 +258,10 @@ def curve(world, folder: str, unet, offset_s: float, settings: dict, seed: int) 
     from safetensors.torch import load_file
 
     from . import run as shapes_run
-    from .evaluate import eval_prompt_sets, eval_prompts, evaluate_generators
-    from .render import held_out_captions
+    from .evaluate import evaluate_generators
 
     n = settings["curve_eval_samples"]
-    held = held_out_captions(settings.get("held_out_captions", 0))
-    prompts = eval_prompt_sets(n, seed, held)["held_out"] if held else eval_prompts(n, seed)
+    prompts = table_prompts(settings, seed, n)
     times, runs = {}, {}
     for seconds, path in shapes_run.curve_snapshots(os.path.join(folder, "distill", "curve")):
         snap = copy.deepcopy(world.student_unet)
@@ -324,7 +345,7 @@ def run_task(task: str, seed: int, out: str, world_dir: str, settings: dict, thr
                 data = shapes_run.synthetic_data(world, os.path.join(folder, "synthetic.safetensors"),
                                                  settings["synthetic_images"], seed,
                                                  held_out=settings.get("held_out_captions", 0),
-                                                 cfg=settings["guidance"])
+                                                 cfg=shapes_run.teacher_cfg(world, settings))
                 base_unet, finetune_s = shapes_run.finetune_student_base(world, os.path.join(folder, "base"), data,
                                                                          settings, seed)
                 training_s.update(teacher_samples=data["seconds"], finetune=finetune_s)
@@ -366,16 +387,11 @@ def diversities(out: str, world, settings: dict, seeds: list[int], results: list
     student its task saved), on the first diversity_prompts of the table's held-out prompts, DIVERSITY_K samples each
     (evaluate.sample_diversity). Cached in <out>/seed<S>/diversity.json: only rows missing there are sampled, so
     folders finished before the column get it on their next report."""
-    from ..distill import Distiller
-    from ..models.export import load_student_unet
-    from . import run as shapes_run
-    from .evaluate import base_generators, eval_prompt_sets, eval_prompts, sample_diversity
-    from .render import held_out_captions
+    from .evaluate import base_generators, sample_diversity
 
     m = settings["diversity_prompts"]
     if not m:
         return {}
-    held = held_out_captions(settings.get("held_out_captions", 0))
     found = {}
     for seed in seeds:
         if not any(r["seed"] == seed for r in results):  # nothing finished (--report-only): nothing to measure
@@ -388,14 +404,12 @@ def diversities(out: str, world, settings: dict, seeds: list[int], results: list
         values = cached["rows"] if (cached.get("prompts"), cached.get("k")) == (m, DIVERSITY_K) else {}
         runs = {} if "teacher" in values else {"teacher": base_generators(world)["teacher"]}
         for r in results:
-            student = os.path.join(out, f"seed{seed}", r["task"], "distill", Distiller.STUDENT_FILE)
-            for row in r["rows"] if r["seed"] == seed and os.path.exists(student) else ():
-                if row not in values and row not in PRETRAINED:
-                    runs[row] = shapes_run.student_generator(world, load_student_unet(student).unet,
-                                                             settings["student_timestep"])
+            todo = [row for row in r["rows"] if row not in values and row not in PRETRAINED]
+            student = saved_student(world, out, seed, r["task"], settings) if r["seed"] == seed and todo else None
+            if student is not None:
+                runs.update({row: student for row in todo})
         if runs:
-            n = settings["eval_samples"]  # the table's prompts, the first m of them
-            prompts = (eval_prompt_sets(n, seed, held)["held_out"] if held else eval_prompts(n, seed))[:m]
+            prompts = table_prompts(settings, seed, settings["eval_samples"])[:m]  # the table's, the first m
             measured = sample_diversity(world, runs, prompts, DIVERSITY_K, seed, settings["eval_batch"])
             values.update({row: v for row, v in measured.items() if row != "reference"})
             write_json(path, {"prompts": m, "k": DIVERSITY_K, "reference": measured["reference"], "rows": values})
@@ -407,8 +421,6 @@ def write_grids(out: str, world, settings: dict, seeds: list[int]) -> dict[int, 
     """{seed: <out>/seed<S>/grid.png} for each seed with a finished distilled row: the run's grid prompts x two
     evaluation seeds, one row per GRID_ROWS entry that the seed has (each distilled row from the student its task
     saved). Cheap (a few dozen samples), so made again on every call."""
-    from ..distill import Distiller
-    from ..models.export import load_student_unet
     from . import run as shapes_run
     from .evaluate import base_generators
 
@@ -418,12 +430,9 @@ def write_grids(out: str, world, settings: dict, seeds: list[int]) -> dict[int, 
     for seed in seeds:
         rows = {}
         for row, label in GRID_ROWS.items():
-            path = os.path.join(out, f"seed{seed}", row, "distill", Distiller.STUDENT_FILE)
-            if row in fixed:
-                rows[label] = fixed[row]
-            elif os.path.exists(_result_path(out, seed, row)) and os.path.exists(path):
-                unet = load_student_unet(path).unet
-                rows[label] = shapes_run.student_generator(world, unet, settings["student_timestep"])
+            student = fixed.get(row) or saved_student(world, out, seed, row, settings)
+            if student is not None:
+                rows[label] = student
         if len(rows) > len(fixed):
             grids[seed] = shapes_run.sample_grid(world, os.path.join(out, f"seed{seed}", "grid.png"), rows, prompts,
                                                  list(range(settings["grid_seeds"])))
@@ -853,14 +862,14 @@ def benchmark(seeds: list[int], out: str, world_dir: str | None = None, doc: str
             if row in diversity.get(r["seed"], {}):
                 figures["diversity"] = diversity[r["seed"]][row]
     teacher = [d["teacher"] for d in diversity.values() if "teacher" in d]
+    teacher_mean, teacher_std = _mean_std(teacher) if teacher else (None, None)
     summary = {
         "format": "shapes-benchmark", "version": 2, "quick": quick, "world": os.path.abspath(world_dir),
         "world_version": world.config.get("version"), "gap": gap, "seeds": seeds, "jobs": jobs, "threads": threads,
         "settings": settings, "wall_s": wall, "command": command, "row_labels": labels,
         "table": aggregate(results, seeds), "bridge_quality": bridge_quality(results, seeds, settings),
         "results": results, "grids": {str(seed): path for seed, path in grids.items()},
-        "teacher_diversity": ({"mean": _mean_std(teacher)[0], "std": _mean_std(teacher)[1], "values": teacher}
-                              if teacher else None),
+        "teacher_diversity": {"mean": teacher_mean, "std": teacher_std, "values": teacher} if teacher else None,
         "curves": learning_curves.aggregate(results, seeds, CURVE_ROWS,
                                             metrics=("accuracy", *ATTRIBUTES, "mean_attributes")),
     }

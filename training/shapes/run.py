@@ -374,9 +374,9 @@ def regression_pairs(world: "ShapesWorld", dm, path: str, settings: dict, guidan
 # ---------------------------------------------------------------------------------------------- synthetic-data baseline
 
 def synthetic_data(world: "ShapesWorld", path: str, n: int, seed: int = 0, held_out: int = 0,
-                   cfg: float = 0.0) -> dict:
-    """The baseline a user would pick instead of a Bridge: n teacher samples (its own sampler; its own CFG, or `cfg`
-    when > 0: the run's --guidance, so a baseline's teacher is asked as the distillation's is) of random prompts,
+                   cfg: float | None = None) -> dict:
+    """The baseline a user would pick instead of a Bridge: n teacher samples (its own sampler; its own CFG, or `cfg`:
+    the run's `teacher_cfg`, so a baseline's teacher is asked as the distillation's is) of random prompts,
     decoded, resized to the student's resolution, encoded with the student VAE (model space). Saved to `path`
     (complete or absent), reused when present and drawn at the same CFG. Returns {"latents", "prompts", "seconds"}."""
     import torch.nn.functional as F
@@ -386,11 +386,12 @@ def synthetic_data(world: "ShapesWorld", path: str, n: int, seed: int = 0, held_
     from .render import all_captions
     from .trainers import encode_latents
 
-    cfg = float(cfg or world.config["teacher_sampling"]["cfg"])
+    own_cfg = world.config["teacher_sampling"]["cfg"]
+    cfg = own_cfg if cfg is None else float(cfg)
     if os.path.exists(path):
         with open(path + ".json", encoding="utf-8") as f:
             meta = json.load(f)
-        if meta.get("cfg", world.config["teacher_sampling"]["cfg"]) == cfg:  # older files: the teacher's own CFG
+        if meta.get("cfg", own_cfg) == cfg:  # older files were drawn at the teacher's own CFG
             return {"latents": load_file(path)["latents"], "prompts": meta["prompts"], "seconds": meta["seconds"]}
     t0 = time.perf_counter()
     captions = training_prompts(held_out) if held_out else all_captions()  # never a held-out caption
